@@ -1,0 +1,1 @@
+"""The ClientApp: what each simulated or deployed hospital runs."""

@@ -1,0 +1,133 @@
+"""ClientApp: the Message-API handlers every hospital runs (DESIGN.md §3).
+
+* ``query``: tell the server which partition this node holds and describe its data
+  (written to ``partitions.json``).
+* ``train``: load the received model, train locally with the strategy's hooks,
+  reply with the records the strategy asks for and the training metrics.
+* ``evaluate``: evaluate the received (or personalised) model on the local
+  validation split.
+
+The node learns everything from the message (the resolved scenario travels in the
+``config`` record) plus its own ``node_config`` (``partition-id``). State that must
+survive between rounds lives in ``context.state`` (kept by Flower per node).
+Any failure becomes an error reply with a one-line reason, which the server logs
+and leaves out of the aggregate.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from typing import Callable
+
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.cache import scenario_from_json, task_for
+from client.trainer import fit
+from medtasks.seeding import seed_everything, torch_generator
+from server.scenario import Scenario
+from strategies import get_algorithm
+from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY, ClientRule
+
+log = logging.getLogger("medfed")
+
+PARTITION_ID_KEY = "partition-id"
+INFO_KEY = "info"
+CLIENT_ERROR_CODE = 1
+
+app = ClientApp()
+
+
+def partition_id(context: Context) -> int:
+    """This node's partition id from its ``node_config``."""
+    try:
+        return int(context.node_config[PARTITION_ID_KEY])
+    except KeyError:
+        raise KeyError(
+            "node_config has no 'partition-id' (start the SuperNode with --node-config 'partition-id=K')"
+        ) from None
+
+
+def _replying_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn any exception into an error reply with a one-line reason (logged in full at debug level)."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as error:  # noqa: BLE001 - every failure must reach the server as a reply
+            log.debug("client handler %s failed", handler.__name__, exc_info=True)
+            reason = f"{type(error).__name__}: {error}".splitlines()[0]
+            return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=message)
+
+    return wrapper
+
+
+def _prepare(message: Message, context: Context, purpose: str) -> tuple[Scenario, int, int]:
+    """Scenario, partition id and round of a message; threads and seeds set for it."""
+    config = message.content[CONFIG_KEY]
+    scenario = scenario_from_json(str(config[SCENARIO_KEY]))
+    pid = partition_id(context)
+    server_round = int(config.get(ROUND_KEY, 0))
+    torch.set_num_threads(scenario.engine.cpus_per_client)
+    seed_everything(scenario.seed, purpose, server_round, pid)
+    return scenario, pid, server_round
+
+
+def _client_rule(scenario: Scenario) -> ClientRule:
+    algorithm = get_algorithm(scenario.strategy.name)
+    return algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
+
+
+@app.query()
+@_replying_errors
+def query(message: Message, context: Context) -> Message:
+    """Reply with this node's partition id and its data statistics."""
+    scenario, pid, _ = _prepare(message, context, "query")
+    stats = task_for(scenario).client_data(pid).stats
+    info = ConfigRecord({PARTITION_ID_KEY: pid, "stats": json.dumps(stats)})
+    return Message(RecordDict({INFO_KEY: info}), reply_to=message)
+
+
+@app.train()
+@_replying_errors
+def train(message: Message, context: Context) -> Message:
+    """One round of local training on this site's data."""
+    started = time.perf_counter()
+    scenario, pid, server_round = _prepare(message, context, "train")
+    task = task_for(scenario)
+    data = task.client_data(pid)
+    model = task.build_model()
+    rule = _client_rule(scenario)
+    rule.receive(model, message.content, context.state)
+    generator = torch_generator(scenario.seed, "batches", server_round, pid)
+    result = fit(model, task, data.train, scenario.local, rule, generator)
+    records = rule.reply(model, context.state, steps=result.steps)
+    metrics = MetricRecord(
+        {
+            "loss": result.loss,
+            "steps": result.steps,
+            NUM_EXAMPLES_KEY: result.num_examples,
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=message)
+
+
+@app.evaluate()
+@_replying_errors
+def evaluate(message: Message, context: Context) -> Message:
+    """Metrics of the received model (as this site's rule personalises it) on the local validation split."""
+    scenario, pid, _ = _prepare(message, context, "evaluate")
+    task = task_for(scenario)
+    data = task.client_data(pid)
+    model = task.build_model()
+    _client_rule(scenario).receive(model, message.content, context.state)
+    metrics = task.evaluate(model, data.val)
+    record = MetricRecord({key: float(value) for key, value in metrics.items()})
+    record[NUM_EXAMPLES_KEY] = len(data.val)
+    return Message(RecordDict({METRICS_KEY: record}), reply_to=message)

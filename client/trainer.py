@@ -1,0 +1,80 @@
+"""The local training loop every client runs, with the strategy's hooks.
+
+One round of local training (the lecture's client loop of FedAvg):
+
+    for e = 1..E:  for each mini-batch b:  w ← w − η ∇(F_k(w; b) [+ rule terms])
+
+The algorithm-specific parts (FedProx term, SCAFFOLD correction, ...) come from
+the :class:`~strategies.base.ClientRule`; the task supplies the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medtasks.base import Task
+from server.scenario import LocalSection
+from strategies.base import ClientRule
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The local loss became NaN or infinite (diverging training or corrupt data)."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of one round of local training."""
+
+    loss: float  # mean task loss (before rule terms) over the steps taken
+    steps: int  # optimiser steps actually taken (K in SCAFFOLD's option II)
+    num_examples: int  # |P_k|, the aggregation weight n_k
+
+
+def build_optimizer(model: torch.nn.Module, local: LocalSection) -> torch.optim.Optimizer:
+    """The optimiser named by ``local.optimizer`` with ``lr``, ``momentum``, ``weight_decay``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if local.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=local.lr, momentum=local.momentum, weight_decay=local.weight_decay)
+    if local.optimizer == "adam":
+        return torch.optim.Adam(params, lr=local.lr, weight_decay=local.weight_decay)
+    return torch.optim.AdamW(params, lr=local.lr, weight_decay=local.weight_decay)
+
+
+def fit(
+    model: torch.nn.Module,
+    task: Task,
+    dataset: Dataset,
+    local: LocalSection,
+    rule: ClientRule,
+    generator: torch.Generator,
+) -> FitResult:
+    """Train ``model`` in place for ``local.epochs`` epochs (at most ``local.max_steps`` steps).
+
+    Args:
+        generator: shuffling stream, derived from (seed, round, partition) by the caller.
+
+    Raises:
+        NonFiniteLossError: when a loss is NaN/inf (the step is not applied).
+    """
+    loader = DataLoader(dataset, batch_size=local.batch_size, shuffle=True, generator=generator)
+    optimizer = build_optimizer(model, local)
+    model.train()
+    total_loss, steps = 0.0, 0
+    for _ in range(local.epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            task_loss = task.loss(model, batch)
+            if not math.isfinite(task_loss.item()):
+                raise NonFiniteLossError(f"local loss became {task_loss.item()} at step {steps + 1}")
+            rule.loss(model, task_loss).backward()
+            rule.after_backward(model)
+            optimizer.step()
+            total_loss += task_loss.item()
+            steps += 1
+            if local.max_steps is not None and steps >= local.max_steps:
+                return FitResult(loss=total_loss / steps, steps=steps, num_examples=len(dataset))
+    return FitResult(loss=total_loss / max(steps, 1), steps=steps, num_examples=len(dataset))

@@ -1,0 +1,1 @@
+"""Medical tasks (data, model, loss, metrics) and the generic non-IID partitioner."""

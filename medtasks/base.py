@@ -1,0 +1,128 @@
+"""The contract every medical task fulfils (DESIGN.md §4).
+
+A task owns its data (synthetic generator or real-data loader), its model, its
+loss and its metrics. The federated machinery (server, client, strategies) only
+talks to a task through :class:`Task`, so a new task plugs in without touching
+them: register it in :mod:`medtasks.registry` or name it as ``"pkg.module:Class"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch.utils.data import Dataset
+
+
+class TaskParams(BaseModel):
+    """Base class of a task's ``task.params`` schema (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a task's data comes from (the scenario's ``data`` section).
+
+    Attributes:
+        source: ``"synthetic"`` (the task's generator) or ``"folder"`` (real data at ``path``).
+        path: folder of real data, required when ``source == "folder"``.
+        samples_per_client: mean number of samples a site holds (train + validation).
+        val_fraction: fraction of each site's samples held out for federated evaluation.
+        server_samples: size of the central test set held by the server (0 = none).
+        params: source-specific settings, documented by each task.
+    """
+
+    source: str = "synthetic"
+    path: str | None = None
+    samples_per_client: int = 64
+    val_fraction: float = 0.2
+    server_samples: int = 0
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How data is split across sites (the scenario's ``partition`` section)."""
+
+    clients: int
+    kind: str = "iid"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything a task needs to build its data and model.
+
+    Attributes:
+        params: the task's validated ``task.params`` (an instance of ``Task.Params``).
+        model: the model name from ``task.model`` (``None`` = the task's default).
+        data: the data section.
+        partition: the partition section.
+        seed: the scenario seed; derive streams with :mod:`medtasks.seeding`.
+    """
+
+    params: TaskParams
+    model: str | None
+    data: DataSpec
+    partition: PartitionSpec
+    seed: int
+
+
+@dataclass
+class ClientData:
+    """One site's data.
+
+    Attributes:
+        train: training samples.
+        val: held-out samples of the same site (federated evaluation).
+        stats: JSON-serialisable description written to ``partitions.json``: at least
+            ``n_train``, ``n_val`` and ``label_histogram``, plus the drawn acquisition /
+            annotator parameters of the site.
+    """
+
+    train: Dataset
+    val: Dataset
+    stats: dict[str, Any]
+
+
+class DataError(ValueError):
+    """Bad or missing data (a folder that does not exist, unreadable files, empty site)."""
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A medical task as the federated machinery sees it.
+
+    Implementations take a :class:`TaskContext` in ``__init__`` and declare
+    ``Params`` (a :class:`TaskParams` subclass) and ``models`` (accepted
+    ``task.model`` names) as class attributes so scenario files are validated
+    before anything runs.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[TaskParams]]
+    models: ClassVar[tuple[str, ...]]
+    primary_metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model (deterministic given the scenario seed)."""
+
+    def client_data(self, partition_id: int) -> ClientData:
+        """The train/validation data of site ``partition_id`` (0-based)."""
+
+    def server_data(self) -> Dataset | None:
+        """The central held-out test set, or ``None`` if the scenario has none."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training loss of ``model`` on one batch from a DataLoader over ``train``."""
+
+    def evaluate(self, model: torch.nn.Module, dataset: Dataset) -> dict[str, float]:
+        """Metrics of ``model`` on ``dataset`` (must include ``primary_metric`` and ``loss``)."""
+
+    def plot_examples(self, model: torch.nn.Module, dataset: Dataset, path: Path) -> None:
+        """Save a PNG picture of the model's output on a few samples of ``dataset``."""

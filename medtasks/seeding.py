@@ -1,0 +1,63 @@
+"""Deterministic random streams.
+
+Every random stream of a run derives from one scenario ``seed`` plus a tuple of
+keys that say what the stream is for, e.g. ``(seed, "train", round, partition_id)``.
+Two streams with different keys are independent; the same keys always give the
+same numbers, whichever process or engine draws them (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Union
+
+import numpy as np
+
+Key = Union[int, str]
+
+
+def derive_seed(seed: int, *keys: Key) -> int:
+    """A 63-bit integer seed derived from ``seed`` and ``keys``.
+
+    Strings are hashed with BLAKE2 (stable across processes, unlike ``hash``),
+    integers are used as they are; the result comes from ``numpy.random.SeedSequence``.
+    """
+    entropy = [int(seed) & 0xFFFFFFFF]
+    for key in keys:
+        if isinstance(key, str):
+            digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+            entropy.append(int.from_bytes(digest, "little") & 0xFFFFFFFF)
+        else:
+            entropy.append(int(key) & 0xFFFFFFFF)
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def numpy_rng(seed: int, *keys: Key) -> np.random.Generator:
+    """A NumPy generator for the stream ``(seed, *keys)``."""
+    return np.random.default_rng(derive_seed(seed, *keys))
+
+
+def torch_generator(seed: int, *keys: Key):
+    """A ``torch.Generator`` for the stream ``(seed, *keys)``."""
+    import torch
+
+    generator = torch.Generator()
+    generator.manual_seed(derive_seed(seed, *keys))
+    return generator
+
+
+def seed_everything(seed: int, *keys: Key) -> None:
+    """Seed Python's ``random``, NumPy's legacy global RNG and torch's default RNG.
+
+    Used where a library draws from global state (Flower's node sampling, Opacus
+    noise, dropout): call it before each message is handled so that reused
+    worker processes give the same numbers as fresh ones.
+    """
+    import torch
+
+    derived = derive_seed(seed, *keys)
+    random.seed(derived)
+    np.random.seed(derived % (2**32))
+    torch.manual_seed(derived)

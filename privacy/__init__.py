@@ -1,0 +1,1 @@
+"""Privacy mechanisms, accounting and attacks (differential privacy arrives in a later version)."""

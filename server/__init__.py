@@ -1,0 +1,1 @@
+"""The ServerApp, the ``medfed`` command, engines and the run directory."""

@@ -1,0 +1,176 @@
+"""The ``medfed`` command.
+
+    medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|simulation]
+    medfed run --resume RUN_DIR
+    medfed validate FILE ...
+    medfed list [FOLDER]
+
+Exit codes: 0 success, 1 a run failed (one line says why), 2 invalid input
+(scenario, option or file), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+log = logging.getLogger("medfed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medfed`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("medfed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfed", description="Federated learning simulations for medical imaging.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (Flower and client details)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a scenario and write a run directory")
+    run.add_argument("scenario", nargs="?", help="scenario YAML file")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key, e.g. --set strategy.rounds=5 (repeatable)")
+    run.add_argument("--engine", choices=["simulation", "inprocess"], help="override engine.backend")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    run.set_defaults(handler=_run)
+
+    validate = commands.add_parser("validate", help="check scenario files without running them")
+    validate.add_argument("files", nargs="+", help="scenario YAML files")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.set_defaults(handler=_validate)
+
+    listing = commands.add_parser("list", help="table of the scenarios in a folder")
+    listing.add_argument("folder", nargs="?", default="scenarios", help="folder of scenario files (default: scenarios)")
+    listing.set_defaults(handler=_list)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("medfed").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("flwr", "ray", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy == "flwr" else logging.WARNING)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"medfed: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from server import scenario as scenario_module
+    from server.results import RunDirectory, RunDirectoryError
+
+    try:
+        if args.resume:
+            run_dir = RunDirectory.open(args.resume)
+            if args.scenario or args.overrides:
+                return _fail("--resume takes the scenario saved in the run directory; drop SCENARIO and --set", EXIT_INVALID)
+            scenario = scenario_module.load(run_dir.path / "scenario.yaml")
+        else:
+            if not args.scenario:
+                return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
+            scenario = scenario_module.load(args.scenario, args.overrides)
+    except scenario_module.ScenarioError as error:
+        return _fail(str(error), EXIT_INVALID)
+    except RunDirectoryError as error:
+        return _fail(str(error), EXIT_INVALID)
+    if args.engine:
+        scenario.engine.backend = args.engine
+    if not args.resume:
+        run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+        run_dir.write_scenario(scenario.to_yaml())
+    return _execute(scenario, run_dir, resume=bool(args.resume))
+
+
+def _execute(scenario, run_dir, *, resume: bool) -> int:
+    from medtasks.base import DataError
+    from server.engines import run_scenario
+    from server.federation import FederationError
+    from server.progress import make_progress
+    from server.results import RunDirectoryError
+
+    log.info("medfed: %s | task %s | %s x %d clients | %s | %d rounds | engine %s",
+             scenario.name, scenario.task.name, scenario.partition.kind, scenario.partition.clients,
+             scenario.strategy.name, scenario.strategy.rounds, scenario.engine.backend)
+    log.info("run directory: %s", run_dir.path)
+    try:
+        summary = run_scenario(scenario, run_dir, make_progress(), resume=resume)
+    except (FederationError, DataError, RunDirectoryError) as error:
+        return _fail(f"{error} (results so far are in {run_dir.path}; resume with: medfed run --resume {run_dir.path})",
+                     EXIT_RUN_FAILED)
+    except KeyboardInterrupt:
+        print(f"medfed: interrupted; resume with: medfed run --resume {run_dir.path}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    _print_summary(summary, run_dir.path)
+    return EXIT_OK
+
+
+def _print_summary(summary: dict, path: Path) -> None:
+    final = summary.get("final", {})
+    parts = []
+    for phase in ("evaluate", "central"):
+        metrics = final.get(phase) or {}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples")
+        if shown:
+            parts.append(f"{phase}: {shown}")
+    print(f"done in {summary.get('seconds', 0):.1f} s | " + " | ".join(parts))
+    print(f"results: {path}")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from server import scenario as scenario_module
+
+    status = EXIT_OK
+    for file in args.files:
+        try:
+            scenario = scenario_module.load(file, args.overrides)
+        except scenario_module.ScenarioError as error:
+            print(f"medfed: error: {error}", file=sys.stderr)
+            status = EXIT_INVALID
+            continue
+        print(f"ok {file} ({scenario.task.name}, {scenario.partition.kind}, {scenario.strategy.name})")
+    return status
+
+
+def _list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from server import scenario as scenario_module
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        return _fail(f"scenario folder not found: {folder}", EXIT_INVALID)
+    table = Table(title=f"scenarios in {folder}")
+    for column in ("file", "task", "partition", "clients", "strategy", "rounds", "engine"):
+        table.add_column(column)
+    status = EXIT_OK
+    for file in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            s = scenario_module.load(file)
+        except scenario_module.ScenarioError as error:
+            table.add_row(file.name, f"[red]invalid: {error}[/red]", "", "", "", "", "")
+            status = EXIT_INVALID
+            continue
+        table.add_row(file.name, s.task.name, s.partition.kind, str(s.partition.clients), s.strategy.name,
+                      str(s.strategy.rounds), s.engine.backend)
+    Console(width=max(120, Console().width)).print(table)
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

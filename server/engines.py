@@ -1,0 +1,192 @@
+"""Engines: what runs the ClientApps of a scenario (DESIGN.md §1).
+
+* ``simulation`` — Flower's Simulation Engine (Ray): each client is a Ray actor;
+  ``engine.workers`` of them train in parallel with ``engine.cpus_per_client``
+  CPUs (and torch threads) each.
+* ``inprocess`` — :class:`InProcessGrid`: a Flower ``Grid`` that calls the
+  ClientApp directly, one message at a time, in this process. No Ray start-up
+  (about 25 s here), so tests and small runs use it. Each node keeps its own
+  ``Context`` (and so its ``context.state``) for the whole run, as in simulation.
+* ``flwr run .`` — the same ServerApp/ClientApp through a SuperLink
+  (:mod:`server.app`); see the README.
+
+Both engines here run the same :class:`~server.federation.Federation` loop, so a
+scenario and seed give the same metrics on either (all randomness is keyed by
+partition id and round, never by node id or arrival order).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import uuid
+from typing import Any, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+
+from server.federation import Federation
+from server.progress import Progress
+from server.results import RunDirectory
+from server.scenario import Scenario
+
+log = logging.getLogger("medfed")
+
+QUIET_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+def quiet_environment() -> None:
+    """Telemetry, update checks and runtime installs off; Ray and warnings quiet (user settings win)."""
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+class InProcessGrid(Grid):
+    """A Flower ``Grid`` whose nodes are ClientApp calls in this process.
+
+    Messages are deep-copied on the way in and out (as serialisation would), each
+    node has its own persistent ``Context``, and exceptions escaping the ClientApp
+    become error replies, as in Flower's runtimes.
+
+    Args:
+        client_app: the ClientApp every node runs.
+        num_nodes: number of nodes; node k gets ``node_config`` partition-id k.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        from flwr.supercore.task_identity import TaskIdentity  # private: Message() needs it outside a runtime
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+        self._client_app = client_app
+        self._run = Run.create_empty(run_id)
+        node_ids = random.Random(uuid.uuid4().int).sample(range(1, 2**53), num_nodes)  # random, like real node ids
+        self.contexts = {
+            node_id: Context(
+                run_id=run_id,
+                node_id=node_id,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for pid, node_id in enumerate(node_ids)
+        }
+        self._pending: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            if message.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"message for unknown node {message.metadata.dst_node_id}")
+            message = copy.deepcopy(message)
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._pending[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Handle the next pending message among ``message_ids`` and return its reply."""
+        wanted = [mid for mid in message_ids if mid in self._pending]
+        if not wanted:
+            return []
+        message = self._pending.pop(wanted[0])
+        context = self.contexts[message.metadata.dst_node_id]
+        try:
+            reply = self._client_app(message, context)
+        except Exception as error:  # noqa: BLE001 - as Flower's runtime: an error reply, not a crash
+            log.debug("ClientApp raised", exc_info=True)
+            reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
+        reply = copy.deepcopy(reply)
+        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        return [reply]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = list(self.push_messages(messages))
+        replies = []
+        while pending:
+            for reply in self.pull_messages(pending):
+                pending.remove(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+        return replies
+
+
+def run_scenario(scenario: Scenario, run_dir: RunDirectory, progress: Progress, *, resume: bool = False,
+                 backend: str | None = None) -> dict[str, Any]:
+    """Run ``scenario`` on its engine (or ``backend``); returns the run summary."""
+    quiet_environment()
+    backend = backend or scenario.engine.backend
+    federation = Federation(scenario, run_dir, progress, resume=resume)
+    if backend == "inprocess":
+        return _run_inprocess(federation)
+    if backend == "simulation":
+        return _run_simulation(federation)
+    raise ValueError(f"unknown engine '{backend}' (allowed: simulation, inprocess)")
+
+
+def _run_inprocess(federation: Federation) -> dict[str, Any]:
+    from client.app import app as client_app
+
+    grid = InProcessGrid(client_app, federation.scenario.partition.clients)
+    return federation.run(grid)
+
+
+def _run_simulation(federation: Federation) -> dict[str, Any]:
+    """Flower's Simulation Engine (Ray) with the federation loop as the ServerApp."""
+    import warnings
+
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+
+    engine = federation.scenario.engine
+    results: list[dict[str, Any]] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        results.append(federation.run(grid))
+
+    backend_config = {
+        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": engine.workers * engine.cpus_per_client,
+            "num_gpus": 0,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=federation.scenario.partition.clients,
+            backend_config=backend_config,
+        )
+    if not results:
+        raise RuntimeError("the simulation ended before the run finished (see the log above)")
+    return results[0]

@@ -1,0 +1,322 @@
+"""The server's round loop: discovery, train → evaluate → central evaluation, results.
+
+It drives any Flower Message-API strategy through its four methods
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+``aggregate_evaluate``) exactly like ``Strategy.start`` does, and adds what a
+research platform needs around them: a discovery (query) round that maps random
+node ids to partition ids, per-client metrics and bytes in ``metrics.jsonl``,
+checkpoints every round, ``--resume``, live progress, and a clear stop when a
+round cannot be completed. The loop is the same on every engine: it only sees a
+``Grid``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from client.app import INFO_KEY, PARTITION_ID_KEY
+from client.cache import task_for
+from medtasks.base import Task
+from medtasks.seeding import seed_everything
+from server.progress import Progress
+from server.results import Checkpoint, RunDirectory, build_summary
+from server.scenario import Scenario
+from strategies import get_algorithm
+from strategies.base import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    ROUND_KEY,
+    SCENARIO_KEY,
+    Cohort,
+    StrategyContext,
+    load_into,
+)
+
+log = logging.getLogger("medfed")
+
+DISCOVERY_TIMEOUT = 600.0
+POLL_INTERVAL = 0.05
+
+
+class FederationError(RuntimeError):
+    """A run that cannot go on (too few clients answered, no usable update); one-line message."""
+
+
+@dataclass
+class Exchange:
+    """The replies of one phase and what travelled."""
+
+    replies: list[Message] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+
+
+def record_nbytes(content: RecordDict) -> int:
+    """Payload bytes of a message: serialised arrays plus config/metric values."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(array.data) for array in record.values())
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        for key, value in record.items():
+            total += len(key) + (len(value.encode()) if isinstance(value, str) else 8)
+    return total
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> Exchange:
+    """Push ``messages``, pull replies as they arrive (calling ``on_reply``) until all are in or ``timeout``."""
+    started = time.perf_counter()
+    messages = list(messages)
+    result = Exchange(bytes_down=sum(record_nbytes(m.content) for m in messages))
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        replies = list(grid.pull_messages(pending))
+        for reply in replies:
+            pending.discard(reply.metadata.reply_to_message_id)
+            result.replies.append(reply)
+            if reply.has_content():
+                result.bytes_up += record_nbytes(reply.content)
+            on_reply(reply)
+        if pending and not replies:
+            time.sleep(POLL_INTERVAL)
+    if pending:
+        log.warning("%d client(s) did not reply within %.0f s", len(pending), timeout)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT) -> tuple[Cohort, dict[int, Any]]:
+    """Query round: wait for ``partition.clients`` nodes, learn node id → partition id and each site's statistics."""
+    expected = scenario.partition.clients
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(list(grid.get_node_ids()))} of {expected} clients connected within {timeout:.0f} s")
+        time.sleep(0.5)
+    config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
+    messages = [
+        Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in sorted(grid.get_node_ids())
+    ]
+    replies = exchange(grid, messages, timeout, lambda reply: None).replies
+    failed = [reply.error.reason for reply in replies if reply.has_error()]
+    if failed:
+        raise FederationError(f"a client could not prepare its data: {failed[0]}")
+    node_to_partition: dict[int, int] = {}
+    stats: dict[int, Any] = {}
+    for reply in replies:
+        info = reply.content[INFO_KEY]
+        pid = int(info[PARTITION_ID_KEY])
+        node_to_partition[reply.metadata.src_node_id] = pid
+        stats[pid] = json.loads(str(info["stats"]))
+    missing = sorted(set(range(expected)) - set(stats))
+    if missing:
+        raise FederationError(f"no client holds partition(s) {missing} (got {sorted(stats)})")
+    return Cohort(node_to_partition=node_to_partition, seed=scenario.seed), dict(sorted(stats.items()))
+
+
+def per_client(replies: list[Message], cohort: Cohort) -> dict[str, dict[str, Any]]:
+    """Per-partition metrics of a phase (``{"error": reason}`` for failed clients)."""
+    clients: dict[str, dict[str, Any]] = {}
+    for reply in sorted(replies, key=cohort.partition_of):
+        pid = str(cohort.partition_of(reply))
+        if reply.has_error():
+            clients[pid] = {"error": reply.error.reason}
+        else:
+            clients[pid] = {key: value for key, value in reply.content[METRICS_KEY].items()}
+    return clients
+
+
+class Federation:
+    """One run of a scenario on a grid, writing into a run directory.
+
+    Args:
+        scenario: the resolved scenario.
+        run_dir: where results go (created by the caller).
+        progress: live display.
+        resume: continue from the run directory's last checkpoint.
+    """
+
+    def __init__(self, scenario: Scenario, run_dir: RunDirectory, progress: Progress, *, resume: bool = False) -> None:
+        self.scenario = scenario
+        self.run_dir = run_dir
+        self.progress = progress
+        self.resume = resume
+        self.task: Task = task_for(scenario)
+        self._central_model: torch.nn.Module | None = None
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict[str, Any]:
+        """Run all rounds; returns the summary written to ``summary.json``."""
+        scenario = self.scenario
+        started = time.perf_counter()
+        seed_everything(scenario.seed, "server")
+        cohort, stats = discover(grid, scenario)
+        if not self.resume:
+            self.run_dir.write_partitions({"kind": scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}})
+
+        algorithm = get_algorithm(scenario.strategy.name)
+        template = self.task.build_model()
+        strategy = algorithm.build_strategy(
+            StrategyContext(scenario, algorithm.Params.model_validate(scenario.strategy.params), cohort, template)
+        )
+        strategy.summary()
+        arrays, checkpoint = ArrayRecord(template.state_dict()), None
+        first_round = 1
+        if self.resume:
+            checkpoint = self.run_dir.load_checkpoint()
+            arrays = ArrayRecord(checkpoint.arrays)
+            if hasattr(strategy, "load_state_dict"):
+                strategy.load_state_dict(checkpoint.strategy_state)
+            first_round = checkpoint.round + 1
+            self.run_dir.truncate_metrics(checkpoint.round)
+            log.info("resuming %s after round %d", self.run_dir.path, checkpoint.round)
+
+        total = scenario.strategy.rounds
+        self.progress.start(total_rounds=total, first_round=first_round)
+        try:
+            for server_round in range(first_round, total + 1):
+                arrays, headline = self._round(grid, strategy, cohort, server_round, arrays)
+                checkpoint = self._checkpoint(strategy, server_round, arrays, headline, checkpoint)
+                self.progress.round_done(server_round, headline)
+        finally:
+            self.progress.close()
+
+        return self._finish(arrays, checkpoint, time.perf_counter() - started)
+
+    def _round(self, grid: Grid, strategy: Any, cohort: Cohort, server_round: int, arrays: ArrayRecord):
+        scenario = self.scenario
+        config = ConfigRecord({SCENARIO_KEY: scenario.to_json(), ROUND_KEY: server_round})
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        done = self._phase(grid, cohort, server_round, "train", messages)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, done.replies)
+        succeeded = sum(1 for reply in done.replies if reply.has_content())
+        if new_arrays is None or succeeded < scenario.strategy.min_clients:
+            reasons = [r.error.reason for r in done.replies if r.has_error()]
+            detail = f"; first failure: {reasons[0]}" if reasons else ""
+            raise FederationError(
+                f"round {server_round}: {succeeded} of {len(messages)} clients returned a usable update, "
+                f"strategy.min_clients is {scenario.strategy.min_clients}{detail}"
+            )
+        arrays = new_arrays
+        self._record(server_round, "train", cohort, done, train_metrics)
+        headline = {"train loss": _metric(train_metrics, "loss")}
+
+        if server_round % scenario.strategy.evaluate_every == 0 or server_round == scenario.strategy.rounds:
+            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid))
+            if messages:
+                done = self._phase(grid, cohort, server_round, "evaluate", messages)
+                metrics = strategy.aggregate_evaluate(server_round, done.replies)
+                self._record(server_round, "evaluate", cohort, done, metrics)
+                headline[self.task.primary_metric] = _metric(metrics, self.task.primary_metric)
+            central = self._central_evaluation(server_round, arrays)
+            if central is not None:
+                headline[f"central {self.task.primary_metric}"] = central.get(self.task.primary_metric)
+        return arrays, {key: value for key, value in headline.items() if value is not None}
+
+    def _phase(self, grid: Grid, cohort: Cohort, server_round: int, phase: str, messages: list[Message]) -> Exchange:
+        self.progress.phase(server_round, phase, len(messages))
+        return exchange(
+            grid,
+            messages,
+            self.scenario.strategy.round_timeout,
+            lambda reply: self.progress.client_done(server_round, phase, cohort.partition_of(reply)),
+        )
+
+    def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None) -> None:
+        self.run_dir.append_metrics(
+            {
+                "round": server_round,
+                "phase": phase,
+                "clients": per_client(done.replies, cohort),
+                "aggregate": dict(metrics.items()) if metrics is not None else {},
+                "bytes_up": done.bytes_up,
+                "bytes_down": done.bytes_down,
+                "seconds": round(done.seconds, 4),
+                "epsilon": None,
+            }
+        )
+
+    def _central_evaluation(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
+        dataset = self.task.server_data()
+        if dataset is None or len(arrays) == 0:
+            return None
+        started = time.perf_counter()
+        model = self._model_with(arrays)
+        metrics = {key: float(value) for key, value in self.task.evaluate(model, dataset).items()}
+        self.run_dir.append_metrics(
+            {"round": server_round, "phase": "central", "clients": {}, "aggregate": metrics,
+             "bytes_up": 0, "bytes_down": 0, "seconds": round(time.perf_counter() - started, 4), "epsilon": None}
+        )
+        return metrics
+
+    def _model_with(self, arrays: ArrayRecord) -> torch.nn.Module:
+        """The server's one evaluation model instance, loaded with ``arrays``."""
+        if self._central_model is None:
+            self._central_model = self.task.build_model()
+        load_into(self._central_model, arrays.to_torch_state_dict())
+        return self._central_model
+
+    # --- checkpoints and the end ----------------------------------------------------------------
+    def _checkpoint(self, strategy: Any, server_round: int, arrays: ArrayRecord, headline: dict[str, float],
+                    previous: Checkpoint | None) -> Checkpoint:
+        primary = headline.get(f"central {self.task.primary_metric}", headline.get(self.task.primary_metric))
+        last = server_round == self.scenario.strategy.rounds
+        if server_round % self.scenario.output.checkpoint_every and not last:
+            return previous  # type: ignore[return-value]
+        checkpoint = Checkpoint(
+            round=server_round,
+            arrays=arrays.to_torch_state_dict(),
+            strategy_state=strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+            best_value=previous.best_value if previous else None,
+            best_round=previous.best_round if previous else None,
+            extra={},
+        )
+        return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
+
+    def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float) -> dict[str, Any]:
+        scenario = self.scenario
+        records = self.run_dir.read_metrics()
+        summary = build_summary(
+            records,
+            primary_metric=self.task.primary_metric,
+            higher_is_better=self.task.higher_is_better,
+            seed=scenario.seed,
+            seconds=seconds,
+            rounds_completed=scenario.strategy.rounds,
+            extra={"scenario": scenario.name, "task": scenario.task.name, "strategy": scenario.strategy.name,
+                   "partition": scenario.partition.kind, "clients": scenario.partition.clients},
+        )
+        self.run_dir.write_summary(summary)
+        if scenario.output.plots:
+            self._plots(records, arrays)
+        return summary
+
+    def _plots(self, records: list[dict], arrays: ArrayRecord) -> None:
+        from server.plots import plot_metric_curves
+
+        plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name)
+        if len(arrays) == 0:
+            return
+        dataset = self.task.server_data()
+        try:
+            if dataset is None:
+                dataset = self.task.client_data(0).val
+            self.task.plot_examples(self._model_with(arrays), dataset, self.run_dir.plots / "examples.png")
+        except Exception as error:  # noqa: BLE001 - a picture must not lose the run's results
+            log.warning("could not draw example predictions: %s", error)
+
+
+def _metric(metrics: MetricRecord | None, key: str) -> float | None:
+    if metrics is None or key not in metrics:
+        return None
+    return float(metrics[key])

@@ -1,0 +1,240 @@
+"""What every algorithm module shares: the registry entry, the client-side hooks,
+deterministic cohorts and reply bookkeeping.
+
+Record keys exchanged between the two halves (Flower's conventions):
+``"arrays"`` (ArrayRecord, model tensors), ``"config"`` (ConfigRecord),
+``"metrics"`` (MetricRecord with the weight ``"num-examples"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from pydantic import BaseModel, ConfigDict
+
+from medtasks.seeding import numpy_rng
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flwr.serverapp.strategy import Strategy
+
+    from server.scenario import Scenario
+
+log = logging.getLogger("medfed")
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+SCENARIO_KEY = "scenario"
+ROUND_KEY = "server-round"
+
+
+class StrategyParams(BaseModel):
+    """Base class of an algorithm's ``strategy.params`` schema (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- client side ----------------------------------------------------------------------------
+class ClientRule:
+    """The hooks the local trainer calls; the base class is plain local training.
+
+    An algorithm overrides the hooks it needs (FedProx adds a loss term, SCAFFOLD
+    corrects gradients, FedBN keeps BatchNorm tensors in the node's state).
+
+    Args:
+        params: the algorithm's validated ``strategy.params``.
+    """
+
+    def __init__(self, params: StrategyParams) -> None:
+        self.params = params
+
+    def receive(self, model: torch.nn.Module, content: RecordDict, state: RecordDict) -> None:
+        """Load what the server sent into ``model`` (before training or evaluation)."""
+        received = content[ARRAYS_KEY].to_torch_state_dict()
+        load_into(model, received)
+
+    def loss(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise given the task loss (e.g. + a proximal term)."""
+        return loss
+
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """Called after ``loss.backward()`` and before the optimiser step."""
+
+    def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, Any]:
+        """Records to send back after training, keyed by record name (default: all tensors)."""
+        return {ARRAYS_KEY: ArrayRecord(model.state_dict())}
+
+
+def load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` into ``model``'s parameters and buffers of the same names.
+
+    Raises:
+        KeyError: if a tensor name is not in the model (a message from another model).
+    """
+    own = model.state_dict()
+    unknown = [name for name in tensors if name not in own]
+    if unknown:
+        raise KeyError(f"received tensors the model does not have: {unknown[:3]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+
+
+# --- server side ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cohort:
+    """The federation's nodes, known by partition id (node ids are random per run).
+
+    Sampling is over sorted partition ids with a stream derived from
+    (seed, "sample", phase, round), so the same scenario picks the same sites on
+    every engine (DESIGN.md §4).
+    """
+
+    node_to_partition: Mapping[int, int]
+    seed: int
+
+    @property
+    def partition_to_node(self) -> dict[int, int]:
+        return {pid: nid for nid, pid in self.node_to_partition.items()}
+
+    def sample(self, server_round: int, fraction: float, min_nodes: int, phase: str) -> list[int]:
+        """Node ids of ``max(min_nodes, floor(fraction·N))`` sites, in partition-id order."""
+        partitions = sorted(self.node_to_partition.values())
+        size = min(len(partitions), max(min_nodes, int(fraction * len(partitions))))
+        if size >= len(partitions):
+            chosen = partitions
+        else:
+            rng = numpy_rng(self.seed, "sample", phase, server_round)
+            chosen = sorted(rng.choice(partitions, size=size, replace=False).tolist())
+        nodes = self.partition_to_node
+        return [nodes[pid] for pid in chosen]
+
+    def partition_of(self, message: Message) -> int:
+        return self.node_to_partition[message.metadata.src_node_id]
+
+
+def usable_replies(replies: Iterable[Message], cohort: Cohort, phase: str) -> list[Message]:
+    """Replies without errors and with finite arrays and metrics, in partition-id order.
+
+    Faulty replies are logged (with the site's partition id and the reason) and dropped,
+    so one broken hospital cannot poison the global model.
+    """
+    usable = []
+    for reply in replies:
+        pid = cohort.partition_of(reply)
+        if reply.has_error():
+            log.warning("round %s %s: client %d failed: %s", reply.metadata.group_id, phase, pid, reply.error.reason)
+            continue
+        bad = _non_finite(reply.content)
+        if bad:
+            log.warning("round %s %s: client %d sent non-finite values in '%s'; update ignored",
+                        reply.metadata.group_id, phase, pid, bad)
+            continue
+        usable.append(reply)
+    return sorted(usable, key=cohort.partition_of)
+
+
+def _non_finite(content: RecordDict) -> str | None:
+    """Name of the first array holding NaN or ±inf, or ``None``."""
+    for name, record in content.array_records.items():
+        for key, array in record.items():
+            values = torch.from_numpy(array.numpy())
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                return f"{name}.{key}"
+    return None
+
+
+def aggregate_metrics(replies: list[Message]) -> MetricRecord:
+    """Σ_k n_k m_k / Σ_k n_k for every metric, weighted by ``num-examples``.
+
+    A metric a client could not compute (NaN, e.g. HD95 on images without any
+    foreground) is left out of that metric's average instead of poisoning it.
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for reply in replies:
+        record = reply.content[METRICS_KEY]
+        weight = float(record[NUM_EXAMPLES_KEY])
+        for key, value in record.items():
+            if key == NUM_EXAMPLES_KEY or isinstance(value, list) or not math.isfinite(float(value)):
+                continue
+            sums[key] = sums.get(key, 0.0) + weight * float(value)
+            weights[key] = weights.get(key, 0.0) + weight
+    aggregated = MetricRecord({key: sums[key] / weights[key] for key in sums if weights[key] > 0})
+    aggregated[NUM_EXAMPLES_KEY] = int(sum(float(r.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for r in replies))
+    return aggregated
+
+
+def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_k (w_k / Σ_j w_j) · state_k for every tensor name, accumulated in float64.
+
+    Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) cannot be averaged;
+    they take the maximum over clients. Summation follows the order of ``states``
+    (callers pass them in partition-id order for bit-exact reproducibility).
+    """
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to a positive number")
+    averaged: dict[str, torch.Tensor] = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            acc = torch.zeros_like(first, dtype=torch.float64)
+            for state, weight in zip(states, weights):
+                acc += state[name].to(torch.float64) * (weight / total)
+            averaged[name] = acc.to(first.dtype)
+        else:
+            averaged[name] = torch.stack([state[name] for state in states]).amax(dim=0)
+    return averaged
+
+
+def batchnorm_tensor_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of every BatchNorm tensor: weight, bias, running stats, counter."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + key for key in module.state_dict())
+    return names
+
+
+def batchnorm_buffer_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names of BatchNorm running statistics (buffers, not trained parameters)."""
+    parameters = {name for name, _ in model.named_parameters()}
+    return {name for name in batchnorm_tensor_names(model) if name not in parameters}
+
+
+# --- registry entry ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StrategyContext:
+    """What the server half of an algorithm is built from."""
+
+    scenario: "Scenario"
+    params: StrategyParams
+    cohort: Cohort
+    model: torch.nn.Module  # a freshly built model of the task: names, shapes, BN layout
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A registered algorithm: its params schema and its two halves.
+
+    Attributes:
+        name: the ``strategy.name`` it is selected by.
+        Params: pydantic schema of ``strategy.params``.
+        build_strategy: server half, a Flower ``Strategy`` built from a :class:`StrategyContext`.
+        client_rule: client half, a :class:`ClientRule` built from the validated params.
+        check_compatible: raises ``ValueError`` (one line, naming the key) for scenario
+            combinations the algorithm does not support.
+    """
+
+    name: str
+    Params: type[StrategyParams]
+    build_strategy: Callable[[StrategyContext], "Strategy"]
+    client_rule: Callable[[StrategyParams], ClientRule]
+    check_compatible: Callable[["Scenario"], None] = field(default=lambda scenario: None)

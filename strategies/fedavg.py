@@ -1,0 +1,198 @@
+"""Federated Averaging (FedAvg) with the optional FedProx proximal term.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", AISTATS 2017 (arXiv:1602.05629); FedProx: Li et al.,
+"Federated Optimization in Heterogeneous Networks", MLSys 2020 (arXiv:1812.06127).
+
+Server (as the lecture defines it): sample S_t, send w_t, receive each client's
+w_k after E local epochs and set
+
+    w_{t+1} = Σ_{k∈S_t} (n_k / m_t) w_k,   m_t = Σ_{k∈S_t} n_k.
+
+Client: E epochs of mini-batch steps on F_k(w) (+ μ/2 ‖w − w_t‖² with FedProx).
+
+BatchNorm policy (``bn_stats``), stated because averaging running statistics is a
+choice, not a given:
+
+* ``average`` (default): running mean/variance are averaged with the same n_k
+  weights as the parameters (what FedAvg on full state dicts does);
+  ``num_batches_tracked`` (an integer) takes the maximum over clients.
+* ``local``: each client keeps its own running statistics across rounds
+  (SiloBN, Andreux et al. 2020, arXiv:2008.07424) and normalises with them when it
+  trains and evaluates; they are still sent so the global model's statistics
+  (used for central evaluation) are the clients' average. Affine BN parameters are
+  averaged in both policies (to keep them local use FedBN).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Literal
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from pydantic import Field
+
+from strategies.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    Algorithm,
+    ClientRule,
+    Cohort,
+    StrategyContext,
+    StrategyParams,
+    aggregate_metrics,
+    batchnorm_buffer_names,
+    load_into,
+    usable_replies,
+    weighted_average,
+)
+
+log = logging.getLogger("medfed")
+
+PROXIMAL_MU_KEY = "proximal-mu"
+LOCAL_BN_STATE_KEY = "fedavg-local-bn-stats"
+
+
+class FedAvgParams(StrategyParams):
+    """``strategy.params`` of ``fedavg``."""
+
+    proximal_mu: float = Field(0.0, ge=0.0, description="FedProx μ (0 = plain FedAvg)")
+    bn_stats: Literal["average", "local"] = Field("average", description="BatchNorm running-statistics policy")
+
+
+class FedAvg(FlowerFedAvg):
+    """Flower's FedAvg made reproducible and robust for medfed.
+
+    Differences to :class:`flwr.serverapp.strategy.FedAvg`: sites are sampled over
+    sorted partition ids with a seeded stream; replies are aggregated in
+    partition-id order in float64; failed replies and non-finite updates are
+    logged and left out; NaN metrics are left out of their average; the
+    ``proximal-mu`` of FedProx travels in the train config.
+
+    Parameters
+    ----------
+    cohort : Cohort
+        Node id ↔ partition id map and sampling seed.
+    fraction_train, fraction_evaluate : float
+        Fractions of sites sampled per round for training / evaluation.
+    min_train_nodes, min_evaluate_nodes : int
+        Lower bounds on the number of sampled sites.
+    proximal_mu : float (default: 0.0)
+        FedProx μ; the client adds μ/2 ‖w − w_t‖² (squared norm) to its loss.
+    bn_stats : {"average", "local"}
+        BatchNorm running-statistics policy (module docstring).
+    """
+
+    def __init__(
+        self,
+        cohort: Cohort,
+        *,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 1,
+        min_evaluate_nodes: int = 1,
+        proximal_mu: float = 0.0,
+        bn_stats: str = "average",
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=len(cohort.node_to_partition),
+        )
+        self.cohort = cohort
+        self.proximal_mu = proximal_mu
+        self.bn_stats = bn_stats
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        super().summary()
+        log.info("FedAvg: proximal mu %.4g, BatchNorm statistics policy '%s'", self.proximal_mu, self.bn_stats)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send w_t and the train config to the sampled sites."""
+        config[PROXIMAL_MU_KEY] = self.proximal_mu
+        nodes = self.cohort.sample(server_round, self.fraction_train, self.min_train_nodes, "train")
+        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model to the sites sampled for evaluation."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self.cohort.sample(server_round, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
+        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
+        content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
+        return [Message(content=content, dst_node_id=node, message_type=kind) for node in nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """w_{t+1} = Σ_k (n_k / m_t) w_k over the usable replies."""
+        usable = usable_replies(replies, self.cohort, "train")
+        if not usable:
+            return None, None
+        states = [reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable]
+        weights = [float(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for reply in usable]
+        return ArrayRecord(weighted_average(states, weights)), aggregate_metrics(usable)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the sites' metrics."""
+        usable = usable_replies(replies, self.cohort, "evaluate")
+        return aggregate_metrics(usable) if usable else None
+
+
+class FedAvgClient(ClientRule):
+    """Client half: local SGD, the FedProx term and the BatchNorm-statistics policy."""
+
+    params: FedAvgParams
+
+    def receive(self, model: torch.nn.Module, content: RecordDict, state: RecordDict) -> None:
+        """Load w_t; with ``bn_stats: local`` put this site's own running statistics back."""
+        super().receive(model, content, state)
+        self._anchor = [p.detach().clone() for p in model.parameters()]
+        if self.params.bn_stats == "local" and LOCAL_BN_STATE_KEY in state:
+            load_into(model, state[LOCAL_BN_STATE_KEY].to_torch_state_dict())
+
+    def loss(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """F_k(w) + μ/2 ‖w − w_t‖² (the squared norm of FedProx's Eq. 2)."""
+        mu = self.params.proximal_mu
+        if mu == 0.0:
+            return loss
+        squared_distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), self._anchor))
+        return loss + 0.5 * mu * squared_distance
+
+    def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, ArrayRecord]:
+        """All tensors; with ``bn_stats: local`` also remember the running statistics."""
+        if self.params.bn_stats == "local":
+            own = model.state_dict()
+            state[LOCAL_BN_STATE_KEY] = ArrayRecord({name: own[name] for name in sorted(batchnorm_buffer_names(model))})
+        return super().reply(model, state, steps=steps)
+
+
+def build_strategy(context: StrategyContext) -> FedAvg:
+    """Server half from a scenario."""
+    section, params = context.scenario.strategy, context.params
+    return FedAvg(
+        context.cohort,
+        fraction_train=section.fraction_train,
+        fraction_evaluate=section.fraction_evaluate,
+        min_train_nodes=section.min_clients,
+        min_evaluate_nodes=1,
+        proximal_mu=params.proximal_mu,
+        bn_stats=params.bn_stats,
+    )
+
+
+ALGORITHM = Algorithm(name="fedavg", Params=FedAvgParams, build_strategy=build_strategy, client_rule=FedAvgClient)

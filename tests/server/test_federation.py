@@ -1,0 +1,156 @@
+"""End-to-end runs on the in-process engine: run directory content, learning, determinism, resume, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server import scenario as scenario_module
+from server.cli import main
+from server.engines import run_scenario
+from server.federation import FederationError
+from server.progress import make_progress
+from server.results import RunDirectory
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
+SMALL = [
+    "task.params.image_size=32",
+    "data.samples_per_client=20",
+    "data.server_samples=8",
+    "local.batch_size=8",
+    "local.lr=0.01",
+    "engine.backend=inprocess",
+]
+
+
+def small_scenario(tmp_path: Path, *overrides: str) -> scenario_module.Scenario:
+    return scenario_module.load(QUICKSTART, [*SMALL, f"output.dir={tmp_path / 'runs'}", *overrides])
+
+
+def run(scenario: scenario_module.Scenario, *, progress=None) -> RunDirectory:
+    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+    run_dir.write_scenario(scenario.to_yaml())
+    run_scenario(scenario, run_dir, progress or make_progress(interactive=False))
+    return run_dir
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Records with wall-clock fields removed (everything else must be reproducible)."""
+    cleaned = []
+    for record in records:
+        record = {k: v for k, v in record.items() if k != "seconds"}
+        record["clients"] = {pid: {k: v for k, v in m.items() if k != "seconds"} for pid, m in record["clients"].items()}
+        cleaned.append(record)
+    return cleaned
+
+
+def test_cli_run_writes_a_complete_run_directory_and_dice_improves(tmp_path: Path, capsys) -> None:
+    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "strategy.rounds=3"]
+    args = ["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]
+    assert main(args) == 0
+    (run_path,) = (tmp_path / "runs" / "quickstart").iterdir()
+    assert f"results: {run_path}" in capsys.readouterr().out
+
+    for name in ("scenario.yaml", "partitions.json", "metrics.jsonl", "summary.json",
+                 "checkpoints/model_last.pt", "checkpoints/model_best.pt", "checkpoints/state.pt",
+                 "plots/overview.png", "plots/examples.png"):
+        assert (run_path / name).is_file(), name
+    assert (run_path / "plots" / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    partitions = json.loads((run_path / "partitions.json").read_text())
+    assert sorted(partitions["clients"]) == ["0", "1", "2", "3"]
+    acquisitions = [c["acquisition"] for c in partitions["clients"].values()]
+    assert len({json.dumps(a, sort_keys=True) for a in acquisitions}) == 4  # feature skew: every scanner differs
+
+    records = RunDirectory.open(run_path).read_metrics()
+    assert [(r["round"], r["phase"]) for r in records] == [
+        (rnd, phase) for rnd in (1, 2, 3) for phase in ("train", "evaluate", "central")
+    ]
+    for record in records:
+        if record["phase"] != "central":
+            assert sorted(record["clients"]) == ["0", "1", "2", "3"]
+            assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+    evaluate = [r["aggregate"]["dice"] for r in records if r["phase"] == "evaluate"]
+    central = [r["aggregate"]["dice"] for r in records if r["phase"] == "central"]
+    assert evaluate[-1] > evaluate[0] + 0.05, evaluate
+    assert central[-1] > central[0] + 0.05, central
+    summary = json.loads((run_path / "summary.json").read_text())
+    assert summary["seed"] == 0 and summary["rounds_completed"] == 3
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
+    scenario = small_scenario(tmp_path, "strategy.rounds=2")
+    first = without_timing(run(scenario).read_metrics())
+    second = without_timing(run(scenario).read_metrics())
+    assert first == second
+    other_seed = without_timing(run(small_scenario(tmp_path, "strategy.rounds=2", "seed=1")).read_metrics())
+    assert other_seed != first
+
+
+class InterruptAfter:
+    """A progress display that raises KeyboardInterrupt once a given round is done (Ctrl-C)."""
+
+    def __init__(self, round_: int) -> None:
+        self.inner, self.round = make_progress(interactive=False), round_
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def round_done(self, server_round: int, metrics: dict) -> None:
+        self.inner.round_done(server_round, metrics)
+        if server_round == self.round:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
+    scenario = small_scenario(tmp_path, "strategy.rounds=3")
+    uninterrupted = run(scenario)
+
+    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
+    interrupted.write_scenario(scenario.to_yaml())
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, interrupted, InterruptAfter(2))
+    assert max(r["round"] for r in interrupted.read_metrics()) == 2
+    assert not (interrupted.path / "summary.json").exists()
+
+    assert main(["run", "--resume", str(interrupted.path)]) == 0
+    assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
+    assert (interrupted.path / "summary.json").is_file()
+
+
+def test_a_failing_client_is_logged_and_left_out(tmp_path: Path, monkeypatch, caplog) -> None:
+    import client.app as client_app
+    from client.trainer import NonFiniteLossError
+
+    real_fit, calls = client_app.fit, []
+
+    def flaky_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first training message of the run: partition 0, round 1
+            raise NonFiniteLossError("local loss became nan at step 3")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(client_app, "fit", flaky_fit)
+    run_dir = run(small_scenario(tmp_path, "strategy.rounds=1"))
+    train = next(r for r in run_dir.read_metrics() if r["phase"] == "train")
+    assert train["clients"]["0"] == {"error": "NonFiniteLossError: local loss became nan at step 3"}
+    assert sorted(train["clients"]) == ["0", "1", "2", "3"] and "loss" in train["clients"]["1"]
+    assert train["aggregate"]["num-examples"] == sum(train["clients"][p]["num-examples"] for p in "123")
+    assert "client 0 failed: NonFiniteLossError" in caplog.text
+
+
+def test_too_few_usable_clients_stop_the_run_with_one_line(tmp_path: Path, monkeypatch) -> None:
+    import client.app as client_app
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(client_app, "fit", broken_fit)
+    with pytest.raises(FederationError) as error:
+        run(small_scenario(tmp_path, "strategy.rounds=1"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "round 1: 0 of 4 clients returned a usable update" in message and "RuntimeError: disk full" in message

@@ -1,0 +1,121 @@
+"""Scenario files: every shipped scenario is valid; malformed ones fail with one clear line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server import scenario as scenario_module
+from server.cli import EXIT_INVALID, main
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = sorted((ROOT / "scenarios").glob("*.yaml"))
+
+VALID = {
+    "name": "t",
+    "task": {"name": "segmentation", "params": {"image_size": 32}},
+    "partition": {"clients": 2, "kind": "iid"},
+    "strategy": {"rounds": 1},
+}
+
+
+def _write(tmp_path: Path, content: object, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    return path
+
+
+def _with(**changes: object) -> dict:
+    """VALID with dotted keys replaced (a value of ... deletes the key)."""
+    import copy
+
+    raw = copy.deepcopy(VALID)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is ...:
+            node.pop(last)
+        else:
+            node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
+def test_every_shipped_scenario_is_valid(path: Path) -> None:
+    scenario = scenario_module.load(path)
+    assert scenario.name
+
+
+def test_defaults_are_resolved_and_round_trip(tmp_path: Path) -> None:
+    scenario = scenario_module.load(_write(tmp_path, VALID))
+    assert scenario.local.batch_size == 16 and scenario.engine.backend == "simulation"
+    assert scenario.task.params["norm"] == "batch"  # the task's own default, filled in
+    assert scenario.strategy.params == {"proximal_mu": 0.0, "bn_stats": "average"}
+    again = scenario_module.load(_write(tmp_path, scenario.to_yaml(), "resolved.yaml"))
+    assert again == scenario
+    assert scenario_module.Scenario.from_json(scenario.to_json()) == scenario
+
+
+def test_overrides_parse_yaml_values_and_create_sections(tmp_path: Path) -> None:
+    path = _write(tmp_path, VALID)
+    scenario = scenario_module.load(path, ["strategy.rounds=7", "local.lr=0.05", "task.params.norm=group"])
+    assert scenario.strategy.rounds == 7 and scenario.local.lr == 0.05 and scenario.task.params["norm"] == "group"
+    with pytest.raises(scenario_module.ScenarioError, match="strategy.rounds"):
+        scenario_module.load(path, ["strategy.rounds=0"])
+    with pytest.raises(scenario_module.ScenarioError, match="expected key.path=value"):
+        scenario_module.load(path, ["strategy.rounds"])
+
+
+MALFORMED = {
+    "unknown_top_key": (_with(epochs=3), "epochs: unknown key 'epochs' (allowed: attack, data"),
+    "unknown_nested_key": (_with(strategy__roundz=3), "strategy.roundz: unknown key 'roundz' (allowed: evaluate_every"),
+    "wrong_type": (_with(strategy__rounds="ten"), "strategy.rounds: Input should be a valid integer"),
+    "out_of_range": (_with(partition__clients=0), "partition.clients: Input should be greater than or equal to 1"),
+    "bad_choice": (_with(partition__kind="extreme"), "partition.kind: Input should be 'iid', 'label_skew'"),
+    "missing_section": (_with(task=...), "task: required key is missing"),
+    "unknown_task": (_with(task__name="radiology"), "task.name: unknown task 'radiology' (allowed: segmentation"),
+    "bad_task_param": (_with(task__params__norm="layer"), "task.params.norm: Input should be 'batch', 'instance' or 'group'"),
+    "bad_partition_param": (_with(partition__kind="label_skew", partition__params={"alpha": -1}),
+                            "partition.params.alpha: Input should be greater than 0"),
+    "unknown_strategy": (_with(strategy__name="fedmagic"), "strategy.name: unknown strategy 'fedmagic' (allowed: fedavg"),
+    "min_clients_above_clients": (_with(strategy__min_clients=5), "strategy.min_clients (5) exceeds partition.clients (2)"),
+    "missing_data_folder": (_with(data={"source": "folder", "path": "no/such/dir"}), "data.path: data folder not found"),
+    "not_a_mapping": ("- just\n- a list\n", "a scenario must be a mapping of sections"),
+    "invalid_yaml": ("name: t\ntask: {name: segmentation\n", "invalid YAML: line"),
+    "bad_optimizer": (_with(local={"optimizer": "lbfgs"}), "local.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_scenario_gives_one_line_and_exit_2(case: str, tmp_path: Path, capsys) -> None:
+    content, expected = MALFORMED[case]
+    path = _write(tmp_path, content)
+    assert main(["validate", str(path)]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err and expected in err, err
+    assert "Traceback" not in err
+
+
+def test_missing_file_gives_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("absent.yaml: scenario file not found") and len(err.splitlines()) == 1
+
+
+def test_invalid_scenario_creates_no_run_directory(tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path, _with(strategy__rounds=0, output={"dir": str(tmp_path / "runs")}))
+    assert main(["run", str(path)]) == EXIT_INVALID
+    assert not (tmp_path / "runs").exists()
+    assert "strategy.rounds" in capsys.readouterr().err
+
+
+def test_list_shows_every_scenario(capsys) -> None:
+    assert main(["list", str(ROOT / "scenarios")]) == 0
+    out = capsys.readouterr().out
+    for path in SCENARIOS:
+        assert path.name in out
