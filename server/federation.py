@@ -76,12 +76,12 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: 
     started = time.perf_counter()
     messages = list(messages)
     result = Exchange(bytes_down=sum(record_nbytes(m.content) for m in messages))
-    pending = set(grid.push_messages(messages))
+    pending = dict.fromkeys(grid.push_messages(messages))  # an ordered set: in-process runs go in partition order
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
-        replies = list(grid.pull_messages(pending))
+        replies = list(grid.pull_messages(list(pending)))
         for reply in replies:
-            pending.discard(reply.metadata.reply_to_message_id)
+            pending.pop(reply.metadata.reply_to_message_id, None)
             result.replies.append(reply)
             if reply.has_content():
                 result.bytes_up += record_nbytes(reply.content)

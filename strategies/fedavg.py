@@ -111,9 +111,11 @@ class FedAvg(FlowerFedAvg):
         self.bn_stats = bn_stats
 
     def summary(self) -> None:
-        """Log the configuration."""
-        super().summary()
-        log.info("FedAvg: proximal mu %.4g, BatchNorm statistics policy '%s'", self.proximal_mu, self.bn_stats)
+        """Log the configuration (what ran is in the run's log)."""
+        log.info(
+            "FedAvg: fraction train %.2f / evaluate %.2f, min train nodes %d, proximal mu %.4g, BatchNorm statistics '%s'",
+            self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.proximal_mu, self.bn_stats,
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -42,6 +42,7 @@ def without_timing(records: list[dict]) -> list[dict]:
     cleaned = []
     for record in records:
         record = {k: v for k, v in record.items() if k != "seconds"}
+        record["aggregate"] = {k: v for k, v in record["aggregate"].items() if k != "seconds"}
         record["clients"] = {pid: {k: v for k, v in m.items() if k != "seconds"} for pid, m in record["clients"].items()}
         cleaned.append(record)
     return cleaned

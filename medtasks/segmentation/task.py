@@ -1,0 +1,440 @@
+"""Multi-class 2D segmentation of abdominal slices with a U-Net (DESIGN.md §4, §5b).
+
+Data sources (``data.source``):
+
+* ``"synthetic"``: phantoms from :mod:`.synthetic` with 4 classes (background,
+  organ, organ2, lesion). The per-image label used for label skew is
+  "the image contains a lesion": site ``k`` draws lesion presence from its
+  ``P_k(y) = (1 - p_k, p_k)``, with ``p_k = lesion_prevalence`` unless the
+  partition kind is ``label_skew``. Site ``k`` generates its ``n_k`` images from
+  the stream ``numpy_rng(seed, "segmentation", "site", k)``; the last
+  ``max(1, round(val_fraction · n_k))`` are its validation set.
+  ``data.server_samples > 0`` gives the server a test set with neutral
+  acquisition and annotator and the base prevalence, from the stream
+  ``(seed, "segmentation", "server")``.
+* ``"folder"``: real images and masks read by :func:`medtasks.io.load_image_mask_pairs`
+  from ``data.path``, padded to square and resampled to ``image_size``
+  (bilinear for images, nearest for masks), normalised per image by robust
+  min-max to ``[0, 1]``. ``num_classes`` is the number of labels in the masks
+  (background included); the label used for label skew is "the image contains
+  the last class". The pool is split with :func:`medtasks.partition.split_indices`;
+  ``feature_skew`` / ``concept_shift`` then apply the same acquisition / annotator
+  transforms as the synthetic data. There is no server test set.
+
+``ClientData.stats`` (written to ``partitions.json``): ``n_train``, ``n_val``,
+``label_histogram`` (images without / with the last class in their *annotated*
+mask, train + val), ``pixel_class_fractions`` (``[C]``), ``acquisition``,
+``annotator`` and ``label_distribution`` (the drawn ``P_k(y)`` for synthetic
+sites, the empirical one for folder sites).
+
+``data.params`` must be empty for both sources. Generated and loaded data are
+cached per process (DESIGN.md §9), so repeated calls are free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from medtasks import io
+from medtasks.base import ClientData, DataError, TaskContext, TaskParams
+from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram, split_indices
+from medtasks.seeding import numpy_rng
+from medtasks.segmentation import synthetic
+from medtasks.segmentation.losses import LossFn, LossName, build_loss
+from medtasks.segmentation.metrics import SegmentationMetrics
+from medtasks.segmentation.model import NormName, build_unet, check_group_norm
+
+EVAL_BATCH_SIZE = 32
+PLOT_ROWS = 4
+_CACHE_SIZE = 16
+_CACHE: OrderedDict[str, Any] = OrderedDict()
+
+
+class SegmentationParams(TaskParams):
+    """``task.params`` of the segmentation task."""
+
+    image_size: int = Field(
+        64, ge=32, description="Image side in pixels; a multiple of 8 and of 2**(len(channels)-1)."
+    )
+    num_classes: int = Field(
+        synthetic.NUM_CLASSES,
+        ge=2,
+        description="Labels in the masks, background included; must be 4 for synthetic data.",
+    )
+    channels: tuple[int, ...] = Field(
+        (8, 16, 32, 64), min_length=2, description="U-Net widths, one per level."
+    )
+    norm: NormName = Field("batch", description="Normalisation layer: batch, instance or group.")
+    num_groups: int = Field(
+        4, ge=1, description="Groups of GroupNorm (norm=group); divides every width and num_classes."
+    )
+    loss: LossName = Field("dice_ce", description="Training loss (see medtasks.segmentation.losses).")
+    tversky_alpha: float = Field(0.3, ge=0, description="Tversky weight of false positives.")
+    tversky_beta: float = Field(0.7, ge=0, description="Tversky weight of false negatives.")
+    focal_gamma: float = Field(2.0, ge=0, description="Focal-loss focusing exponent.")
+    lesion_prevalence: float = Field(
+        0.5, ge=0, le=1, description="Base P(image has a lesion) of synthetic sites."
+    )
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> "SegmentationParams":
+        if any(c < 1 for c in self.channels):
+            raise ValueError(f"channels must be positive, got {self.channels}")
+        factor = max(8, 2 ** (len(self.channels) - 1))
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of {factor} "
+                f"(8 and 2**(len(channels)-1) for channels={self.channels})"
+            )
+        if self.norm == "group":
+            check_group_norm(self.channels, self.num_classes, self.num_groups)
+        if self.tversky_alpha + self.tversky_beta <= 0:
+            raise ValueError("tversky_alpha + tversky_beta must be positive")
+        return self
+
+
+def _cached(key: str, build: Callable[[], Any]) -> Any:
+    """Per-process LRU cache of generated / loaded data."""
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    value = build()
+    _CACHE[key] = value
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return value
+
+
+def _dataset(images: np.ndarray, masks: np.ndarray) -> TensorDataset:
+    """``(image [1, S, S] float32, mask [S, S] int64)`` samples from ``[N, S, S]`` arrays."""
+    return TensorDataset(
+        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1),
+        torch.from_numpy(np.ascontiguousarray(masks, dtype=np.int64)),
+    )
+
+
+def _contains_last_class(masks: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-image label for label skew: ``[N]`` int, 1 if the mask holds class ``C - 1``."""
+    return (masks == num_classes - 1).reshape(len(masks), -1).any(axis=1).astype(np.int64)
+
+
+class SegmentationTask:
+    """2D multi-class segmentation with a MONAI U-Net; primary metric: mean foreground Dice.
+
+    Batches are ``(images [B, 1, S, S] float32, masks [B, S, S] int64)``. :meth:`evaluate`
+    returns ``loss``, ``dice`` (mean over foreground classes), ``dice_<class>`` per
+    foreground class and ``hd95`` (pixels); see :mod:`.metrics` for empty-class rules.
+    """
+
+    name: ClassVar[str] = "segmentation"
+    Params: ClassVar[type[TaskParams]] = SegmentationParams
+    models: ClassVar[tuple[str, ...]] = ("unet",)
+    primary_metric: ClassVar[str] = "dice"
+    higher_is_better: ClassVar[bool] = True
+    SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
+
+    def __init__(self, ctx: TaskContext) -> None:
+        params = ctx.params
+        if not isinstance(params, SegmentationParams):
+            raw = params.model_dump() if isinstance(params, TaskParams) else dict(params or {})
+            params = SegmentationParams.model_validate(raw)
+        if ctx.model not in (None, *self.models):
+            raise ValueError(
+                f"unknown segmentation model {ctx.model!r}; available: {', '.join(self.models)}"
+            )
+        if ctx.data.params:
+            raise ValueError(f"the segmentation task takes no data.params, got {sorted(ctx.data.params)}")
+        if ctx.data.source == "synthetic":
+            if params.num_classes != self.SYNTHETIC_NUM_CLASSES:
+                raise ValueError(
+                    f"synthetic segmentation data has {self.SYNTHETIC_NUM_CLASSES} classes "
+                    f"{synthetic.CLASS_NAMES}; got num_classes={params.num_classes}"
+                )
+            self.class_names = synthetic.CLASS_NAMES[1:]
+        elif ctx.data.source == "folder":
+            if not ctx.data.path:
+                raise DataError("data.source 'folder' needs data.path")
+            self.class_names = tuple(f"class{c}" for c in range(1, params.num_classes))
+        else:
+            raise ValueError(
+                f"unknown data.source {ctx.data.source!r} for segmentation; use synthetic or folder"
+            )
+        self.ctx = ctx
+        self.params: SegmentationParams = params
+        self.num_classes = params.num_classes
+        self._loss_fn: LossFn | None = None
+        #: Site profiles of synthetic data (``None`` for folder data, whose sites are index splits).
+        self.profiles: list[SiteProfile] | None = None
+        if ctx.data.source == "synthetic":
+            self.profiles = draw_site_profiles(
+                ctx.partition.kind,
+                ctx.partition.params,
+                num_clients=ctx.partition.clients,
+                samples_per_client=ctx.data.samples_per_client,
+                label_prior=[1.0 - params.lesion_prevalence, params.lesion_prevalence],
+                acquisition_space=synthetic.ACQUISITION_SPACE,
+                annotator_space=synthetic.ANNOTATOR_SPACE,
+                seed=ctx.seed,
+            )
+
+    # ------------------------------------------------------------------ model, loss
+
+    def build_model(self) -> nn.Module:
+        """A U-Net (:func:`.model.build_unet`) initialised from the scenario seed."""
+        p = self.params
+        return build_unet(p.num_classes, p.channels, p.norm, p.num_groups, seed=self.ctx.seed)
+
+    @property
+    def loss_fn(self) -> LossFn:
+        """The configured loss ``(logits [B, C, S, S], masks [B, S, S]) -> scalar`` (built once)."""
+        if self._loss_fn is None:
+            p = self.params
+            self._loss_fn = build_loss(
+                p.loss,
+                p.num_classes,
+                tversky_alpha=p.tversky_alpha,
+                tversky_beta=p.tversky_beta,
+                focal_gamma=p.focal_gamma,
+            )
+        return self._loss_fn
+
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Training loss of ``model`` on ``batch = (images [B, 1, S, S], masks [B, S, S])``."""
+        images, masks = batch[0], batch[1]
+        return self.loss_fn(model(images), masks)
+
+    # ------------------------------------------------------------------ data
+
+    def _cache_key(self, *what: Any) -> str:
+        """Cache key of this task's data item ``what`` (scenario sections + seed + item)."""
+        ctx = self.ctx
+        parts = [self.name, self.params.model_dump(mode="json"), dataclasses.asdict(ctx.data)]
+        parts += [dataclasses.asdict(ctx.partition), ctx.seed, *what]
+        return json.dumps(parts, sort_keys=True, default=str)
+
+    def client_data(self, partition_id: int) -> ClientData:
+        """Train/validation data and ``partitions.json`` statistics of site ``partition_id``."""
+        if not 0 <= partition_id < self.ctx.partition.clients:
+            raise ValueError(f"partition_id {partition_id} outside [0, {self.ctx.partition.clients})")
+        build = self._synthetic_site if self.ctx.data.source == "synthetic" else self._folder_site
+        return _cached(self._cache_key("client", partition_id), lambda: build(partition_id))
+
+    def server_data(self) -> Dataset | None:
+        """Central test set (synthetic source with ``server_samples > 0``), else ``None``."""
+        n = self.ctx.data.server_samples
+        if self.ctx.data.source != "synthetic" or n <= 0:
+            return None
+
+        def build() -> Dataset:
+            rng = numpy_rng(self.ctx.seed, "segmentation", "server")
+            samples = synthetic.generate(rng, n, self.params.image_size, self.params.lesion_prevalence)
+            return _dataset(samples.images, samples.masks)
+
+        return _cached(self._cache_key("server"), build)
+
+    def _synthetic_site(self, partition_id: int) -> ClientData:
+        assert self.profiles is not None
+        profile = self.profiles[partition_id]
+        rng = numpy_rng(self.ctx.seed, "segmentation", "site", partition_id)
+        samples = synthetic.generate(
+            rng,
+            profile.n_samples,
+            self.params.image_size,
+            profile.label_distribution[1],
+            profile.acquisition,
+            profile.annotator,
+        )
+        return self._split_site(samples.images, samples.masks, profile.to_json(), partition_id)
+
+    def _folder_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """All folder samples, resampled and normalised: ``([N, S, S] float32, [N, S, S] int64)``."""
+
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            images, masks, _ = io.load_image_mask_pairs(self.ctx.data.path)
+            size = self.params.image_size
+            pairs = [io.resample(io.normalize_intensity(x), y, size) for x, y in zip(images, masks)]
+            pool_images = np.stack([x for x, _ in pairs])
+            pool_masks = np.stack([y for _, y in pairs])
+            if pool_masks.max() >= self.num_classes:
+                raise DataError(
+                    f"masks in {self.ctx.data.path} hold label {int(pool_masks.max())} but "
+                    f"task.params.num_classes={self.num_classes} (labels must lie in [0, num_classes))"
+                )
+            return pool_images, pool_masks
+
+        key = json.dumps([str(Path(self.ctx.data.path).resolve()), self.params.image_size, self.num_classes])
+        return _cached(key, build)
+
+    def _folder_shift(self, partition_id: int, labels: np.ndarray) -> dict[str, dict[str, float]]:
+        """Acquisition and annotator of a folder site (neutral unless the kind shifts them)."""
+        part = self.ctx.partition
+        if part.kind not in ("feature_skew", "concept_shift"):
+            return {
+                "acquisition": {name: r.neutral for name, r in synthetic.ACQUISITION_SPACE.items()},
+                "annotator": {name: r.neutral for name, r in synthetic.ANNOTATOR_SPACE.items()},
+            }
+        profile = draw_site_profiles(
+            part.kind,
+            part.params,
+            num_clients=part.clients,
+            samples_per_client=max(1, len(labels) // part.clients),
+            label_prior=label_histogram(labels, 2),
+            acquisition_space=synthetic.ACQUISITION_SPACE,
+            annotator_space=synthetic.ANNOTATOR_SPACE,
+            seed=self.ctx.seed,
+        )[partition_id]
+        return {"acquisition": profile.acquisition, "annotator": profile.annotator}
+
+    def _folder_site(self, partition_id: int) -> ClientData:
+        pool_images, pool_masks = self._folder_pool()
+        labels = _contains_last_class(pool_masks, self.num_classes)
+        part, seed = self.ctx.partition, self.ctx.seed
+        try:
+            parts = split_indices(labels, part.kind, part.params, num_clients=part.clients, seed=seed)
+        except ValueError as error:
+            path = self.ctx.data.path
+            raise DataError(f"cannot split the {len(labels)} samples of {path}: {error}") from None
+        rng = numpy_rng(seed, "segmentation", "site", partition_id)
+        indices = rng.permutation(parts[partition_id])
+        shift = self._folder_shift(partition_id, labels)
+        images, masks = synthetic.shift_samples(
+            pool_images[indices],
+            pool_masks[indices],
+            shift["acquisition"],
+            shift["annotator"],
+            rng,
+            self.num_classes,
+        )
+        lesion_share = float(labels[indices].mean()) if len(indices) else 0.0
+        info = {"label_distribution": [1.0 - lesion_share, lesion_share], **shift}
+        return self._split_site(images, masks, info, partition_id)
+
+    def _split_site(
+        self, images: np.ndarray, masks: np.ndarray, info: dict[str, Any], partition_id: int
+    ) -> ClientData:
+        """Hold out the last ``max(1, round(val_fraction · n))`` samples and describe the site.
+
+        Args:
+            images: ``[n, S, S]`` float32.
+            masks: ``[n, S, S]`` int64.
+            info: ``acquisition``, ``annotator`` and ``label_distribution`` of the site.
+            partition_id: the site (for error messages).
+        """
+        n = len(images)
+        n_val = max(1, int(round(self.ctx.data.val_fraction * n)))
+        if n - n_val < 1:
+            raise DataError(
+                f"site {partition_id} has {n} samples; it needs at least 2 (one to train, one to validate)"
+            )
+        pixel_counts = np.bincount(masks.ravel(), minlength=self.num_classes)
+        stats = {
+            "n_train": n - n_val,
+            "n_val": n_val,
+            "label_histogram": label_histogram(_contains_last_class(masks, self.num_classes), 2),
+            "pixel_class_fractions": [float(c) for c in pixel_counts / max(1, pixel_counts.sum())],
+            "acquisition": {k: float(v) for k, v in info["acquisition"].items()},
+            "annotator": {k: float(v) for k, v in info["annotator"].items()},
+            "label_distribution": [float(p) for p in info["label_distribution"]],
+        }
+        return ClientData(
+            train=_dataset(images[: n - n_val], masks[: n - n_val]),
+            val=_dataset(images[n - n_val :], masks[n - n_val :]),
+            stats=stats,
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        """Loss, Dice and HD95 of ``model`` on ``dataset`` (batches of 32, no gradients).
+
+        Returns:
+            ``loss`` (sample mean), ``dice`` (mean foreground Dice), ``dice_<class>``,
+            ``hd95`` (pixels); NaN where a metric is undefined on the whole dataset.
+        """
+        loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False)
+        metrics = SegmentationMetrics(self.num_classes)
+        device = next(model.parameters()).device
+        total_loss, count = 0.0, 0
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for images, masks in loader:
+                    images, masks = images.to(device), masks.to(device)
+                    logits = model(images)
+                    total_loss += float(self.loss_fn(logits, masks)) * len(images)
+                    count += len(images)
+                    metrics(logits.argmax(dim=1), masks)
+        finally:
+            model.train(was_training)
+        if count == 0:
+            raise DataError("cannot evaluate the segmentation task on an empty dataset")
+        result = metrics.aggregate()
+        return {
+            "loss": total_loss / count,
+            "dice": float(result["dice"]),
+            **{f"dice_{name}": float(v) for name, v in zip(self.class_names, result["dice_per_class"])},
+            "hd95": float(result["hd95"]),
+        }
+
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
+        """Save a PNG: one row per sample (up to 4): image | ground truth | prediction."""
+        samples = [dataset[i] for i in range(min(PLOT_ROWS, len(dataset)))]
+        if not samples:
+            raise DataError("cannot plot examples of an empty dataset")
+        images = torch.stack([s[0] for s in samples])
+        masks = torch.stack([s[1] for s in samples])
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                pred = model(images.to(next(model.parameters()).device)).argmax(dim=1).cpu()
+        finally:
+            model.train(was_training)
+        _plot_overlays(images[:, 0].numpy(), masks.numpy(), pred.numpy(), self.num_classes, Path(path))
+
+
+def _plot_overlays(
+    images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int, path: Path
+) -> None:
+    """Write rows of image | truth overlay | prediction overlay to ``path``.
+
+    Args:
+        images: ``[N, S, S]`` float.
+        truth: ``[N, S, S]`` integer labels.
+        pred: ``[N, S, S]`` integer labels.
+        num_classes: ``C``.
+        path: PNG file to write (parent folders are created).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    from medtasks.segmentation.metrics import dice_per_class
+
+    palette = ["tab:red", "tab:green", "gold", "tab:cyan", "tab:purple", "tab:orange", "tab:pink"]
+    cmap = ListedColormap(["none"] + [palette[(c - 1) % len(palette)] for c in range(1, num_classes)])
+    overlay_style = {"cmap": cmap, "vmin": 0, "vmax": num_classes - 1, "alpha": 0.5}
+    dice = dice_per_class(torch.from_numpy(pred), torch.from_numpy(truth), num_classes).nanmean(dim=1)
+    figure = Figure(figsize=(7.5, 2.5 * len(images)))
+    axes = figure.subplots(len(images), 3, squeeze=False)
+    for row, (image, true_mask, pred_mask) in enumerate(zip(images, truth, pred)):
+        titles = ("image", "ground truth", f"prediction (Dice {float(dice[row]):.2f})")
+        for ax, overlay, title in zip(axes[row], (None, true_mask, pred_mask), titles):
+            ax.imshow(image, cmap="gray")
+            if overlay is not None:
+                ax.imshow(np.ma.masked_equal(overlay, 0), interpolation="nearest", **overlay_style)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)

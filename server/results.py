@@ -1,0 +1,531 @@
+"""The run directory: everything one run leaves behind (DESIGN.md §6).
+
+Layout::
+
+    <output.dir>/<scenario name>/<YYYYmmdd-HHMMSS>[-k]/
+      scenario.yaml     resolved scenario
+      partitions.json   per-client statistics
+      metrics.jsonl     one JSON object per round and phase
+      summary.json      final and best metrics, total time, versions, seed
+      checkpoints/      model_last.pt, model_best.pt, state.pt (for --resume)
+      plots/            PNGs
+
+Durability: ``metrics.jsonl`` lines are flushed and fsync'ed as they are
+written, and every other file is replaced atomically (temporary file, fsync,
+``os.replace``), so an interrupted run leaves either the old or the new version
+of a file, never a torn one. ``state.pt`` is self-contained (it holds the model
+arrays too), so the checkpoint a resume reads is always consistent;
+``model_last.pt`` and ``model_best.pt`` are plain ``state_dict`` files for users.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, IO, Iterable
+
+import torch
+
+__all__ = ["Checkpoint", "RunDirectory", "RunDirectoryError", "build_summary"]
+
+SCENARIO_FILE = "scenario.yaml"
+PARTITIONS_FILE = "partitions.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
+PLOTS_DIR = "plots"
+MODEL_LAST_FILE = "model_last.pt"
+MODEL_BEST_FILE = "model_best.pt"
+STATE_FILE = "state.pt"
+
+_STATE_FORMAT = 1
+_TIMESTAMP = "%Y%m%d-%H%M%S"
+_MAX_COLLISIONS = 10_000
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Exact types ``torch.load(weights_only=True)`` can read back (besides tensors).
+_PLAIN_TYPES = (str, int, float, bool, type(None), bytes, torch.dtype, torch.device, torch.Size)
+_CONTAINER_TYPES = (dict, OrderedDict, list, tuple, set)
+_VERSIONED_PACKAGES = ("torch", "flwr", "numpy", "medfed")
+
+
+class RunDirectoryError(Exception):
+    """A run directory cannot be created, read or resumed."""
+
+
+@dataclass
+class Checkpoint:
+    """What a run needs to resume after its last completed round.
+
+    Attributes:
+        round: The last completed round.
+        arrays: Global model state (empty for purely personalised strategies).
+        strategy_state: Whatever the strategy needs to resume; tensors and
+            plain Python values (dict, list, tuple, str, int, float, bool, None).
+        best_value: Best primary metric so far, or ``None``.
+        best_round: Round of ``best_value``, or ``None``.
+        extra: Anything else the server loop wants back (same value types).
+    """
+
+    round: int
+    arrays: dict[str, torch.Tensor]
+    strategy_state: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None
+    best_round: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunDirectory:
+    """One run's directory; create a new one or open an existing one to resume."""
+
+    def __init__(self, path: Path) -> None:
+        """Wraps an existing directory; use :meth:`create` or :meth:`open`."""
+        self._path = path
+        self._metrics_tail_checked = False
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self._path)!r})"
+
+    # -- creation -----------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls, output_dir: str | Path, scenario_name: str, now: datetime | None = None
+    ) -> "RunDirectory":
+        """Creates ``<output_dir>/<scenario_name>/<YYYYmmdd-HHMMSS>`` (plus subfolders).
+
+        A run never overwrites another: when the timestamped folder exists,
+        ``-1``, ``-2``... is appended. Creation uses ``mkdir`` without
+        ``exist_ok``, so two processes starting together still get two folders.
+
+        Args:
+            output_dir: The scenario's ``output.dir``.
+            scenario_name: The scenario's name; characters outside
+                ``[A-Za-z0-9._-]`` are replaced with ``-``.
+            now: Timestamp to use (default: the current local time).
+
+        Returns:
+            The new run directory.
+
+        Raises:
+            RunDirectoryError: If the name is unusable or the folder cannot be made.
+        """
+        parent = Path(output_dir) / _safe_name(scenario_name)
+        stamp = (now or datetime.now()).strftime(_TIMESTAMP)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            for k in range(_MAX_COLLISIONS):
+                path = parent / (stamp if k == 0 else f"{stamp}-{k}")
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    continue
+                (path / CHECKPOINTS_DIR).mkdir()
+                (path / PLOTS_DIR).mkdir()
+                return cls(path)
+        except OSError as exc:
+            raise RunDirectoryError(
+                f"cannot create a run directory under {parent}: {exc.strerror or exc}"
+            ) from exc
+        raise RunDirectoryError(f"too many runs named {stamp} under {parent}")
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDirectory":
+        """Opens an existing run directory (for ``--resume``).
+
+        Raises:
+            RunDirectoryError: If ``path`` is not a run directory (no scenario.yaml).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise RunDirectoryError(f"{path} is not a run directory: no such directory")
+        if not (path / SCENARIO_FILE).is_file():
+            raise RunDirectoryError(f"{path} is not a run directory: it has no {SCENARIO_FILE}")
+        for sub in (CHECKPOINTS_DIR, PLOTS_DIR):
+            (path / sub).mkdir(exist_ok=True)
+        return cls(path)
+
+    # -- paths --------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The run directory."""
+        return self._path
+
+    @property
+    def checkpoints(self) -> Path:
+        """The ``checkpoints/`` folder."""
+        return self._path / CHECKPOINTS_DIR
+
+    @property
+    def plots(self) -> Path:
+        """The ``plots/`` folder."""
+        return self._path / PLOTS_DIR
+
+    @property
+    def metrics_path(self) -> Path:
+        """The ``metrics.jsonl`` file."""
+        return self._path / METRICS_FILE
+
+    # -- small files --------------------------------------------------------------
+
+    def write_scenario(self, text: str) -> None:
+        """Writes the resolved scenario YAML (atomically)."""
+        _atomic_write(self._path / SCENARIO_FILE, lambda f: f.write(text.encode("utf-8")))
+
+    def read_scenario_text(self) -> str:
+        """Returns the resolved scenario YAML.
+
+        Raises:
+            RunDirectoryError: If it cannot be read.
+        """
+        path = self._path / SCENARIO_FILE
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+    def write_partitions(self, partitions: dict) -> None:
+        """Writes per-client statistics to ``partitions.json`` (indent 2)."""
+        _write_json(self._path / PARTITIONS_FILE, partitions)
+
+    def write_summary(self, summary: dict) -> None:
+        """Writes ``summary.json`` (indent 2; NaN/inf become null)."""
+        _write_json(self._path / SUMMARY_FILE, summary)
+
+    # -- metrics.jsonl ------------------------------------------------------------
+
+    def append_metrics(self, record: dict) -> None:
+        """Appends one record as a line of strict JSON, flushed and fsync'ed.
+
+        NaN and ±inf become ``null``; NumPy/tensor scalars become numbers. If an
+        earlier process was killed mid-line, the torn line is cut off first.
+        """
+        line = (_dumps(record) + "\n").encode("utf-8")
+        with open(self.metrics_path, "ab+") as f:
+            if not self._metrics_tail_checked:
+                _cut_torn_last_line(f)
+                self._metrics_tail_checked = True
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        """Returns all records; a truncated last line (interrupted write) is skipped.
+
+        Raises:
+            RunDirectoryError: If a line other than the last is not valid JSON.
+        """
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = text.split("\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if number == len(lines):  # no newline after it: a torn write
+                    break
+                raise RunDirectoryError(
+                    f"{self.metrics_path}:{number} is not valid JSON: {exc.msg}"
+                ) from exc
+        return records
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drops records with ``round > last_round`` (rewrites the file atomically).
+
+        Used on resume so a half-finished round is redone from scratch.
+        """
+        if not self.metrics_path.exists():
+            return
+        kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
+        payload = "".join(_dumps(r) + "\n" for r in kept).encode("utf-8")
+        _atomic_write(self.metrics_path, lambda f: f.write(payload))
+        self._metrics_tail_checked = True
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: Checkpoint, *, primary_value: float | None, higher_is_better: bool
+    ) -> Checkpoint:
+        """Saves the checkpoint of a completed round; keeps the best model.
+
+        Writes ``model_best.pt`` first when ``primary_value`` improves on
+        ``checkpoint.best_value`` (NaN/None never improve), then
+        ``model_last.pt``, then ``state.pt``, each atomically.
+
+        Args:
+            checkpoint: State after ``checkpoint.round``.
+            primary_value: This round's primary metric, or ``None``.
+            higher_is_better: Direction of the primary metric.
+
+        Returns:
+            ``checkpoint`` with ``best_value``/``best_round`` updated.
+
+        Raises:
+            TypeError: If the state holds values ``torch.load(weights_only=True)``
+                could not read back (e.g. NumPy arrays); the message names the key.
+        """
+        _check_loadable(checkpoint.arrays, "arrays")
+        _check_loadable(checkpoint.strategy_state, "strategy_state")
+        _check_loadable(checkpoint.extra, "extra")
+        if _improves(primary_value, checkpoint.best_value, higher_is_better):
+            checkpoint = replace(
+                checkpoint, best_value=float(primary_value), best_round=checkpoint.round
+            )
+            self._torch_save(MODEL_BEST_FILE, checkpoint.arrays)
+        self._torch_save(MODEL_LAST_FILE, checkpoint.arrays)
+        self._torch_save(
+            STATE_FILE,
+            {
+                "format": _STATE_FORMAT,
+                "round": int(checkpoint.round),
+                "arrays": checkpoint.arrays,
+                "strategy_state": checkpoint.strategy_state,
+                "best_value": checkpoint.best_value,
+                "best_round": checkpoint.best_round,
+                "extra": checkpoint.extra,
+            },
+        )
+        return checkpoint
+
+    def load_checkpoint(self) -> Checkpoint:
+        """Loads the last checkpoint (tensors on CPU).
+
+        Raises:
+            RunDirectoryError: If there is none or it cannot be read.
+        """
+        path = self.checkpoints / STATE_FILE
+        if not path.is_file():
+            raise RunDirectoryError(f"{self._path} has no checkpoint to resume from ({path})")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means unreadable
+            raise RunDirectoryError(f"cannot read checkpoint {path}: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise RunDirectoryError(f"{path} is not a medfed checkpoint (format {_STATE_FORMAT})")
+        return Checkpoint(
+            round=state["round"],
+            arrays=state["arrays"],
+            strategy_state=state["strategy_state"],
+            best_value=state["best_value"],
+            best_round=state["best_round"],
+            extra=state["extra"],
+        )
+
+    def _torch_save(self, name: str, obj: Any) -> None:
+        _atomic_write(self.checkpoints / name, lambda f: torch.save(obj, f))
+
+
+def build_summary(
+    records: list[dict],
+    *,
+    primary_metric: str,
+    higher_is_better: bool,
+    seed: int,
+    seconds: float,
+    rounds_completed: int,
+    extra: dict | None = None,
+) -> dict:
+    """Builds the content of ``summary.json`` from the metrics records.
+
+    Args:
+        records: ``metrics.jsonl`` records, in file order.
+        primary_metric: The task's primary metric (e.g. ``"dice"``).
+        higher_is_better: Direction of the primary metric.
+        seed: The scenario seed.
+        seconds: Total wall-clock time of the run.
+        rounds_completed: Number of the last completed round.
+        extra: Merged into the top level (its keys win).
+
+    Returns:
+        ``{"rounds_completed", "seconds", "seed", "final", "final_round", "best",
+        "bytes_up", "bytes_down", "epsilon", "versions"}`` where ``final`` maps
+        each phase present (train, evaluate, central) to the aggregate metrics
+        of its last record and ``final_round`` to that record's round;
+        ``best`` is ``{"metric", "higher_is_better", "phase", "value", "round"}``
+        over the central phase if it reports the metric, else the evaluate
+        phase (the earliest round wins ties); ``epsilon`` is the last reported
+        privacy budget.
+    """
+    final: dict[str, dict] = {}
+    final_round: dict[str, int] = {}
+    for rec in records:
+        phase = rec.get("phase", "")
+        final[phase], final_round[phase] = rec.get("aggregate") or {}, rec.get("round")
+    best: dict[str, Any] = {
+        "metric": primary_metric,
+        "higher_is_better": higher_is_better,
+        "phase": None,
+        "value": None,
+        "round": None,
+    }
+    for phase in ("central", "evaluate"):
+        for rec in records:
+            if rec.get("phase") != phase:
+                continue
+            value = _finite((rec.get("aggregate") or {}).get(primary_metric))
+            if _improves(value, best["value"], higher_is_better):
+                best.update(phase=phase, value=value, round=rec.get("round"))
+        if best["phase"] is not None:
+            break
+    epsilons = [rec["epsilon"] for rec in records if rec.get("epsilon") is not None]
+    summary = {
+        "rounds_completed": rounds_completed,
+        "seconds": seconds,
+        "seed": seed,
+        "final": {p: final[p] for p in _phase_order(final)},
+        "final_round": {p: final_round[p] for p in _phase_order(final)},
+        "best": best,
+        "bytes_up": sum(int(rec.get("bytes_up") or 0) for rec in records),
+        "bytes_down": sum(int(rec.get("bytes_down") or 0) for rec in records),
+        "epsilon": epsilons[-1] if epsilons else None,
+        "versions": _versions(),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def _safe_name(name: str) -> str:
+    safe = _UNSAFE_NAME_CHARS.sub("-", name).strip("-")
+    if not safe.strip("."):
+        raise RunDirectoryError(f"scenario name {name!r} cannot name a folder")
+    return safe
+
+
+def _phase_order(phases: Iterable[str]) -> list[str]:
+    known = ("train", "evaluate", "central")
+    return sorted(phases, key=lambda p: (known.index(p) if p in known else len(known), p))
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number, else ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _improves(value: float | None, best: float | None, higher_is_better: bool) -> bool:
+    value = _finite(value)
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value > best if higher_is_better else value < best
+
+
+def _jsonable(obj: Any) -> Any:
+    """``obj`` with NaN/inf as None, scalars/arrays as Python numbers/lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # NumPy scalars/arrays, torch tensors
+        return _jsonable(obj.tolist())
+    raise TypeError(f"cannot write a {type(obj).__name__} to JSON: {obj!r}")
+
+
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(_jsonable(obj), allow_nan=False, indent=indent, ensure_ascii=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    payload = (_dumps(obj, indent=2) + "\n").encode("utf-8")
+    _atomic_write(path, lambda f: f.write(payload))
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Writes ``path`` via a temporary sibling, fsync and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes a rename durable (best effort; not possible on every platform)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _cut_torn_last_line(f: IO[bytes], block: int = 1 << 16) -> None:
+    """Truncates ``f`` after its last newline if it does not end with one."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return
+    pos = end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        chunk = f.read(pos - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            f.truncate(start + newline + 1)
+            return
+        pos = start
+    f.truncate(0)
+
+
+def _check_loadable(obj: Any, where: str) -> None:
+    """Raises TypeError if ``torch.load(weights_only=True)`` could not read ``obj``."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_TYPES:
+        return
+    if type(obj) in _CONTAINER_TYPES:
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if isinstance(obj, dict) and type(key) not in _PLAIN_TYPES:
+                raise TypeError(f"checkpoint {where}: key {key!r} has type {type(key).__name__}")
+            _check_loadable(value, f"{where}[{key!r}]")
+        return
+    raise TypeError(
+        f"checkpoint {where} has type {type(obj).__name__}; use tensors and plain "
+        "Python values (dict, list, tuple, set, str, int, float, bool, None)"
+    )
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
