@@ -36,6 +36,7 @@ from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY
 log = logging.getLogger("medfed")
 
 PARTITION_ID_KEY = "partition-id"
+PARTICIPATION_KEY = "medfed-participation"
 INFO_KEY = "info"
 CLIENT_ERROR_CODE = 1
 
@@ -83,6 +84,13 @@ def _client_rule(scenario: Scenario) -> ClientRule:
     return algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
 
 
+def _count_participation(context: Context) -> int:
+    """Rounds this node has trained in, this one included (kept in the node's persistent state)."""
+    count = int(context.state[PARTICIPATION_KEY]["rounds"]) + 1 if PARTICIPATION_KEY in context.state else 1
+    context.state[PARTICIPATION_KEY] = ConfigRecord({"rounds": count})
+    return count
+
+
 @app.query()
 @_replying_errors
 def query(message: Message, context: Context) -> Message:
@@ -111,6 +119,7 @@ def train(message: Message, context: Context) -> Message:
         {
             "loss": result.loss,
             "steps": result.steps,
+            "participations": _count_participation(context),
             NUM_EXAMPLES_KEY: result.num_examples,
             "seconds": time.perf_counter() - started,
         }

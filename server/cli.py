@@ -15,7 +15,11 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from server.results import RunDirectory
+    from server.scenario import Scenario
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -59,10 +63,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("medfed").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("flwr", "ray", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and noisy == "flwr" else logging.WARNING)
+    """medfed's own lines on stderr (through rich on a terminal, so they don't tear the progress bar).
+
+    Flower, Ray and other libraries only show errors unless ``--verbose``.
+    """
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    global _CONSOLE
+    _CONSOLE = Console(stderr=True)
+    if _CONSOLE.is_terminal:
+        handler: logging.Handler = RichHandler(console=_CONSOLE, show_time=False, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    medfed_log = logging.getLogger("medfed")
+    medfed_log.handlers[:] = [handler]
+    medfed_log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    medfed_log.propagate = False
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    import flwr.supercore.logger  # noqa: F401 - it sets its logger's level when imported; set ours after
+
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    flwr_log.propagate = False
+
+
+_CONSOLE = None
 
 
 def _fail(message: str, code: int) -> int:
@@ -96,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     return _execute(scenario, run_dir, resume=bool(args.resume))
 
 
-def _execute(scenario, run_dir, *, resume: bool) -> int:
+def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
     from medtasks.base import DataError
     from server.engines import run_scenario
     from server.federation import FederationError
@@ -108,7 +135,7 @@ def _execute(scenario, run_dir, *, resume: bool) -> int:
              scenario.strategy.name, scenario.strategy.rounds, scenario.engine.backend)
     log.info("run directory: %s", run_dir.path)
     try:
-        summary = run_scenario(scenario, run_dir, make_progress(), resume=resume)
+        summary = run_scenario(scenario, run_dir, make_progress(console=_CONSOLE), resume=resume)
     except (FederationError, DataError, RunDirectoryError) as error:
         return _fail(f"{error} (results so far are in {run_dir.path}; resume with: medfed run --resume {run_dir.path})",
                      EXIT_RUN_FAILED)
