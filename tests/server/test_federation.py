@@ -155,3 +155,42 @@ def test_too_few_usable_clients_stop_the_run_with_one_line(tmp_path: Path, monke
     message = str(error.value)
     assert "\n" not in message
     assert "round 1: 0 of 4 clients returned a usable update" in message and "RuntimeError: disk full" in message
+
+
+def _write_folder(root: Path, count: int, *, with_masks: bool = True) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    if with_masks:
+        (root / "masks").mkdir()
+    for k in range(count):
+        mask = np.zeros((40, 40), dtype=np.int64)
+        mask[8 + k % 5: 25, 10:28] = 1
+        mask[14:18, 14:18] = 3 if k % 2 else 1
+        mask[30:36, 5:12] = 2
+        np.save(root / "images" / f"case{k:02d}.npy", (mask * 40 + rng.normal(0, 5, mask.shape)).astype(np.float32))
+        if with_masks:
+            np.save(root / "masks" / f"case{k:02d}.npy", mask)
+    return root
+
+
+def test_a_users_folder_of_npy_slices_runs_federated(tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "data", 24)
+    scenario = small_scenario(tmp_path, "strategy.rounds=1", "data.source=folder", f"data.path={folder}",
+                              "data.server_samples=0", "partition.kind=label_skew", "partition.params={alpha: 5.0}")
+    run_dir = run(scenario)
+    partitions = json.loads((run_dir.path / "partitions.json").read_text())["clients"]
+    assert sum(c["n_train"] + c["n_val"] for c in partitions.values()) == 24
+    evaluate = next(r for r in run_dir.read_metrics() if r["phase"] == "evaluate")
+    assert 0.0 <= evaluate["aggregate"]["dice"] <= 1.0
+
+
+def test_a_broken_data_folder_stops_with_one_line_and_exit_1(tmp_path: Path, capsys) -> None:
+    folder = _write_folder(tmp_path / "data", 8, with_masks=False)
+    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}"]
+    assert main(["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("medfed: error")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "a client could not prepare its data: DataError" in errors[0] and "masks" in errors[0], errors
