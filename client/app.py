@@ -6,6 +6,8 @@
   reply with the records the strategy asks for and the training metrics.
 * ``evaluate``: evaluate the received (or personalised) model on the local
   validation split.
+* ``query.export_state`` / ``query.import_state``: copy this node's persistent
+  state out for a checkpoint, or back in on ``--resume`` (:mod:`client.state`).
 
 The node learns everything from the message (the resolved scenario travels in the
 ``config`` record) plus its own ``node_config`` (``partition-id``). State that must
@@ -27,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from client.cache import scenario_from_json, task_for
+from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import fit
 from medtasks.seeding import seed_everything, torch_generator
 from server.scenario import Scenario
@@ -140,3 +143,18 @@ def evaluate(message: Message, context: Context) -> Message:
     record = MetricRecord({key: float(value) for key, value in metrics.items()})
     record[NUM_EXAMPLES_KEY] = len(data.val)
     return Message(RecordDict({METRICS_KEY: record}), reply_to=message)
+
+
+@app.query(EXPORT_ACTION)
+@_replying_errors
+def export_state(message: Message, context: Context) -> Message:
+    """Reply with a copy of this node's persistent state (for the server's checkpoint)."""
+    return Message(RecordDict(dict(context.state.items())), reply_to=message)
+
+
+@app.query(IMPORT_ACTION)
+@_replying_errors
+def import_state(message: Message, context: Context) -> Message:
+    """Restore this node's persistent state from a checkpoint (``--resume``)."""
+    replace_state(context.state, message.content)
+    return Message(RecordDict(), reply_to=message)

@@ -15,6 +15,8 @@ scenario file, relative to the app folder unless absolute) and ``set``
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 from flwr.app import Context
@@ -33,6 +35,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Load the scenario named in the run config and run it on ``grid``."""
+    log = logging.getLogger("medfed")
+    if not log.handlers:  # Flower streams this process's output to `flwr run --stream` / `flwr log`
+        log.addHandler(logging.StreamHandler(sys.stdout))
+        log.setLevel(logging.INFO)
     path = Path(str(context.run_config.get("scenario", "scenarios/quickstart.yaml")))
     if not path.is_absolute():
         path = APP_DIR / path

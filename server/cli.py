@@ -75,7 +75,7 @@ def _configure_logging(verbose: bool) -> None:
     if _CONSOLE.is_terminal:
         handler: logging.Handler = RichHandler(console=_CONSOLE, show_time=False, show_path=False, markup=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     medfed_log = logging.getLogger("medfed")
     medfed_log.handlers[:] = [handler]
@@ -90,6 +90,18 @@ def _configure_logging(verbose: bool) -> None:
 
 
 _CONSOLE = None
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is now (not the one it was created with)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+        pass
 
 
 def _fail(message: str, code: int) -> int:

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from client.app import INFO_KEY, PARTITION_ID_KEY
 from client.cache import task_for
+from client.state import EXPORT_ACTION, IMPORT_ACTION, from_plain, to_plain
 from medtasks.base import Task
 from medtasks.seeding import seed_everything
 from server.progress import Progress
@@ -136,6 +137,35 @@ def per_client(replies: list[Message], cohort: Cohort) -> dict[str, dict[str, An
     return clients
 
 
+def export_node_states(grid: Grid, cohort: Cohort, timeout: float) -> dict[str, Any]:
+    """Each node's persistent state as plain data, keyed by partition id (for a checkpoint)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.{EXPORT_ACTION}")
+        for node in sorted(cohort.node_to_partition)
+    ]
+    states: dict[str, Any] = {}
+    for reply in exchange(grid, messages, timeout, lambda reply: None).replies:
+        pid = cohort.partition_of(reply)
+        if reply.has_error():
+            log.warning("client %d could not export its state (%s); a resume would restart it empty",
+                        pid, reply.error.reason)
+            continue
+        states[str(pid)] = to_plain(reply.content)
+    return dict(sorted(states.items(), key=lambda item: int(item[0])))
+
+
+def import_node_states(grid: Grid, cohort: Cohort, states: dict[str, Any], timeout: float) -> None:
+    """Give every node back the persistent state saved in a checkpoint."""
+    nodes = cohort.partition_to_node
+    messages = [
+        Message(from_plain(plain), dst_node_id=nodes[int(pid)], message_type=f"{MessageType.QUERY}.{IMPORT_ACTION}")
+        for pid, plain in states.items()
+    ]
+    failed = [r.error.reason for r in exchange(grid, messages, timeout, lambda reply: None).replies if r.has_error()]
+    if failed:
+        raise FederationError(f"a client could not restore its state from the checkpoint: {failed[0]}")
+
+
 class Federation:
     """One run of a scenario on a grid, writing into a run directory.
 
@@ -179,6 +209,11 @@ class Federation:
                 strategy.load_state_dict(checkpoint.strategy_state)
             first_round = checkpoint.round + 1
             self.run_dir.truncate_metrics(checkpoint.round)
+            node_states = checkpoint.extra.get("node_states")
+            if node_states:
+                import_node_states(grid, cohort, node_states, scenario.strategy.round_timeout)
+            elif scenario.output.checkpoint_node_state is False:
+                log.warning("resuming without node state (output.checkpoint_node_state is off): clients restart empty")
             log.info("resuming %s after round %d", self.run_dir.path, checkpoint.round)
 
         total = scenario.strategy.rounds
@@ -186,7 +221,7 @@ class Federation:
         try:
             for server_round in range(first_round, total + 1):
                 arrays, headline = self._round(grid, strategy, cohort, server_round, arrays)
-                checkpoint = self._checkpoint(strategy, server_round, arrays, headline, checkpoint)
+                checkpoint = self._checkpoint(grid, strategy, cohort, server_round, arrays, headline, checkpoint)
                 self.progress.round_done(server_round, headline)
         finally:
             self.progress.close()
@@ -267,8 +302,8 @@ class Federation:
         return self._central_model
 
     # --- checkpoints and the end ----------------------------------------------------------------
-    def _checkpoint(self, strategy: Any, server_round: int, arrays: ArrayRecord, headline: dict[str, float],
-                    previous: Checkpoint | None) -> Checkpoint:
+    def _checkpoint(self, grid: Grid, strategy: Any, cohort: Cohort, server_round: int, arrays: ArrayRecord,
+                    headline: dict[str, float], previous: Checkpoint | None) -> Checkpoint:
         primary = headline.get(f"central {self.task.primary_metric}", headline.get(self.task.primary_metric))
         last = server_round == self.scenario.strategy.rounds
         if server_round % self.scenario.output.checkpoint_every and not last:
@@ -281,6 +316,8 @@ class Federation:
             best_round=previous.best_round if previous else None,
             extra={},
         )
+        if self.scenario.output.checkpoint_node_state:
+            checkpoint.extra["node_states"] = export_node_states(grid, cohort, self.scenario.strategy.round_timeout)
         return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
 
     def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float) -> dict[str, Any]:

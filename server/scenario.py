@@ -111,6 +111,9 @@ class OutputSection(_Section):
 
     dir: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
+    checkpoint_node_state: bool = Field(
+        True, description="copy each node's persistent state into checkpoints so --resume restores it"
+    )
     plots: bool = True
 
 

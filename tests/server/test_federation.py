@@ -118,7 +118,10 @@ def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
     assert not (interrupted.path / "summary.json").exists()
 
     assert main(["run", "--resume", str(interrupted.path)]) == 0
-    assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
+    resumed = interrupted.read_metrics()
+    assert without_timing(resumed) == without_timing(uninterrupted.read_metrics())
+    round_3 = next(r for r in resumed if r["round"] == 3 and r["phase"] == "train")
+    assert {m["participations"] for m in round_3["clients"].values()} == {3}  # node state came back
     assert (interrupted.path / "summary.json").is_file()
 
 
