@@ -228,7 +228,9 @@ class Federation:
 
         return self._finish(arrays, checkpoint, time.perf_counter() - started)
 
-    def _round(self, grid: Grid, strategy: Any, cohort: Cohort, server_round: int, arrays: ArrayRecord):
+    def _round(self, grid: Grid, strategy: Any, cohort: Cohort, server_round: int,
+               arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        """Train, aggregate, evaluate (federated and central); the new global arrays and headline metrics."""
         scenario = self.scenario
         config = ConfigRecord({SCENARIO_KEY: scenario.to_json(), ROUND_KEY: server_round})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
@@ -253,7 +255,7 @@ class Federation:
                 metrics = strategy.aggregate_evaluate(server_round, done.replies)
                 self._record(server_round, "evaluate", cohort, done, metrics)
                 headline[self.task.primary_metric] = _metric(metrics, self.task.primary_metric)
-            central = self._central_evaluation(server_round, arrays)
+            central = self._central_evaluation(server_round, cohort, arrays)
             if central is not None:
                 headline[f"central {self.task.primary_metric}"] = central.get(self.task.primary_metric)
         return arrays, {key: value for key, value in headline.items() if value is not None}
@@ -268,6 +270,7 @@ class Federation:
         )
 
     def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None) -> None:
+        """Append one ``metrics.jsonl`` record (DESIGN.md §6)."""
         self.run_dir.append_metrics(
             {
                 "round": server_round,
@@ -281,17 +284,14 @@ class Federation:
             }
         )
 
-    def _central_evaluation(self, server_round: int, arrays: ArrayRecord) -> dict[str, float] | None:
+    def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord) -> dict[str, float] | None:
+        """Metrics of the global model on the server's held-out set (none: no set, or no global model)."""
         dataset = self.task.server_data()
         if dataset is None or len(arrays) == 0:
             return None
         started = time.perf_counter()
-        model = self._model_with(arrays)
-        metrics = {key: float(value) for key, value in self.task.evaluate(model, dataset).items()}
-        self.run_dir.append_metrics(
-            {"round": server_round, "phase": "central", "clients": {}, "aggregate": metrics,
-             "bytes_up": 0, "bytes_down": 0, "seconds": round(time.perf_counter() - started, 4), "epsilon": None}
-        )
+        metrics = {key: float(value) for key, value in self.task.evaluate(self._model_with(arrays), dataset).items()}
+        self._record(server_round, "central", cohort, Exchange(seconds=time.perf_counter() - started), MetricRecord(metrics))
         return metrics
 
     def _model_with(self, arrays: ArrayRecord) -> torch.nn.Module:
