@@ -130,8 +130,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.engine:
         scenario.engine.backend = args.engine
     if not args.resume:
-        run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-        run_dir.write_scenario(scenario.to_yaml())
+        try:
+            run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+            run_dir.write_scenario(scenario.to_yaml())
+        except (RunDirectoryError, OSError) as error:
+            return _fail(f"output.dir: {error}", EXIT_INVALID)
     return _execute(scenario, run_dir, resume=bool(args.resume))
 
 

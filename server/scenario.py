@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtasks.base import DataSpec, PartitionSpec, TaskContext
 from medtasks.partition import KINDS, validate_params as validate_partition_params
@@ -129,9 +129,16 @@ class Scenario(_Section):
     strategy: StrategySection
     local: LocalSection = Field(default_factory=LocalSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
-    attack: None = Field(None, description="attacks are not available in this version")
+    attack: Any = Field(None, description="attack experiment (none are available in this version)")
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("attack")
+    @classmethod
+    def _no_attacks_yet(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("attacks are not available in this version (allowed: null)")
+        return None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Scenario":

@@ -86,6 +86,8 @@ MALFORMED = {
     "missing_data_folder": (_with(data={"source": "folder", "path": "no/such/dir"}), "data.path: data folder not found"),
     "not_a_mapping": ("- just\n- a list\n", "a scenario must be a mapping of sections"),
     "invalid_yaml": ("name: t\ntask: {name: segmentation\n", "invalid YAML: line"),
+    "attack_not_available": (_with(attack={"kind": "dlg"}), "attack: attacks are not available in this version"),
+    "unimportable_custom_task": (_with(task__name="no_such_pkg.mod:Task"), "task.name: cannot import task 'no_such_pkg.mod:Task'"),
     "bad_optimizer": (_with(local={"optimizer": "lbfgs"}), "local.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
 }
 
@@ -119,3 +121,18 @@ def test_list_shows_every_scenario(capsys) -> None:
     out = capsys.readouterr().out
     for path in SCENARIOS:
         assert path.name in out
+
+
+def test_resume_of_a_folder_that_is_not_a_run_gives_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["run", "--resume", str(tmp_path)]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err, err
+
+
+def test_unwritable_output_dir_gives_one_line(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    path = _write(tmp_path, _with(output={"dir": str(blocker / "runs")}))
+    assert main(["run", str(path)]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert "output.dir: cannot create a run directory" in err and len(err.splitlines()) == 1, err
