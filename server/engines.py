@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from server.federation import Federation
+from server.federation import Federation, RunInterrupted
 from server.progress import Progress
 from server.results import RunDirectory
 from server.scenario import Scenario
@@ -154,6 +154,13 @@ def _run_inprocess(federation: Federation) -> dict[str, Any]:
     return federation.run(grid)
 
 
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def _run_simulation(federation: Federation) -> dict[str, Any]:
     """Flower's Simulation Engine (Ray) with the federation loop as the ServerApp."""
     import warnings
@@ -168,7 +175,10 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        results.append(federation.run(grid))
+        try:
+            results.append(federation.run(grid))
+        except RunInterrupted:  # Ctrl-C in the main thread; it reports the interruption
+            log.debug("ServerApp thread stopped on request")
 
     backend_config = {
         "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
@@ -181,12 +191,17 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=federation.scenario.partition.clients,
-            backend_config=backend_config,
-        )
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=federation.scenario.partition.clients,
+                backend_config=backend_config,
+            )
+        except KeyboardInterrupt:
+            federation.stop.set()  # the ServerApp runs in a thread of its own: tell it to stop too
+            _shutdown_ray()  # Flower's worker threads may wait on actors Ctrl-C killed; release them
+            raise
     if not results:
         raise RuntimeError("the simulation ended before the run finished (see the log above)")
     return results[0]

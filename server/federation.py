@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -51,6 +52,15 @@ class FederationError(RuntimeError):
     """A run that cannot go on (too few clients answered, no usable update); one-line message."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """The run was asked to stop (Ctrl-C reaching another thread); the last checkpoint stays resumable."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise RunInterrupted("run stopped on request")
+
+
 @dataclass
 class Exchange:
     """The replies of one phase and what travelled."""
@@ -72,14 +82,20 @@ def record_nbytes(content: RecordDict) -> int:
     return total
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None]) -> Exchange:
-    """Push ``messages``, pull replies as they arrive (calling ``on_reply``) until all are in or ``timeout``."""
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None],
+             stop: threading.Event | None = None) -> Exchange:
+    """Push ``messages``, pull replies as they arrive (calling ``on_reply``) until all are in or ``timeout``.
+
+    Raises:
+        RunInterrupted: as soon as ``stop`` is set.
+    """
     started = time.perf_counter()
     messages = list(messages)
     result = Exchange(bytes_down=sum(record_nbytes(m.content) for m in messages))
     pending = dict.fromkeys(grid.push_messages(messages))  # an ordered set: in-process runs go in partition order
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
+        _check(stop)
         replies = list(grid.pull_messages(list(pending)))
         for reply in replies:
             pending.pop(reply.metadata.reply_to_message_id, None)
@@ -95,11 +111,13 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: 
     return result
 
 
-def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT) -> tuple[Cohort, dict[int, Any]]:
+def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
+             stop: threading.Event | None = None) -> tuple[Cohort, dict[int, Any]]:
     """Query round: wait for ``partition.clients`` nodes, learn node id → partition id and each site's statistics."""
     expected = scenario.partition.clients
     deadline = time.monotonic() + timeout
     while len(list(grid.get_node_ids())) < expected:
+        _check(stop)
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(list(grid.get_node_ids()))} of {expected} clients connected within {timeout:.0f} s")
         time.sleep(0.5)
@@ -108,7 +126,7 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT)
         Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in sorted(grid.get_node_ids())
     ]
-    replies = exchange(grid, messages, timeout, lambda reply: None).replies
+    replies = exchange(grid, messages, timeout, lambda reply: None, stop).replies
     failed = [reply.error.reason for reply in replies if reply.has_error()]
     if failed:
         raise FederationError(f"a client could not prepare its data: {failed[0]}")
@@ -137,14 +155,15 @@ def per_client(replies: list[Message], cohort: Cohort) -> dict[str, dict[str, An
     return clients
 
 
-def export_node_states(grid: Grid, cohort: Cohort, timeout: float) -> dict[str, Any]:
+def export_node_states(grid: Grid, cohort: Cohort, timeout: float,
+                       stop: threading.Event | None = None) -> dict[str, Any]:
     """Each node's persistent state as plain data, keyed by partition id (for a checkpoint)."""
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.{EXPORT_ACTION}")
         for node in sorted(cohort.node_to_partition)
     ]
     states: dict[str, Any] = {}
-    for reply in exchange(grid, messages, timeout, lambda reply: None).replies:
+    for reply in exchange(grid, messages, timeout, lambda reply: None, stop).replies:
         pid = cohort.partition_of(reply)
         if reply.has_error():
             log.warning("client %d could not export its state (%s); a resume would restart it empty",
@@ -154,14 +173,16 @@ def export_node_states(grid: Grid, cohort: Cohort, timeout: float) -> dict[str, 
     return dict(sorted(states.items(), key=lambda item: int(item[0])))
 
 
-def import_node_states(grid: Grid, cohort: Cohort, states: dict[str, Any], timeout: float) -> None:
+def import_node_states(grid: Grid, cohort: Cohort, states: dict[str, Any], timeout: float,
+                       stop: threading.Event | None = None) -> None:
     """Give every node back the persistent state saved in a checkpoint."""
     nodes = cohort.partition_to_node
     messages = [
         Message(from_plain(plain), dst_node_id=nodes[int(pid)], message_type=f"{MessageType.QUERY}.{IMPORT_ACTION}")
         for pid, plain in states.items()
     ]
-    failed = [r.error.reason for r in exchange(grid, messages, timeout, lambda reply: None).replies if r.has_error()]
+    replies = exchange(grid, messages, timeout, lambda reply: None, stop).replies
+    failed = [reply.error.reason for reply in replies if reply.has_error()]
     if failed:
         raise FederationError(f"a client could not restore its state from the checkpoint: {failed[0]}")
 
@@ -182,6 +203,7 @@ class Federation:
         self.progress = progress
         self.resume = resume
         self.task: Task = task_for(scenario)
+        self.stop = threading.Event()  # set by an engine whose ServerApp runs in another thread (Ctrl-C)
         self._central_model: torch.nn.Module | None = None
 
     # --- the run ----------------------------------------------------------------------------
@@ -190,7 +212,7 @@ class Federation:
         scenario = self.scenario
         started = time.perf_counter()
         seed_everything(scenario.seed, "server")
-        cohort, stats = discover(grid, scenario)
+        cohort, stats = discover(grid, scenario, stop=self.stop)
         if not self.resume:
             self.run_dir.write_partitions({"kind": scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}})
 
@@ -211,7 +233,7 @@ class Federation:
             self.run_dir.truncate_metrics(checkpoint.round)
             node_states = checkpoint.extra.get("node_states")
             if node_states:
-                import_node_states(grid, cohort, node_states, scenario.strategy.round_timeout)
+                import_node_states(grid, cohort, node_states, scenario.strategy.round_timeout, self.stop)
             elif scenario.output.checkpoint_node_state is False:
                 log.warning("resuming without node state (output.checkpoint_node_state is off): clients restart empty")
             log.info("resuming %s after round %d", self.run_dir.path, checkpoint.round)
@@ -267,6 +289,7 @@ class Federation:
             messages,
             self.scenario.strategy.round_timeout,
             lambda reply: self.progress.client_done(server_round, phase, cohort.partition_of(reply)),
+            self.stop,
         )
 
     def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None) -> None:
@@ -317,7 +340,9 @@ class Federation:
             extra={},
         )
         if self.scenario.output.checkpoint_node_state:
-            checkpoint.extra["node_states"] = export_node_states(grid, cohort, self.scenario.strategy.round_timeout)
+            checkpoint.extra["node_states"] = export_node_states(
+                grid, cohort, self.scenario.strategy.round_timeout, self.stop
+            )
         return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
 
     def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["plot_metric_curves"]
 
 _PHASES = ("train", "evaluate", "central")
-_SKIPPED_METRICS = frozenset({"num-examples"})
+_SKIPPED_METRICS = frozenset({"num-examples", "seconds", "steps", "participations"})  # bookkeeping, not quality
 _MAX_LEGEND_CLIENTS = 10
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _DPI = 100
@@ -48,7 +48,8 @@ def plot_metric_curves(
     legend when there are at most 10 clients) and a thick aggregate line over
     rounds. ``overview.png`` shows the training loss and the primary metric
     (evaluate aggregate, and central if present) side by side. Metrics that
-    are all None/NaN and ``num-examples`` are skipped.
+    are all None/NaN and bookkeeping counters (``num-examples``, ``seconds``, ``steps``,
+    ``participations``) are skipped.
 
     Args:
         records: ``metrics.jsonl`` records.
