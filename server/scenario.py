@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtasks.base import DataSpec, PartitionSpec, TaskContext
-from medtasks.partition import KINDS, validate_params as validate_partition_params
+from medtasks.partition import KINDS, PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
 
 
@@ -260,17 +260,15 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: strategy.name: {error}") from None
 
     checks = (
-        ("task.params", lambda p: task_class.Params.model_validate(p), scenario.task),
-        ("strategy.params", lambda p: algorithm.Params.model_validate(p), scenario.strategy),
-        ("partition.params", lambda p: validate_partition_params(scenario.partition.kind, p), scenario.partition),
+        ("task.params", task_class.Params, scenario.task),
+        ("strategy.params", algorithm.Params, scenario.strategy),
+        ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition),
     )
-    for prefix, check, section in checks:
+    for prefix, params_model, section in checks:
         try:
-            resolved = check(section.params)
+            resolved = params_model.model_validate(section.params)
         except ValidationError as error:
-            raise ScenarioError(f"{source}: {_describe(error, type(error), prefix)}") from None
-        except ValueError as error:
-            raise ScenarioError(f"{source}: {prefix}: {error}") from None
+            raise ScenarioError(f"{source}: {_describe(error, params_model, prefix)}") from None
         section.params = json.loads(resolved.model_dump_json())
     try:
         algorithm.check_compatible(scenario)
@@ -294,7 +292,7 @@ def _describe(error: ValidationError, model: type | None, prefix: str = "") -> s
     key = ".".join([prefix, *location] if prefix else location) or "<root>"
     kind, message = first["type"], first["msg"]
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(error.title, location[:-1], model)
+        allowed = _allowed_keys(location[:-1], model)
         message = f"unknown key '{location[-1]}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
     elif kind == "missing":
         message = "required key is missing"
@@ -304,7 +302,7 @@ def _describe(error: ValidationError, model: type | None, prefix: str = "") -> s
     return f"{key}: {message}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
-def _allowed_keys(title: str, location: Iterable[str], model: type | None) -> list[str]:
+def _allowed_keys(location: Iterable[str], model: type | None) -> list[str]:
     """Field names of the model at ``location`` below ``model`` (for 'unknown key' messages)."""
     current = model if isinstance(model, type) and issubclass(model, BaseModel) else None
     for part in location:

@@ -123,7 +123,7 @@ class FedAvg(FlowerFedAvg):
         """Send w_t and the train config to the sampled sites."""
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         nodes = self.cohort.sample(server_round, self.fraction_train, self.min_train_nodes, "train")
-        return self._messages(arrays, config, nodes, MessageType.TRAIN)
+        return self._messages(arrays, config, nodes, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -132,11 +132,15 @@ class FedAvg(FlowerFedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self.cohort.sample(server_round, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
+        return self._messages(arrays, config, nodes, MessageType.EVALUATE, server_round)
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str,
+                  server_round: int) -> list[Message]:
         content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
-        return [Message(content=content, dst_node_id=node, message_type=kind) for node in nodes]
+        return [
+            Message(content=content, dst_node_id=node, message_type=kind, group_id=str(server_round))
+            for node in nodes
+        ]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

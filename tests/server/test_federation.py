@@ -143,7 +143,7 @@ def test_a_failing_client_is_logged_and_left_out(tmp_path: Path, monkeypatch, ca
     assert train["clients"]["0"] == {"error": "NonFiniteLossError: local loss became nan at step 3"}
     assert sorted(train["clients"]) == ["0", "1", "2", "3"] and "loss" in train["clients"]["1"]
     assert train["aggregate"]["num-examples"] == sum(train["clients"][p]["num-examples"] for p in "123")
-    assert "client 0 failed: NonFiniteLossError" in caplog.text
+    assert "round 1 train: client 0 failed: NonFiniteLossError" in caplog.text
 
 
 def test_too_few_usable_clients_stop_the_run_with_one_line(tmp_path: Path, monkeypatch) -> None:

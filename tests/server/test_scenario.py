@@ -88,6 +88,7 @@ MALFORMED = {
     "invalid_yaml": ("name: t\ntask: {name: segmentation\n", "invalid YAML: line"),
     "attack_not_available": (_with(attack={"kind": "dlg"}), "attack: attacks are not available in this version"),
     "unimportable_custom_task": (_with(task__name="no_such_pkg.mod:Task"), "task.name: cannot import task 'no_such_pkg.mod:Task'"),
+    "unknown_task_param": (_with(task__params__depth=3), "task.params.depth: unknown key 'depth' (allowed: channels, focal_gamma"),
     "bad_optimizer": (_with(local={"optimizer": "lbfgs"}), "local.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
 }
 
