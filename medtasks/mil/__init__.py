@@ -1,0 +1,59 @@
+"""Multiple-instance learning (MIL) building blocks for whole-slide-image-like tasks.
+
+A slide is a bag of tiles with one weak label: ``Y = 1`` iff at least one tile
+is positive (lecture, Definition 26). The pieces:
+
+* :mod:`medtasks.mil.synthetic`: H&E-like synthetic slides (Beer–Lambert stain
+  model, normal / inflamed / tumour morphology), per-site acquisition (stain,
+  brightness, blur) and annotator (tumour-fraction threshold) shifts, and
+  :func:`~medtasks.mil.synthetic.tiles_from_image` to tile a real micrograph.
+* :mod:`medtasks.mil.models`: a small tile encoder, permutation-invariant MIL
+  pooling (mean, max, attention and gated attention of Ilse et al. 2018,
+  arXiv:1802.04712) with key-padding masks, and instance- vs embedding-level
+  MIL models.
+* :mod:`medtasks.mil.metrics`: ROC AUC (Mann–Whitney), accuracy, balanced
+  accuracy, and attention localisation AUC.
+
+The task class that wires these into the platform lives elsewhere.
+"""
+
+from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
+from medtasks.mil.models import (
+    AttentionPooling,
+    GatedAttentionPooling,
+    MaxPooling,
+    MeanPooling,
+    MILModel,
+    MILOutput,
+    TileEncoder,
+    build_mil_model,
+    pad_bags,
+)
+from medtasks.mil.synthetic import (
+    ACQUISITION_SPACE,
+    ANNOTATOR_SPACE,
+    Slides,
+    generate_slides,
+    tiles_from_image,
+)
+
+__all__ = [
+    "ACQUISITION_SPACE",
+    "ANNOTATOR_SPACE",
+    "AttentionPooling",
+    "GatedAttentionPooling",
+    "MILModel",
+    "MILOutput",
+    "MaxPooling",
+    "MeanPooling",
+    "Slides",
+    "TileEncoder",
+    "accuracy",
+    "attention_localisation_auc",
+    "balanced_accuracy",
+    "build_mil_model",
+    "generate_slides",
+    "pad_bags",
+    "roc_auc",
+    "tiles_from_image",
+]
