@@ -188,6 +188,23 @@ class ParamRange:
             raise ValueError(f"ParamRange needs low <= neutral <= high, got {self}")
 
 
+def resolve_site_params(
+    params: Mapping[str, float] | None, space: Mapping[str, ParamRange], what: str
+) -> dict[str, float]:
+    """Every parameter of ``space``, taken from ``params`` or its neutral value.
+
+    Tasks call this on a site's acquisition / annotator parameters before applying them.
+
+    Raises:
+        ValueError: ``params`` names a parameter that ``space`` lacks.
+    """
+    params = params or {}
+    unknown = set(params) - set(space)
+    if unknown:
+        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(space)}")
+    return {name: float(params.get(name, value_range.neutral)) for name, value_range in space.items()}
+
+
 @dataclass(frozen=True)
 class SiteProfile:
     """What one synthetic site looks like.

@@ -55,7 +55,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage, special
 
-from medtasks.partition import ParamRange
+from medtasks.partition import ParamRange, resolve_site_params
 
 #: Unit optical-density vectors ``[v_H; v_E]``, shape ``[2, 3]`` (RGB columns), of
 #: haematoxylin and eosin (Ruifrok & Johnston 2001, as in ``skimage.color.rgb_from_hed``).
@@ -192,24 +192,6 @@ class Slides:
     def true_labels(self) -> np.ndarray:
         """``[S]`` int64 MIL ground truth: 1 iff the slide holds a tumour tile."""
         return self.tile_labels.any(axis=1).astype(np.int64)
-
-
-def resolve(
-    params: Mapping[str, float] | None, space: Mapping[str, ParamRange], what: str
-) -> dict[str, float]:
-    """Every parameter of ``space`` from ``params`` or its neutral value.
-
-    Raises:
-        ValueError: ``params`` names a parameter ``space`` lacks.
-    """
-    params = params or {}
-    unknown = set(params) - set(space)
-    if unknown:
-        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(space)}")
-    return {name: float(params.get(name, r.neutral)) for name, r in space.items()}
-
-
-# --------------------------------------------------------------------------- tissue
 
 
 def _style_values(kind: np.ndarray, field: str) -> np.ndarray:
@@ -412,7 +394,7 @@ def site_stain_matrix(acquisition: Mapping[str, float] | None = None) -> np.ndar
     Args:
         acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
     """
-    value = resolve(acquisition, ACQUISITION_SPACE, "acquisition")
+    value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
     h = value["h_scale"] * _rotate_about_grey(STAIN_MATRIX[0], value["h_rotation"])
     e = value["e_scale"] * _rotate_about_grey(STAIN_MATRIX[1], value["e_rotation"])
     return np.stack([h, e])
@@ -436,7 +418,7 @@ def acquire(concentrations: np.ndarray, acquisition: Mapping[str, float] | None 
     Returns:
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
-    value = resolve(acquisition, ACQUISITION_SPACE, "acquisition")
+    value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
     stains = site_stain_matrix(value).astype(np.float32)
     od = np.einsum("...shw,sc->...chw", concentrations, stains)
     rgb = np.clip(value["brightness"] * np.exp(-od), 0.0, 1.0)
@@ -461,7 +443,7 @@ def annotate(tile_labels: np.ndarray, annotator: Mapping[str, float] | None = No
     Returns:
         ``[S]`` int64 bag labels.
     """
-    value = resolve(annotator, ANNOTATOR_SPACE, "annotator")
+    value = resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
     tile_labels = np.asarray(tile_labels)
     fraction = tile_labels.mean(axis=1)
     return (tile_labels.any(axis=1) & (fraction >= value["positive_threshold"] - 1e-12)).astype(np.int64)
@@ -530,8 +512,8 @@ def generate_slides(
             "need num_slides >= 0, tiles_per_slide >= 1, tile_size >= 4, 0 <= positive_rate <= 1; "
             f"got {num_slides}, {tiles_per_slide}, {tile_size}, {positive_rate}"
         )
-    resolve(acquisition, ACQUISITION_SPACE, "acquisition")
-    resolve(annotator, ANNOTATOR_SPACE, "annotator")
+    resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
+    resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
     layout_rng, tissue_rng = rng.spawn(2)
     positive = layout_rng.random(num_slides) < positive_rate
     count = np.where(positive, tumour_counts(layout_rng, num_slides, tiles_per_slide, tumour_fraction), 0)

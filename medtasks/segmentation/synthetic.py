@@ -32,7 +32,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
-from medtasks.partition import ParamRange
+from medtasks.partition import ParamRange, resolve_site_params
 
 #: Class names of the synthetic label maps, index = label value.
 CLASS_NAMES: tuple[str, ...] = ("background", "organ", "organ2", "lesion")
@@ -248,14 +248,6 @@ def phantom(
     return image.astype(np.float32), mask
 
 
-def _resolve(params: Mapping[str, float], space: Mapping[str, ParamRange], what: str) -> dict[str, float]:
-    """Every parameter of ``space``, from ``params`` or neutral; ``ValueError`` for unknown names."""
-    unknown = set(params) - set(space)
-    if unknown:
-        raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(space)}")
-    return {name: float(params.get(name, value_range.neutral)) for name, value_range in space.items()}
-
-
 def acquire(image: np.ndarray, params: Mapping[str, float], rng: np.random.Generator) -> np.ndarray:
     """Apply a site's acquisition (feature skew) to one image.
 
@@ -277,7 +269,7 @@ def acquire(image: np.ndarray, params: Mapping[str, float], rng: np.random.Gener
     Returns:
         The acquired image, ``[H, W]`` float32.
     """
-    value = _resolve(params, ACQUISITION_SPACE, "acquisition")
+    value = resolve_site_params(params, ACQUISITION_SPACE, "acquisition")
     x = np.asarray(image, dtype=np.float64)
     if value["blur_sigma"] > 0:
         x = ndimage.gaussian_filter(x, value["blur_sigma"])
@@ -366,7 +358,7 @@ def annotate(
     Returns:
         The annotated label map, ``[H, W]`` int64.
     """
-    value = _resolve(params, ANNOTATOR_SPACE, "annotator")
+    value = resolve_site_params(params, ANNOTATOR_SPACE, "annotator")
     out = np.asarray(mask, dtype=np.int64)
     if value["lesion_miss_rate"] > 0:
         out = _omit_lesions(out, num_classes - 1, value["lesion_miss_rate"], rng)
