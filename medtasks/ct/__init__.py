@@ -4,8 +4,13 @@ model (Beer–Lambert, Poisson noise, detector blur, HU), and analytic phantoms.
 Units: images hold μ in 1/cm (water = :data:`MU_WATER` = 0.2 /cm). Sinograms are ``A μ`` with a
 step of one pixel. The physical line integral is ``Δ · A μ`` with pixel size ``Δ = 25.6 cm / N``
 (see :mod:`medtasks.ct.physics`).
+
+On top of it: image-quality metrics (:mod:`.metrics`), reconstruction networks (:mod:`.models`) and
+the federated task (:mod:`.task`, registered as ``"ct"``).
 """
 
+from medtasks.ct.metrics import psnr, rmse_hu, ssim
+from medtasks.ct.models import FBPConvNet, ProximalCNN, UnrolledProximalGradient
 from medtasks.ct.operator import (
     FilterName,
     Geometry,
@@ -31,10 +36,15 @@ from medtasks.ct.physics import (
     to_hu,
     transmission,
 )
+from medtasks.ct.task import CTParams, CTReconstructionTask
 
 __all__ = [
+    "CTParams",
+    "CTReconstructionTask",
+    "FBPConvNet",
     "FIELD_OF_VIEW_CM",
     "MU_WATER",
+    "ProximalCNN",
     "FilterName",
     "Geometry",
     "RadonOperator",
@@ -44,12 +54,16 @@ __all__ = [
     "get_operator",
     "noisy_measurement",
     "pixel_size_cm",
+    "psnr",
     "ramp_filter",
     "random_ellipses",
     "rasterize_ellipses",
+    "rmse_hu",
     "shepp_logan",
     "shepp_logan_mu",
+    "ssim",
     "to_hu",
     "torso_phantom",
     "transmission",
+    "UnrolledProximalGradient",
 ]

@@ -77,7 +77,7 @@ MALFORMED = {
     "out_of_range": (_with(partition__clients=0), "partition.clients: Input should be greater than or equal to 1"),
     "bad_choice": (_with(partition__kind="extreme"), "partition.kind: Input should be 'iid', 'label_skew'"),
     "missing_section": (_with(task=...), "task: required key is missing"),
-    "unknown_task": (_with(task__name="radiology"), "task.name: unknown task 'radiology' (allowed: segmentation"),
+    "unknown_task": (_with(task__name="radiology"), "task.name: unknown task 'radiology' (allowed: "),
     "bad_task_param": (_with(task__params__norm="layer"), "task.params.norm: Input should be 'batch', 'instance' or 'group'"),
     "bad_partition_param": (_with(partition__kind="label_skew", partition__params={"alpha": -1}),
                             "partition.params.alpha: Input should be greater than 0"),
