@@ -12,6 +12,7 @@ from functools import lru_cache
 BUILTIN_TASKS: dict[str, str] = {
     "segmentation": "medtasks.segmentation:SegmentationTask",
     "ct": "medtasks.ct.task:CTReconstructionTask",
+    "mil": "medtasks.mil.task:MILTask",
 }
 
 

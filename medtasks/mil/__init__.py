@@ -13,8 +13,8 @@ is positive (lecture, Definition 26). The pieces:
   MIL models.
 * :mod:`medtasks.mil.metrics`: ROC AUC (Mann–Whitney), accuracy, balanced
   accuracy, and attention localisation AUC.
-
-The task class that wires these into the platform lives elsewhere.
+* :mod:`medtasks.mil.task`: :class:`~medtasks.mil.task.MILTask`, which wires these
+  into the platform as the task ``mil``.
 """
 
 from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
@@ -36,6 +36,7 @@ from medtasks.mil.synthetic import (
     generate_slides,
     tiles_from_image,
 )
+from medtasks.mil.task import MILParams, MILTask
 
 __all__ = [
     "ACQUISITION_SPACE",
@@ -43,6 +44,8 @@ __all__ = [
     "AttentionPooling",
     "GatedAttentionPooling",
     "MILModel",
+    "MILParams",
+    "MILTask",
     "MILOutput",
     "MaxPooling",
     "MeanPooling",
