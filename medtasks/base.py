@@ -89,6 +89,24 @@ class ClientData:
     stats: dict[str, Any]
 
 
+def checked_params(task: type, ctx: "TaskContext") -> TaskParams:
+    """``ctx.params`` as an instance of ``task.Params``, after the checks every task shares.
+
+    Raises:
+        ValueError: ``ctx.model`` is not one of ``task.models``, or ``data.params`` is not
+            empty (no built-in task takes any).
+    """
+    params = ctx.params
+    if not isinstance(params, task.Params):
+        raw = params.model_dump() if isinstance(params, TaskParams) else dict(params or {})
+        params = task.Params.model_validate(raw)
+    if ctx.model not in (None, *task.models):
+        raise ValueError(f"unknown {task.name} model {ctx.model!r}; available: {', '.join(task.models)}")
+    if ctx.data.params:
+        raise ValueError(f"the {task.name} task takes no data.params, got {sorted(ctx.data.params)}")
+    return params
+
+
 class DataError(ValueError):
     """Bad or missing data (a folder that does not exist, unreadable files, empty site)."""
 

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks import io
-from medtasks.base import ClientData, DataError, TaskContext, TaskParams
+from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.ct.metrics import psnr, rmse_hu, ssim
 from medtasks.ct.models import FBPConvNet, UnrolledProximalGradient
 from medtasks.ct.operator import FilterName, Geometry, RadonOperator, get_operator
@@ -455,14 +455,7 @@ class CTReconstructionTask:
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = ctx.params
-        if not isinstance(params, CTParams):
-            raw = params.model_dump() if isinstance(params, TaskParams) else dict(params or {})
-            params = CTParams.model_validate(raw)
-        if ctx.model not in (None, *self.models):
-            raise ValueError(f"unknown CT model {ctx.model!r}; available: {', '.join(self.models)}")
-        if ctx.data.params:
-            raise ValueError(f"the CT task takes no data.params, got {sorted(ctx.data.params)}")
+        params = checked_params(type(self), ctx)
         if ctx.data.source not in ("synthetic", "folder"):
             raise ValueError(f"unknown data.source {ctx.data.source!r} for ct; use synthetic or folder")
         if ctx.data.source == "folder" and not ctx.data.path:

@@ -43,7 +43,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medtasks.base import ClientData, DataError, TaskContext, TaskParams
+from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
 from medtasks.mil.models import MILModel, build_mil_model
 from medtasks.mil.synthetic import ACQUISITION_SPACE, ANNOTATOR_SPACE, Slides, generate_slides
@@ -134,14 +134,7 @@ class MILTask:
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = ctx.params
-        if not isinstance(params, MILParams):
-            raw = params.model_dump() if isinstance(params, TaskParams) else dict(params or {})
-            params = MILParams.model_validate(raw)
-        if ctx.model not in (None, *self.models):
-            raise ValueError(f"unknown MIL model {ctx.model!r}; available: {', '.join(self.models)}")
-        if ctx.data.params:
-            raise ValueError(f"the MIL task takes no data.params, got {sorted(ctx.data.params)}")
+        params = checked_params(type(self), ctx)
         if ctx.data.source == "folder":
             raise DataError("the MIL task reads synthetic slides only in this version")
         if ctx.data.source != "synthetic":

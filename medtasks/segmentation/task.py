@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks import io
-from medtasks.base import ClientData, DataError, TaskContext, TaskParams
+from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram, split_indices
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
@@ -144,16 +144,7 @@ class SegmentationTask:
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = ctx.params
-        if not isinstance(params, SegmentationParams):
-            raw = params.model_dump() if isinstance(params, TaskParams) else dict(params or {})
-            params = SegmentationParams.model_validate(raw)
-        if ctx.model not in (None, *self.models):
-            raise ValueError(
-                f"unknown segmentation model {ctx.model!r}; available: {', '.join(self.models)}"
-            )
-        if ctx.data.params:
-            raise ValueError(f"the segmentation task takes no data.params, got {sorted(ctx.data.params)}")
+        params = checked_params(type(self), ctx)
         if ctx.data.source == "synthetic":
             if params.num_classes != self.SYNTHETIC_NUM_CLASSES:
                 raise ValueError(

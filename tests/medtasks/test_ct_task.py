@@ -259,7 +259,7 @@ def test_params_and_model_names_are_validated():
         CTParams(unknown=1)
     with pytest.raises(ValidationError):
         CTParams(image_size=30)  # not a multiple of 4 for three U-Net levels
-    with pytest.raises(ValueError, match="unknown CT model"):
+    with pytest.raises(ValueError, match="unknown ct model"):
         _task(model="resnet")
 
 
