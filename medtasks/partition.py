@@ -188,6 +188,11 @@ class ParamRange:
             raise ValueError(f"ParamRange needs low <= neutral <= high, got {self}")
 
 
+def neutral_values(space: Mapping[str, ParamRange]) -> dict[str, float]:
+    """Every parameter of ``space`` at its neutral value: an unshifted site."""
+    return {name: float(value_range.neutral) for name, value_range in space.items()}
+
+
 def resolve_site_params(
     params: Mapping[str, float] | None, space: Mapping[str, ParamRange], what: str
 ) -> dict[str, float]:
@@ -202,7 +207,7 @@ def resolve_site_params(
     unknown = set(params) - set(space)
     if unknown:
         raise ValueError(f"unknown {what} parameters {sorted(unknown)}; known: {sorted(space)}")
-    return {name: float(params.get(name, value_range.neutral)) for name, value_range in space.items()}
+    return {**neutral_values(space), **{name: float(value) for name, value in params.items()}}
 
 
 @dataclass(frozen=True)

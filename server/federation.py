@@ -82,8 +82,8 @@ def record_nbytes(content: RecordDict) -> int:
     return total
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: Callable[[Message], None],
-             stop: threading.Event | None = None) -> Exchange:
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
+             on_reply: Callable[[Message], None] | None = None, stop: threading.Event | None = None) -> Exchange:
     """Push ``messages``, pull replies as they arrive (calling ``on_reply``) until all are in or ``timeout``.
 
     Raises:
@@ -102,7 +102,8 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float, on_reply: 
             result.replies.append(reply)
             if reply.has_content():
                 result.bytes_up += record_nbytes(reply.content)
-            on_reply(reply)
+            if on_reply is not None:
+                on_reply(reply)
         if pending and not replies:
             time.sleep(POLL_INTERVAL)
     if pending:
@@ -126,7 +127,7 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
         Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
         for node in sorted(grid.get_node_ids())
     ]
-    replies = exchange(grid, messages, timeout, lambda reply: None, stop).replies
+    replies = exchange(grid, messages, timeout, stop=stop).replies
     failed = [reply.error.reason for reply in replies if reply.has_error()]
     if failed:
         raise FederationError(f"a client could not prepare its data: {failed[0]}")
@@ -163,7 +164,7 @@ def export_node_states(grid: Grid, cohort: Cohort, timeout: float,
         for node in sorted(cohort.node_to_partition)
     ]
     states: dict[str, Any] = {}
-    for reply in exchange(grid, messages, timeout, lambda reply: None, stop).replies:
+    for reply in exchange(grid, messages, timeout, stop=stop).replies:
         pid = cohort.partition_of(reply)
         if reply.has_error():
             log.warning("client %d could not export its state (%s); a resume would restart it empty",
@@ -181,7 +182,7 @@ def import_node_states(grid: Grid, cohort: Cohort, states: dict[str, Any], timeo
         Message(from_plain(plain), dst_node_id=nodes[int(pid)], message_type=f"{MessageType.QUERY}.{IMPORT_ACTION}")
         for pid, plain in states.items()
     ]
-    replies = exchange(grid, messages, timeout, lambda reply: None, stop).replies
+    replies = exchange(grid, messages, timeout, stop=stop).replies
     failed = [reply.error.reason for reply in replies if reply.has_error()]
     if failed:
         raise FederationError(f"a client could not restore its state from the checkpoint: {failed[0]}")
@@ -203,6 +204,7 @@ class Federation:
         self.progress = progress
         self.resume = resume
         self.task: Task = task_for(scenario)
+        self.scenario_json = scenario.to_json()  # travels in every message; serialise once
         self.stop = threading.Event()  # set by an engine whose ServerApp runs in another thread (Ctrl-C)
         self._central_model: torch.nn.Module | None = None
 
@@ -254,7 +256,7 @@ class Federation:
                arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
         """Train, aggregate, evaluate (federated and central); the new global arrays and headline metrics."""
         scenario = self.scenario
-        config = ConfigRecord({SCENARIO_KEY: scenario.to_json(), ROUND_KEY: server_round})
+        config = ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         done = self._phase(grid, cohort, server_round, "train", messages)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, done.replies)

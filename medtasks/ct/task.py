@@ -67,7 +67,7 @@ from medtasks.ct.models import FBPConvNet, UnrolledProximalGradient
 from medtasks.ct.operator import FilterName, Geometry, RadonOperator, get_operator
 from medtasks.ct.phantoms import random_ellipses, torso_phantom
 from medtasks.ct.physics import MU_WATER, noisy_measurement
-from medtasks.partition import ParamRange, SiteProfile, draw_site_profiles, label_histogram, split_indices
+from medtasks.partition import ParamRange, SiteProfile, draw_site_profiles, label_histogram, neutral_values, split_indices
 from medtasks.seeding import numpy_rng, torch_generator
 from medtasks.segmentation.model import NormName, check_group_norm
 
@@ -423,11 +423,6 @@ def _folder_samples(site: _FolderSite) -> Samples:
 # ----------------------------------------------------------------------------- the task
 
 
-def _neutral(space: Mapping[str, ParamRange]) -> dict[str, float]:
-    """Every parameter of ``space`` at its neutral value."""
-    return {name: r.neutral for name, r in space.items()}
-
-
 def _batch_operator(geometry: Tensor, image_size: int) -> RadonOperator:
     """The operator of a batch whose rows all hold the same ``(views, angular_range)``, ``[B, 2]``."""
     if not bool((geometry == geometry[:1]).all()):
@@ -531,8 +526,8 @@ class CTReconstructionTask:
             partition_id=-1,
             n_samples=n,
             label_distribution=tuple([1.0 / len(self.label_names)] * len(self.label_names)),
-            acquisition=_neutral(ACQUISITION_SPACE),
-            annotator=_neutral(ANNOTATOR_SPACE),
+            acquisition=neutral_values(ACQUISITION_SPACE),
+            annotator=neutral_values(ANNOTATOR_SPACE),
         )
         samples = _synthetic_samples(self._site(("server",), neutral))
         return samples.dataset(slice(None))
@@ -565,7 +560,7 @@ class CTReconstructionTask:
             profile = self._draw_profiles(max(1, len(labels) // part.clients), label_histogram(labels, 2))
             acquisition, annotator = profile[partition_id].acquisition, profile[partition_id].annotator
         else:
-            acquisition, annotator = _neutral(ACQUISITION_SPACE), _neutral(ANNOTATOR_SPACE)
+            acquisition, annotator = neutral_values(ACQUISITION_SPACE), neutral_values(ANNOTATOR_SPACE)
         site = _FolderSite(
             path=str(Path(self.ctx.data.path or "").resolve()),
             image_size=p.image_size,

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks import io
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
-from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram, split_indices
+from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram, neutral_values, split_indices
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
 from medtasks.segmentation.losses import LossFn, LossName, build_loss
@@ -271,8 +271,8 @@ class SegmentationTask:
         part = self.ctx.partition
         if part.kind not in ("feature_skew", "concept_shift"):
             return {
-                "acquisition": {name: r.neutral for name, r in synthetic.ACQUISITION_SPACE.items()},
-                "annotator": {name: r.neutral for name, r in synthetic.ANNOTATOR_SPACE.items()},
+                "acquisition": neutral_values(synthetic.ACQUISITION_SPACE),
+                "annotator": neutral_values(synthetic.ANNOTATOR_SPACE),
             }
         profile = draw_site_profiles(
             part.kind,
