@@ -111,12 +111,14 @@ def train(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     scenario, pid, server_round = _prepare(message, context, "train")
     task = task_for(scenario)
-    data = task.client_data(pid)
     model = task.build_model()
     rule = _client_rule(scenario)
+    dataset = rule.training_data(task, pid)
+    local = rule.local_section(scenario.local, len(dataset))
     rule.receive(model, message.content, context.state)
+    rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
-    result = fit(model, task, data.train, scenario.local, rule, generator)
+    result = fit(model, task, dataset, local, rule, generator)
     records = rule.reply(model, context.state, steps=result.steps)
     metrics = MetricRecord(
         {

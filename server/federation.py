@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -38,6 +39,7 @@ from strategies.base import (
     ROUND_KEY,
     SCENARIO_KEY,
     Cohort,
+    Personalized,
     StrategyContext,
     load_into,
 )
@@ -279,7 +281,7 @@ class Federation:
                 metrics = strategy.aggregate_evaluate(server_round, done.replies)
                 self._record(server_round, "evaluate", cohort, done, metrics)
                 headline[self.task.primary_metric] = _metric(metrics, self.task.primary_metric)
-            central = self._central_evaluation(server_round, cohort, arrays)
+            central = self._central_evaluation(server_round, cohort, arrays, strategy)
             if central is not None:
                 headline[f"central {self.task.primary_metric}"] = central.get(self.task.primary_metric)
         return arrays, {key: value for key, value in headline.items() if value is not None}
@@ -294,13 +296,14 @@ class Federation:
             self.stop,
         )
 
-    def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None) -> None:
-        """Append one ``metrics.jsonl`` record (DESIGN.md §6)."""
+    def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None,
+                clients: dict[str, dict[str, Any]] | None = None) -> None:
+        """Append one ``metrics.jsonl`` record (DESIGN.md §6); ``clients`` defaults to the replies' metrics."""
         self.run_dir.append_metrics(
             {
                 "round": server_round,
                 "phase": phase,
-                "clients": per_client(done.replies, cohort),
+                "clients": per_client(done.replies, cohort) if clients is None else clients,
                 "aggregate": dict(metrics.items()) if metrics is not None else {},
                 "bytes_up": done.bytes_up,
                 "bytes_down": done.bytes_down,
@@ -309,15 +312,34 @@ class Federation:
             }
         )
 
-    def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord) -> dict[str, float] | None:
-        """Metrics of the global model on the server's held-out set (none: no set, or no global model)."""
+    def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord,
+                            strategy: Any) -> dict[str, float] | None:
+        """Metrics on the server's held-out set (none: no set, or no model to evaluate).
+
+        A :class:`~strategies.base.Personalized` strategy is judged by its sites' own
+        models: each is evaluated, recorded per client, and the phase's aggregate is
+        their unweighted mean (every model sees the same test set).
+        """
         dataset = self.task.server_data()
-        if dataset is None or len(arrays) == 0:
+        if dataset is None:
             return None
         started = time.perf_counter()
-        metrics = {key: float(value) for key, value in self.task.evaluate(self._model_with(arrays), dataset).items()}
-        self._record(server_round, "central", cohort, Exchange(seconds=time.perf_counter() - started), MetricRecord(metrics))
+        if isinstance(strategy, Personalized):
+            personal = dict(sorted(strategy.personal_arrays().items()))
+            if not personal:
+                return None
+            clients = {str(pid): self._evaluate_central(model_arrays, dataset) for pid, model_arrays in personal.items()}
+            metrics = {key: float(np.nanmean([c[key] for c in clients.values()])) for key in next(iter(clients.values()))}
+        elif len(arrays) == 0:
+            return None
+        else:
+            clients, metrics = {}, self._evaluate_central(arrays, dataset)
+        done = Exchange(seconds=time.perf_counter() - started)
+        self._record(server_round, "central", cohort, done, MetricRecord(metrics), clients=clients)
         return metrics
+
+    def _evaluate_central(self, arrays: ArrayRecord, dataset: Any) -> dict[str, float]:
+        return {key: float(value) for key, value in self.task.evaluate(self._model_with(arrays), dataset).items()}
 
     def _model_with(self, arrays: ArrayRecord) -> torch.nn.Module:
         """The server's one evaluation model instance, loaded with ``arrays``."""

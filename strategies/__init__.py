@@ -13,8 +13,25 @@ from functools import lru_cache
 from strategies.base import Algorithm
 
 BUILTIN_ALGORITHMS: dict[str, str] = {
+    # federated optimisation
     "fedavg": "strategies.fedavg",
+    "fedsgd": "strategies.fedsgd",
+    "scaffold": "strategies.scaffold",
+    # personalisation
+    "fedbn": "strategies.fedbn",
+    "fedper": "strategies.fedper",
+    "pfedhn": "strategies.pfedhn",
+    # robust aggregation (Flower's rules, for the attack experiments)
+    "fedmedian": "strategies.robust:FEDMEDIAN",
+    "fedtrimmedavg": "strategies.robust:FEDTRIMMEDAVG",
+    "krum": "strategies.robust:KRUM",
+    "multikrum": "strategies.robust:MULTIKRUM",
+    "bulyan": "strategies.robust:BULYAN",
+    # baselines: each hospital alone, all data pooled
+    "local": "strategies.local",
+    "centralized": "strategies.centralized",
 }
+"""Strategy name → ``module`` (exposing ``ALGORITHM``) or ``module:ATTRIBUTE``."""
 
 
 class UnknownStrategyError(LookupError):
@@ -32,7 +49,8 @@ def get_algorithm(name: str) -> Algorithm:
     if module_name is None:
         allowed = ", ".join(sorted(BUILTIN_ALGORITHMS))
         raise UnknownStrategyError(f"unknown strategy '{name}' (allowed: {allowed})")
-    return importlib.import_module(module_name).ALGORITHM
+    module_name, _, attribute = module_name.partition(":")
+    return getattr(importlib.import_module(module_name), attribute or "ALGORITHM")
 
 
 __all__ = ["Algorithm", "BUILTIN_ALGORITHMS", "UnknownStrategyError", "get_algorithm"]

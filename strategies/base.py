@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -21,8 +21,10 @@ from medtasks.seeding import numpy_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from flwr.serverapp.strategy import Strategy
+    from torch.utils.data import Dataset
 
-    from server.scenario import Scenario
+    from medtasks.base import Task
+    from server.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
 
@@ -53,6 +55,23 @@ class ClientRule:
 
     def __init__(self, params: StrategyParams) -> None:
         self.params = params
+
+    def training_data(self, task: "Task", partition_id: int) -> "Dataset":
+        """The examples this site trains on (default: its own training split)."""
+        return task.client_data(partition_id).train
+
+    def local_section(self, local: "LocalSection", train_size: int) -> "LocalSection":
+        """The local-training settings to use (default: the scenario's ``local`` section).
+
+        An algorithm that prescribes its own local schedule (FedSGD: one full-batch
+        gradient step) returns a modified copy (``local.model_copy(update=...)``).
+        """
+        return local
+
+    def before_training(self, model: torch.nn.Module, task: "Task", dataset: "Dataset",
+                        local: "LocalSection") -> None:
+        """Called once after :meth:`receive` and before the first local step (e.g. SCAFFOLD
+        option I computes its full local gradient at w_t here)."""
 
     def receive(self, model: torch.nn.Module, content: RecordDict, state: RecordDict) -> None:
         """Load what the server sent into ``model`` (before training or evaluation)."""
@@ -87,6 +106,19 @@ def load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> No
 
 
 # --- server side ----------------------------------------------------------------------------
+@runtime_checkable
+class Personalized(Protocol):
+    """A strategy whose clients end with models of their own (local-only, pFedHN, ...).
+
+    The round loop evaluates each of these models on the server's held-out set,
+    records them per client in the ``central`` phase and reports their mean.
+    """
+
+    def personal_arrays(self) -> Mapping[int, ArrayRecord]:
+        """Partition id → that site's current full model (every tensor of the state dict)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Cohort:
     """The federation's nodes, known by partition id (node ids are random per run).
