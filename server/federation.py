@@ -318,10 +318,12 @@ class Federation:
 
         A :class:`~strategies.base.Personalized` strategy is judged by its sites' own
         models: each is evaluated, recorded per client, and the phase's aggregate is
-        their unweighted mean (every model sees the same test set).
+        their unweighted mean (every model sees the same test set). A strategy whose
+        global model is incomplete by design (FedBN: BatchNorm stays at the sites) sets
+        ``central_evaluation = False`` and is judged by federated evaluation only.
         """
         dataset = self.task.server_data()
-        if dataset is None:
+        if dataset is None or not getattr(strategy, "central_evaluation", True):
             return None
         started = time.perf_counter()
         if isinstance(strategy, Personalized):
