@@ -113,7 +113,7 @@ def train(message: Message, context: Context) -> Message:
     task = task_for(scenario)
     model = task.build_model()
     rule = _client_rule(scenario)
-    dataset = rule.training_data(task, pid)
+    dataset = rule.training_data(task, pid, scenario.partition.clients)
     local = rule.local_section(scenario.local, len(dataset))
     rule.receive(model, message.content, context.state)
     rule.before_training(model, task, dataset, local)

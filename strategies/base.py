@@ -56,8 +56,12 @@ class ClientRule:
     def __init__(self, params: StrategyParams) -> None:
         self.params = params
 
-    def training_data(self, task: "Task", partition_id: int) -> "Dataset":
-        """The examples this site trains on (default: its own training split)."""
+    def training_data(self, task: "Task", partition_id: int, sites: int) -> "Dataset":
+        """The examples this site trains on (default: its own training split).
+
+        Args:
+            sites: number of sites in the federation (``partition.clients``).
+        """
         return task.client_data(partition_id).train
 
     def local_section(self, local: "LocalSection", train_size: int) -> "LocalSection":

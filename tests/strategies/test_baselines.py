@@ -1,0 +1,95 @@
+"""Baselines: centralized training reaches the pooled optimum, local-only training each site's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.cache import task_for
+from server.cli import main
+from server.engines import run_scenario
+from server.progress import make_progress
+from server.results import RunDirectory
+from server.scenario import ScenarioError, validate
+from tests.server.test_federation import InterruptAfter, without_timing
+
+QUADRATIC = "tests.strategies.toy_tasks:QuadraticTask"
+
+
+def quadratic_scenario(tmp_path: Path, strategy: str, *, rounds: int = 40, **strategy_keys) -> object:
+    return validate({
+        "name": f"quadratic-{strategy}",
+        "seed": 0,
+        "task": {"name": QUADRATIC, "model": "linear"},
+        "data": {"samples_per_client": 20, "server_samples": 0},
+        "partition": {"clients": 3},
+        "strategy": {"name": strategy, "rounds": rounds, "min_clients": 1, **strategy_keys},
+        "local": {"epochs": 10, "batch_size": 1000, "optimizer": "sgd", "lr": 0.3},  # full-batch gradient descent
+        "engine": {"backend": "inprocess"},
+        "output": {"dir": str(tmp_path / "runs"), "plots": False},
+    })
+
+
+def run(scenario, progress=None) -> RunDirectory:
+    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+    run_dir.write_scenario(scenario.to_yaml())
+    run_scenario(scenario, run_dir, progress or make_progress(interactive=False))
+    return run_dir
+
+
+def test_centralized_training_reaches_the_pooled_optimum_on_one_node(tmp_path: Path) -> None:
+    scenario = quadratic_scenario(tmp_path, "centralized")
+    run_dir = run(scenario)
+    task = task_for(scenario)
+    weights = run_dir.load_checkpoint().arrays["weight"].squeeze(0).double()
+    assert torch.allclose(weights, task.optimum(), atol=1e-4)
+    train = [r for r in run_dir.read_metrics() if r["phase"] == "train"]
+    assert all(list(r["clients"]) == ["0"] for r in train)  # one trainer ...
+    pooled = sum(len(task.client_data(k).train) for k in range(3))
+    assert train[0]["aggregate"]["num-examples"] == pooled  # ... on every site's data
+    evaluate = next(r for r in run_dir.read_metrics() if r["phase"] == "evaluate")
+    assert sorted(evaluate["clients"]) == ["0", "1", "2"]  # every site scores the pooled model
+
+
+def test_centralized_max_steps_counts_one_federated_round(tmp_path: Path) -> None:
+    scenario = quadratic_scenario(tmp_path, "centralized", rounds=1)
+    scenario = validate({**scenario.model_dump(mode="json"), "local": {"epochs": 5, "max_steps": 2, "batch_size": 4}})
+    train = next(r for r in run(scenario).read_metrics() if r["phase"] == "train")
+    assert train["clients"]["0"]["steps"] == 2 * 3
+
+
+def test_centralized_needs_min_clients_one(tmp_path: Path) -> None:
+    raw = quadratic_scenario(tmp_path, "centralized").model_dump(mode="json")
+    raw["strategy"]["min_clients"] = 2
+    with pytest.raises(ScenarioError, match="strategy.min_clients: the centralized baseline"):
+        validate(raw)
+
+
+def test_local_only_sites_reach_their_own_optima_and_central_scores_each(tmp_path: Path) -> None:
+    scenario = validate({**quadratic_scenario(tmp_path, "local").model_dump(mode="json"),
+                         "data": {"samples_per_client": 20, "server_samples": 1}})
+    run_dir = run(scenario)
+    task = task_for(scenario)
+    models = run_dir.load_checkpoint().strategy_state["models"]
+    for k in range(3):
+        own = models[str(k)]["weight"].squeeze(0).double()
+        assert torch.allclose(own, task.optimum([k]), atol=1e-4)
+        assert not torch.allclose(own, task.optimum(), atol=1e-1)  # heterogeneous sites: nothing shared
+    central = [r for r in run_dir.read_metrics() if r["phase"] == "central"][-1]
+    losses = [central["clients"][str(k)]["loss"] for k in range(3)]
+    assert central["aggregate"]["loss"] == pytest.approx(sum(losses) / 3)
+    evaluate = [r for r in run_dir.read_metrics() if r["phase"] == "evaluate"][-1]
+    assert max(m["loss"] for m in evaluate["clients"].values()) < 1e-6  # each site fits its own data exactly
+
+
+def test_local_only_resumes_every_sites_model(tmp_path: Path) -> None:
+    scenario = quadratic_scenario(tmp_path, "local", rounds=3)
+    uninterrupted = run(scenario)
+    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
+    interrupted.write_scenario(scenario.to_yaml())
+    with pytest.raises(KeyboardInterrupt):
+        run_scenario(scenario, interrupted, InterruptAfter(2))
+    assert main(["run", "--resume", str(interrupted.path)]) == 0
+    assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
