@@ -4,6 +4,7 @@
     medfed run --resume RUN_DIR
     medfed validate FILE ...
     medfed list [FOLDER]
+    medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
 
 Exit codes: 0 success, 1 a run failed (one line says why), 2 invalid input
 (scenario, option or file), 130 interrupted.
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="table of the scenarios in a folder")
     listing.add_argument("folder", nargs="?", default="scenarios", help="folder of scenario files (default: scenarios)")
     listing.set_defaults(handler=_list)
+
+    compare = commands.add_parser("compare", help="table and curves of several runs side by side")
+    compare.add_argument("runs", nargs="+", help="run directories (e.g. runs/seg-iid/* runs/seg-local-only/*)")
+    compare.add_argument("--target", type=float, help="also report rounds and MB until the primary metric reaches this")
+    compare.add_argument("--out", default="compare.png", help="where to draw the curves (default: compare.png)")
+    compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    compare.set_defaults(handler=_compare)
     return parser
 
 
@@ -212,6 +220,35 @@ def _list(args: argparse.Namespace) -> int:
                       str(s.strategy.rounds), s.engine.backend)
     Console(width=max(120, Console().width)).print(table)
     return status
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from server.compare import CompareError, comparison_rows, load_runs, markdown_table, plot_comparison
+
+    try:
+        runs = load_runs(args.runs)
+    except CompareError as error:
+        return _fail(str(error), EXIT_INVALID)
+    rows = comparison_rows(runs, args.target)
+    if args.markdown:
+        print(markdown_table(rows))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        from server.compare import format_cell
+
+        table = Table(title=f"{len(runs)} runs")
+        for column in rows[0]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(format_cell(value) for value in row.values()))
+        Console(width=max(120, Console().width)).print(table)
+    unfinished = [run.label for run in runs if run.seconds is None]
+    if unfinished:
+        log.warning("not finished (no summary.json): %s", ", ".join(unfinished))
+    print(f"curves: {plot_comparison(runs, Path(args.out))}")
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover
