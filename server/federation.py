@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -284,6 +285,9 @@ class Federation:
             central = self._central_evaluation(server_round, cohort, arrays, strategy)
             if central is not None:
                 headline[f"central {self.task.primary_metric}"] = central.get(self.task.primary_metric)
+        every = scenario.output.examples_every
+        if scenario.output.plots and every and server_round % every == 0:
+            self._draw_examples(arrays, self.run_dir.plots / "examples" / f"round-{server_round:03d}.png")
         return arrays, {key: value for key, value in headline.items() if value is not None}
 
     def _phase(self, grid: Grid, cohort: Cohort, server_round: int, phase: str, messages: list[Message]) -> Exchange:
@@ -393,13 +397,18 @@ class Federation:
         from server.plots import plot_metric_curves
 
         plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name)
+        self._draw_examples(arrays, self.run_dir.plots / "examples.png")
+
+    def _draw_examples(self, arrays: ArrayRecord, path: Path) -> None:
+        """The global model's output on a few test images (server set, else site 0's validation split)."""
         if len(arrays) == 0:
-            return
-        dataset = self.task.server_data()
+            return  # no global model (local-only, pFedHN): nothing single to draw
         try:
+            dataset = self.task.server_data()
             if dataset is None:
                 dataset = self.task.client_data(0).val
-            self.task.plot_examples(self._model_with(arrays), dataset, self.run_dir.plots / "examples.png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.task.plot_examples(self._model_with(arrays), dataset, path)
         except Exception as error:  # noqa: BLE001 - a picture must not lose the run's results
             log.warning("could not draw example predictions: %s", error)
 

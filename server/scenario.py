@@ -115,6 +115,9 @@ class OutputSection(_Section):
         True, description="copy each node's persistent state into checkpoints so --resume restores it"
     )
     plots: bool = True
+    examples_every: int | None = Field(
+        None, ge=1, description="also draw the model's output on a few test images every k rounds (plots/examples/)"
+    )
 
 
 class Scenario(_Section):

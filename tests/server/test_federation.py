@@ -49,7 +49,7 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 
 def test_cli_run_writes_a_complete_run_directory_and_dice_improves(tmp_path: Path, capsys) -> None:
-    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "strategy.rounds=3"]
+    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "strategy.rounds=3", "output.examples_every=2"]
     args = ["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]
     assert main(args) == 0
     (run_path,) = (tmp_path / "runs" / "quickstart").iterdir()
@@ -60,6 +60,7 @@ def test_cli_run_writes_a_complete_run_directory_and_dice_improves(tmp_path: Pat
                  "plots/overview.png", "plots/examples.png"):
         assert (run_path / name).is_file(), name
     assert (run_path / "plots" / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (run_path / "plots" / "examples").iterdir()) == ["round-002.png"]  # every 2nd round
 
     partitions = json.loads((run_path / "partitions.json").read_text())
     assert sorted(partitions["clients"]) == ["0", "1", "2", "3"]
