@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from medtasks.base import Task
 from server.scenario import LocalSection
@@ -32,6 +32,49 @@ class FitResult:
     loss: float  # mean task loss (before rule terms) over the steps taken
     steps: int  # optimiser steps actually taken (K in SCAFFOLD's option II)
     num_examples: int  # |P_k|, the aggregation weight n_k
+
+
+class PooledSites(ConcatDataset):
+    """Several sites' datasets trained on as one (the centralized baseline).
+
+    Mini-batches mix sites like any shuffled dataset, unless ``by_site``: then every
+    mini-batch holds samples of one site only, for tasks whose batches must share
+    something that differs by site (a CT scanner's geometry). Each epoch then
+    shuffles every site's samples, cuts them into batches and shuffles the order of
+    all batches, so an epoch still visits each pooled sample exactly once.
+    """
+
+    def __init__(self, sites: list[Dataset], *, by_site: bool = False) -> None:
+        super().__init__(sites)
+        self.by_site = by_site
+
+
+class _SiteBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices into a :class:`PooledSites`, never mixing sites."""
+
+    def __init__(self, pooled: PooledSites, batch_size: int, generator: torch.Generator) -> None:
+        self.pooled, self.batch_size, self.generator = pooled, batch_size, generator
+
+    def _batches(self) -> list[list[int]]:
+        batches, start = [], 0
+        for end in self.pooled.cumulative_sizes:
+            order = (start + torch.randperm(end - start, generator=self.generator)).tolist()
+            batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            start = end
+        return [batches[i] for i in torch.randperm(len(batches), generator=self.generator).tolist()]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(site) / self.batch_size) for site in self.pooled.datasets)
+
+
+def make_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled mini-batches of ``dataset`` (site by site for a :class:`PooledSites` that asks for it)."""
+    if isinstance(dataset, PooledSites) and dataset.by_site:
+        return DataLoader(dataset, batch_sampler=_SiteBatches(dataset, batch_size, generator))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
 def build_optimizer(model: torch.nn.Module, local: LocalSection) -> torch.optim.Optimizer:
@@ -60,7 +103,7 @@ def fit(
     Raises:
         NonFiniteLossError: when a loss is NaN/inf (the step is not applied).
     """
-    loader = DataLoader(dataset, batch_size=local.batch_size, shuffle=True, generator=generator)
+    loader = make_loader(dataset, local.batch_size, generator)
     optimizer = build_optimizer(model, local)
     model.train()
     total_loss, steps = 0.0, 0

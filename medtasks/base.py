@@ -119,6 +119,10 @@ class Task(Protocol):
     ``Params`` (a :class:`TaskParams` subclass) and ``models`` (accepted
     ``task.model`` names) as class attributes so scenario files are validated
     before anything runs.
+
+    Optional class attribute: ``batches_within_site = True`` for a task whose
+    mini-batches must not mix sites (e.g. a CT batch shares one scanner geometry);
+    the centralized baseline then batches its pooled data site by site.
     """
 
     name: ClassVar[str]

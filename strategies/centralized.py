@@ -9,8 +9,12 @@ without moving data): one model minimises the pooled empirical risk
 with mini-batch SGD over the union of the sites' training splits. It runs in the
 same round loop as a federated run so its results are directly comparable:
 
-* One round = ``local.epochs`` epochs over the pooled data, drawn in one shuffled
-  stream (mini-batches mix sites). ``local.max_steps``, when set, is multiplied by
+* One round = ``local.epochs`` epochs over the pooled data, shuffled as one set.
+  A task whose batches must share something that differs by site (the CT
+  scanner's geometry) sets ``batches_within_site = True``: its mini-batches then
+  each come from one site, in an order shuffled across sites, so an epoch still
+  visits every pooled sample once (:class:`client.trainer.PooledSites`).
+  ``local.max_steps``, when set, is multiplied by
   the number of sites, so a round does as many gradient steps as one federated
   round in which every site trains.
 * The pooled training runs on the node holding partition 0 (it builds every
@@ -26,8 +30,9 @@ from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import Dataset
 
+from client.trainer import PooledSites
 from medtasks.base import Task
 from server.scenario import LocalSection, Scenario
 from strategies.base import Algorithm, ClientRule, StrategyContext, StrategyParams
@@ -61,7 +66,8 @@ class CentralizedClient(ClientRule):
     def training_data(self, task: Task, partition_id: int, sites: int) -> Dataset:
         """∪_k P_k in partition-id order (this node builds every site's data)."""
         self._sites = sites
-        return ConcatDataset([task.client_data(pid).train for pid in range(sites)])
+        by_site = bool(getattr(task, "batches_within_site", False))
+        return PooledSites([task.client_data(pid).train for pid in range(sites)], by_site=by_site)
 
     def local_section(self, local: LocalSection, train_size: int) -> LocalSection:
         """``max_steps`` × number of sites: as many steps as a federated round in which every site trains."""

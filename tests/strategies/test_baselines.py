@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.utils.data import TensorDataset
+
 from client.cache import task_for
+from client.trainer import PooledSites, make_loader
 from server.cli import main
 from server.engines import run_scenario
 from server.progress import make_progress
@@ -93,3 +96,15 @@ def test_local_only_resumes_every_sites_model(tmp_path: Path) -> None:
         run_scenario(scenario, interrupted, InterruptAfter(2))
     assert main(["run", "--resume", str(interrupted.path)]) == 0
     assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
+
+
+def test_pooled_batches_by_site_never_mix_sites_and_cover_every_sample_once_per_epoch() -> None:
+    sites = [TensorDataset(torch.full((n, 1, width), float(k))) for k, (n, width) in enumerate([(7, 3), (5, 4), (9, 3)])]
+    loader = make_loader(PooledSites(sites, by_site=True), batch_size=4, generator=torch.Generator().manual_seed(0))
+    epochs = [[batch[0] for batch in loader] for _ in range(2)]
+    for batches in epochs:
+        assert len(batches) == len(loader) == 2 + 2 + 3
+        assert all(len(set(b[:, 0, 0].tolist())) == 1 for b in batches)  # one site per batch
+        assert sorted(sum((b[:, 0, 0].tolist() for b in batches), [])) == [0.0] * 7 + [1.0] * 5 + [2.0] * 9
+    firsts = [[b[0, 0, 0].item() for b in batches] for batches in epochs]
+    assert firsts[0] != firsts[1] or len(set(firsts[0])) > 1  # batch order mixes sites, and changes by epoch
