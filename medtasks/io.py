@@ -31,11 +31,14 @@ message naming the offending path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from medtasks.base import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pydicom
 
 #: Supported file extensions, longest first so ``.nii.gz`` wins over ``.gz``.
 EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".npy", ".dcm")
@@ -73,14 +76,27 @@ def _read_nifti(path: Path) -> np.ndarray:
     return np.asarray(nibabel.load(str(path)).get_fdata(dtype=np.float64))
 
 
+def dicom_rescale(dataset: "pydicom.Dataset") -> tuple[float, float]:
+    """``(slope, intercept)`` of the dataset, or of its shared / first per-frame functional group
+    (enhanced multi-frame CT keeps them there, not at the top level)."""
+    if "RescaleSlope" in dataset or "RescaleIntercept" in dataset:
+        return float(dataset.get("RescaleSlope", 1.0)), float(dataset.get("RescaleIntercept", 0.0))
+    for keyword in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = dataset.get(keyword) or []
+        transform = groups[0].get("PixelValueTransformationSequence") if groups else None
+        if transform:
+            item = transform[0]
+            return float(item.get("RescaleSlope", 1.0)), float(item.get("RescaleIntercept", 0.0))
+    return 1.0, 0.0
+
+
 def _read_dicom(path: Path) -> np.ndarray:
     """DICOM pixel data in stored units: ``slope · stored + intercept``; frames on the last axis."""
     import pydicom
 
     dataset = pydicom.dcmread(str(path))
     pixels = dataset.pixel_array.astype(np.float64)
-    slope = float(getattr(dataset, "RescaleSlope", 1.0))
-    intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
+    slope, intercept = dicom_rescale(dataset)
     pixels = pixels * slope + intercept
     return np.moveaxis(pixels, 0, -1) if pixels.ndim == 3 else pixels
 

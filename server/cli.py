@@ -137,6 +137,13 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(error), EXIT_INVALID)
     if args.engine:
         scenario.engine.backend = args.engine
+    from client.cache import task_for
+    from medtasks.base import DataError
+
+    try:
+        task_for(scenario)  # data that cannot be built is a configuration error: no run directory for it
+    except DataError as error:
+        return _fail(f"{args.scenario or run_dir.path}: data: {error}", EXIT_INVALID)
     if not args.resume:
         try:
             run_dir = RunDirectory.create(scenario.output.dir, scenario.name)

@@ -19,6 +19,14 @@ Data sources (``data.source``):
   shift). The last ``max(1, round(val_fraction · n_k))`` slices are the site's validation set.
   ``data.server_samples > 0`` gives the server a test set from the stream
   ``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy mix.
+
+  With ``task.params.phantom: packaged`` the slices are real instead: augmented patches of the
+  CT images that the distributions in ``task.params.slice_packages`` install
+  (:mod:`medtasks.ct.realdata`: ``pydicom``, and the optional ``pydicom-data``). The label
+  is the source slice's anatomy (head, thorax, abdomen: those the packages hold). Sites cut
+  their patches from the ``"train"`` region of every slice, the server's test set from the
+  held-out ``"test"`` region, so no test pixel is ever trained on. Everything else (scanners,
+  references, partition) is as above.
 * ``"folder"``: real slices in HU read by :func:`_load_ct_slices` from ``data.path``, converted
   to μ, resampled to ``image_size`` and cut to the scanner's field of view (the inscribed
   circle). The label is "thorax" when the slice contains lungs (:func:`anatomy_label`), "other"
@@ -62,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks import io
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
+from medtasks.ct import realdata
 from medtasks.ct.metrics import psnr, rmse_hu, ssim
 from medtasks.ct.models import FBPConvNet, UnrolledProximalGradient
 from medtasks.ct.operator import FilterName, Geometry, RadonOperator, get_operator
@@ -88,9 +97,10 @@ LUNG_FRACTION = 0.1
 MAX_PHANTOM_ATTEMPTS = 64
 _LUNG_THRESHOLD_MU = MU_WATER * (1.0 - 500.0 / 1000.0)  # μ at −500 HU
 
-PhantomName = Literal["torso", "ellipses", "mixed"]
+PhantomName = Literal["torso", "ellipses", "mixed", "packaged"]
 
-#: Anatomy labels each phantom family draws from (label skew changes their mix).
+#: Anatomy labels each generated phantom family draws from (label skew changes their mix); the
+#: labels of ``"packaged"`` are those of its slices (:func:`anatomy_names`).
 ANATOMIES: dict[str, tuple[str, ...]] = {
     "torso": ("thorax", "abdomen"),
     "ellipses": ("ellipses",),
@@ -127,7 +137,15 @@ class CTParams(TaskParams):
     dose_i0: float = Field(1e5, gt=0, description="Unattenuated photons per detector bin of the neutral scanner.")
     detector_blur: float = Field(0.0, ge=0, description="Gaussian detector blur of the neutral scanner, bins.")
     phantom: PhantomName = Field(
-        "torso", description="Anatomy family: torso (thorax/abdomen), ellipses, or mixed (all three)."
+        "torso",
+        description="Anatomy family: torso (thorax/abdomen), ellipses, mixed (all three), or packaged "
+        "(augmented patches of real CT slices shipped by slice_packages).",
+    )
+    slice_packages: tuple[realdata.Package, ...] = Field(
+        ("pydicom",),
+        min_length=1,
+        description="Distributions whose real CT slices phantom=packaged uses: pydicom (2 slices, always "
+        "installed) and pydicom-data (4 more, optional: pip install pydicom-data).",
     )
     filter: FilterName = Field("ram-lak", description="FBP filter window.")
     channels: tuple[int, ...] = Field((16, 32, 64), min_length=2, description="FBPConvNet U-Net widths.")
@@ -237,6 +255,35 @@ def anatomy_label(mu: np.ndarray) -> int:
     return 0 if (body & ~dense).sum() > LUNG_FRACTION * body.sum() else 1
 
 
+def anatomy_names(params: CTParams) -> tuple[str, ...]:
+    """The anatomy labels of synthetic data with ``params.phantom`` (and its ``slice_packages``)."""
+    if params.phantom == "packaged":
+        return realdata.anatomies(params.slice_packages)
+    return ANATOMIES[params.phantom]
+
+
+@functools.lru_cache(maxsize=4)
+def _packaged_pool(packages: tuple[str, ...]) -> dict[str, tuple[realdata.PatchSource, ...]]:
+    """The packaged slices of ``packages`` as ``μ`` in 1/cm, ready for patches, by anatomy (cached per process)."""
+    pool: dict[str, list[realdata.PatchSource]] = {}
+    for item in realdata.load_slices(packages):
+        pool.setdefault(item.entry.anatomy, []).append(realdata.PatchSource(realdata.hu_to_mu(item.hu)))
+    return {anatomy: tuple(sources) for anatomy, sources in pool.items()}
+
+
+def draw_packaged(
+    rng: np.random.Generator, anatomy: str, image_size: int, region: realdata.Region, packages: tuple[str, ...]
+) -> np.ndarray:
+    """A patch ``μ`` (float32 ``[N, N]``, 1/cm) of a real slice of ``anatomy``, cut from ``region``.
+
+    The slice is uniform among the packaged slices of that anatomy; the patch is drawn and rendered
+    by its :class:`~medtasks.ct.realdata.PatchSource`.
+    """
+    sources = _packaged_pool(packages)[anatomy]
+    source = sources[int(rng.integers(len(sources)))]
+    return source.render(source.draw(rng, region, image_size), image_size)
+
+
 def draw_phantom(rng: np.random.Generator, anatomy: str, image_size: int) -> np.ndarray:
     """A random phantom ``μ`` (float32 ``[N, N]``, 1/cm) of the given anatomy.
 
@@ -333,14 +380,23 @@ class _SyntheticSite:
     acquisition: Acquisition
     reference_sigma: float
     filter: FilterName
+    packages: tuple[str, ...] = ()
+    """Distributions of the real slices (``phantom: packaged``); empty for generated phantoms."""
+    region: realdata.Region = "train"
+    """Region of the real slices the patches come from."""
 
 
 @functools.lru_cache(maxsize=16)
 def _synthetic_samples(site: _SyntheticSite) -> Samples:
-    """Draws the site's anatomies and phantoms, then simulates them (cached per process)."""
+    """Draws the site's anatomies and phantoms (or real patches), then simulates them (cached per process)."""
     rng = numpy_rng(site.seed, "ct", *site.stream)
     labels = rng.choice(len(site.anatomies), size=site.n_samples, p=np.asarray(site.label_distribution))
-    mu = np.stack([draw_phantom(rng, site.anatomies[y], site.image_size) for y in labels])
+    if site.packages:
+        mu = np.stack(
+            [draw_packaged(rng, site.anatomies[y], site.image_size, site.region, site.packages) for y in labels]
+        )
+    else:
+        mu = np.stack([draw_phantom(rng, site.anatomies[y], site.image_size) for y in labels])
     generator = torch_generator(site.seed, "ct", "noise", *site.stream)
     return simulate(mu, labels, site.acquisition, site.reference_sigma, site.filter, generator)
 
@@ -379,15 +435,13 @@ def slice_to_mu(hu: np.ndarray, image_size: int) -> np.ndarray:
     ``μ = μ_water (1 + max(h, −1000) / 1000)``, padded with air to a square, resampled bilinearly to
     ``N × N`` and zeroed outside the inscribed circle (the region every projection sees).
     """
-    mu = MU_WATER * (1.0 + np.maximum(hu, -1000.0) / 1000.0)
+    mu = realdata.hu_to_mu(hu)
     side = max(mu.shape)
     pad = [((side - s) // 2, (side - s + 1) // 2) for s in mu.shape]
     mu = np.pad(mu, pad, constant_values=0.0)
     if side != image_size:
         mu = ndimage.zoom(mu, image_size / side, order=1, grid_mode=True, mode="nearest")
-    offset = np.arange(image_size) - image_size // 2
-    disk = offset[:, None] ** 2 + offset[None, :] ** 2 <= (image_size // 2) ** 2
-    return np.clip(mu * disk, 0.0, None).astype(np.float32)
+    return np.clip(mu * realdata.field_of_view_disk(image_size), 0.0, None).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -444,6 +498,7 @@ class CTReconstructionTask:
     """
 
     name: ClassVar[str] = "ct"
+    batches_within_site: ClassVar[bool] = True  # a batch shares one scanner geometry (the centralized baseline)
     Params: ClassVar[type[TaskParams]] = CTParams
     models: ClassVar[tuple[str, ...]] = ("fbpconvnet", "unrolled")
     primary_metric: ClassVar[str] = "psnr"
@@ -458,7 +513,9 @@ class CTReconstructionTask:
         self.ctx = ctx
         self.params: CTParams = params
         self.model_name: str = ctx.model or self.models[0]
-        self.label_names = ANATOMIES[params.phantom] if ctx.data.source == "synthetic" else FOLDER_LABELS
+        self.label_names = anatomy_names(params) if ctx.data.source == "synthetic" else FOLDER_LABELS
+        if ctx.data.source == "synthetic" and params.phantom == "packaged":
+            realdata.load_slices(params.slice_packages)  # a missing package fails here, in one line
         #: Site profiles of synthetic data (``None`` for folder data, whose sites are index splits).
         self.profiles: list[SiteProfile] | None = None
         if ctx.data.source == "synthetic":
@@ -529,12 +586,18 @@ class CTReconstructionTask:
             acquisition=neutral_values(ACQUISITION_SPACE),
             annotator=neutral_values(ANNOTATOR_SPACE),
         )
-        samples = _synthetic_samples(self._site(("server",), neutral))
+        samples = _synthetic_samples(self._site(("server",), neutral, region="test"))
         return samples.dataset(slice(None))
 
-    def _site(self, stream: tuple[str | int, ...], profile: SiteProfile) -> _SyntheticSite:
-        """The cache key of a synthetic site drawn from ``numpy_rng(seed, "ct", *stream)``."""
+    def _site(
+        self, stream: tuple[str | int, ...], profile: SiteProfile, region: realdata.Region = "train"
+    ) -> _SyntheticSite:
+        """The cache key of a synthetic site drawn from ``numpy_rng(seed, "ct", *stream)``.
+
+        ``region`` says which part of the real slices the patches of ``phantom: packaged`` come from.
+        """
         p = self.params
+        packaged = p.phantom == "packaged"
         return _SyntheticSite(
             seed=self.ctx.seed,
             stream=stream,
@@ -545,6 +608,8 @@ class CTReconstructionTask:
             acquisition=Acquisition.of_site(p, profile.acquisition),
             reference_sigma=float(profile.annotator["reference_smoothing"]),
             filter=p.filter,
+            packages=tuple(p.slice_packages) if packaged else (),
+            region=region,
         )
 
     def _folder_site(self, partition_id: int) -> ClientData:
