@@ -210,6 +210,7 @@ class Federation:
         self.scenario_json = scenario.to_json()  # travels in every message; serialise once
         self.stop = threading.Event()  # set by an engine whose ServerApp runs in another thread (Ctrl-C)
         self._central_model: torch.nn.Module | None = None
+        self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -227,6 +228,7 @@ class Federation:
             StrategyContext(scenario, algorithm.Params.model_validate(scenario.strategy.params), cohort, template)
         )
         strategy.summary()
+        self._global_model_complete = getattr(strategy, "central_evaluation", True)
         arrays, checkpoint = ArrayRecord(template.state_dict()), None
         first_round = 1
         if self.resume:
@@ -401,8 +403,8 @@ class Federation:
 
     def _draw_examples(self, arrays: ArrayRecord, path: Path) -> None:
         """The global model's output on a few test images (server set, else site 0's validation split)."""
-        if len(arrays) == 0:
-            return  # no global model (local-only, pFedHN): nothing single to draw
+        if len(arrays) == 0 or not self._global_model_complete:
+            return  # no (complete) global model: local-only, pFedHN, FedBN, FedPer
         try:
             dataset = self.task.server_data()
             if dataset is None:

@@ -139,10 +139,15 @@ class Cohort:
     def partition_to_node(self) -> dict[int, int]:
         return {pid: nid for nid, pid in self.node_to_partition.items()}
 
+    @staticmethod
+    def sample_size(sites: int, fraction: float, min_nodes: int) -> int:
+        """How many of ``sites`` a round samples: ``min(N, max(min_nodes, floor(fraction·N)))``."""
+        return min(sites, max(min_nodes, int(fraction * sites)))
+
     def sample(self, server_round: int, fraction: float, min_nodes: int, phase: str) -> list[int]:
-        """Node ids of ``max(min_nodes, floor(fraction·N))`` sites, in partition-id order."""
+        """Node ids of :meth:`sample_size` sites, in partition-id order."""
         partitions = sorted(self.node_to_partition.values())
-        size = min(len(partitions), max(min_nodes, int(fraction * len(partitions))))
+        size = self.sample_size(len(partitions), fraction, min_nodes)
         if size >= len(partitions):
             chosen = partitions
         else:
