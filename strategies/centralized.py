@@ -36,7 +36,7 @@ from client.trainer import PooledSites
 from medtasks.base import Task
 from server.scenario import LocalSection, Scenario
 from strategies.base import Algorithm, ClientRule, StrategyContext, StrategyParams
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, sampling_options
 
 log = logging.getLogger("medfed")
 
@@ -78,9 +78,7 @@ class CentralizedClient(ClientRule):
 
 def build_strategy(context: StrategyContext) -> Centralized:
     """Server half from a scenario."""
-    section = context.scenario.strategy
-    return Centralized(context.cohort, fraction_train=1.0, fraction_evaluate=section.fraction_evaluate,
-                       min_train_nodes=1, min_evaluate_nodes=1)
+    return Centralized(context.cohort, **{**sampling_options(context), "fraction_train": 1.0, "min_train_nodes": 1})
 
 
 def check_compatible(scenario: Scenario) -> None:

@@ -187,18 +187,21 @@ class FedAvgClient(ClientRule):
         return super().reply(model, state, steps=steps)
 
 
+def sampling_options(context: StrategyContext) -> dict[str, float | int]:
+    """The scenario's sampling settings as :class:`FedAvg` keyword arguments (shared by its subclasses)."""
+    section = context.scenario.strategy
+    return {
+        "fraction_train": section.fraction_train,
+        "fraction_evaluate": section.fraction_evaluate,
+        "min_train_nodes": section.min_clients,
+        "min_evaluate_nodes": 1,
+    }
+
+
 def build_strategy(context: StrategyContext) -> FedAvg:
     """Server half from a scenario."""
-    section, params = context.scenario.strategy, context.params
-    return FedAvg(
-        context.cohort,
-        fraction_train=section.fraction_train,
-        fraction_evaluate=section.fraction_evaluate,
-        min_train_nodes=section.min_clients,
-        min_evaluate_nodes=1,
-        proximal_mu=params.proximal_mu,
-        bn_stats=params.bn_stats,
-    )
+    params = context.params
+    return FedAvg(context.cohort, proximal_mu=params.proximal_mu, bn_stats=params.bn_stats, **sampling_options(context))
 
 
 ALGORITHM = Algorithm(name="fedavg", Params=FedAvgParams, build_strategy=build_strategy, client_rule=FedAvgClient)

@@ -45,7 +45,7 @@ from strategies.base import (
     StrategyParams,
     load_into,
 )
-from strategies.fedavg import FedAvg
+from strategies.fedavg import FedAvg, sampling_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.scenario import Scenario
@@ -173,16 +173,7 @@ class FedPer(FedAvg):
 def build_partial_strategy(context: StrategyContext, strategy_class: type[FedPer],
                            local_names: Collection[str]) -> FedPer:
     """A :class:`FedPer`-family server half from a scenario."""
-    section = context.scenario.strategy
-    return strategy_class(
-        context.cohort,
-        template=context.model,
-        local_names=local_names,
-        fraction_train=section.fraction_train,
-        fraction_evaluate=section.fraction_evaluate,
-        min_train_nodes=section.min_clients,
-        min_evaluate_nodes=1,
-    )
+    return strategy_class(context.cohort, template=context.model, local_names=local_names, **sampling_options(context))
 
 
 # --- client side ----------------------------------------------------------------------------------

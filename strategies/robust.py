@@ -44,7 +44,7 @@ from strategies.base import (
     aggregate_metrics,
     usable_replies,
 )
-from strategies.fedavg import FedAvg, FedAvgClient, FedAvgParams
+from strategies.fedavg import FedAvg, FedAvgClient, FedAvgParams, sampling_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.scenario import Scenario
@@ -229,15 +229,7 @@ def clients_per_round(scenario: "Scenario") -> int:
 
 def _algorithm(name: str, params: type[RobustParams]) -> Algorithm:
     def build_strategy(context: StrategyContext) -> RobustFedAvg:
-        section = context.scenario.strategy
-        return RobustFedAvg(
-            context.cohort,
-            context.params,  # type: ignore[arg-type]
-            fraction_train=section.fraction_train,
-            fraction_evaluate=section.fraction_evaluate,
-            min_train_nodes=section.min_clients,
-            min_evaluate_nodes=1,
-        )
+        return RobustFedAvg(context.cohort, context.params, **sampling_options(context))  # type: ignore[arg-type]
 
     def check_compatible(scenario: "Scenario") -> None:
         problem = params.model_validate(scenario.strategy.params).shortfall(clients_per_round(scenario))
