@@ -234,6 +234,11 @@ def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[flo
     return averaged
 
 
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """State-dict name → parameter, for every parameter with ``requires_grad`` (model order)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
 def batchnorm_tensor_names(model: torch.nn.Module) -> set[str]:
     """State-dict names of every BatchNorm tensor: weight, bias, running stats, counter."""
     names = set()
