@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
@@ -70,6 +71,15 @@ class _SiteBatches(Sampler[list[int]]):
         return sum(math.ceil(len(site) / self.batch_size) for site in self.pooled.datasets)
 
 
+class PrivateTraining(Protocol):
+    """Sample-level differential privacy of the local loop (implemented in :mod:`privacy`)."""
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
+        """The private optimiser and loader to train ``model`` with (``model`` is trained in place)."""
+        ...
+
+
 def make_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
     """Shuffled mini-batches of ``dataset`` (site by site for a :class:`PooledSites` that asks for it)."""
     if isinstance(dataset, PooledSites) and dataset.by_site:
@@ -94,17 +104,22 @@ def fit(
     local: LocalSection,
     rule: ClientRule,
     generator: torch.Generator,
+    private: "PrivateTraining | None" = None,
 ) -> FitResult:
     """Train ``model`` in place for ``local.epochs`` epochs (at most ``local.max_steps`` steps).
 
     Args:
         generator: shuffling stream, derived from (seed, round, partition) by the caller.
+        private: sample-level DP-SGD (e.g. Opacus), which replaces the optimiser and the
+            loader by private ones (per-sample clipping and noise, Poisson sampling).
 
     Raises:
         NonFiniteLossError: when a loss is NaN/inf (the step is not applied).
     """
     loader = make_loader(dataset, local.batch_size, generator)
     optimizer = build_optimizer(model, local)
+    if private is not None:
+        optimizer, loader = private.attach(model, optimizer, loader)
     model.train()
     total_loss, steps = 0.0, 0
     for _ in range(local.epochs):
