@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
+
+pytest.register_assert_rewrite("tests.helpers")  # its shared checks report values like test asserts do
+
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

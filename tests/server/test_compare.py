@@ -8,7 +8,7 @@ import pytest
 
 from server.cli import main
 from server.compare import CompareError, comparison_rows, load_runs
-from tests.strategies.test_baselines import quadratic_scenario, run
+from tests.helpers import quadratic_scenario, run
 
 
 @pytest.fixture(scope="module")

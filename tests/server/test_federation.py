@@ -9,43 +9,10 @@ import pytest
 
 from server import scenario as scenario_module
 from server.cli import main
-from server.engines import run_scenario
 from server.federation import FederationError
-from server.progress import make_progress
 from server.results import RunDirectory
+from tests.helpers import QUICKSTART, SMALL, interrupted_and_resumed, run, small_scenario, without_timing
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
-SMALL = [
-    "task.params.image_size=32",
-    "data.samples_per_client=20",
-    "data.server_samples=8",
-    "local.batch_size=8",
-    "local.lr=0.01",
-    "engine.backend=inprocess",
-]
-
-
-def small_scenario(tmp_path: Path, *overrides: str) -> scenario_module.Scenario:
-    return scenario_module.load(QUICKSTART, [*SMALL, f"output.dir={tmp_path / 'runs'}", *overrides])
-
-
-def run(scenario: scenario_module.Scenario, *, progress=None) -> RunDirectory:
-    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-    run_dir.write_scenario(scenario.to_yaml())
-    run_scenario(scenario, run_dir, progress or make_progress(interactive=False))
-    return run_dir
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    """Records with wall-clock fields removed (everything else must be reproducible)."""
-    cleaned = []
-    for record in records:
-        record = {k: v for k, v in record.items() if k != "seconds"}
-        record["aggregate"] = {k: v for k, v in record["aggregate"].items() if k != "seconds"}
-        record["clients"] = {pid: {k: v for k, v in m.items() if k != "seconds"} for pid, m in record["clients"].items()}
-        cleaned.append(record)
-    return cleaned
 
 
 def test_cli_run_writes_a_complete_run_directory_and_dice_improves(tmp_path: Path, capsys) -> None:
@@ -92,33 +59,9 @@ def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     assert other_seed != first
 
 
-class InterruptAfter:
-    """A progress display that raises KeyboardInterrupt once a given round is done (Ctrl-C)."""
-
-    def __init__(self, round_: int) -> None:
-        self.inner, self.round = make_progress(interactive=False), round_
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def round_done(self, server_round: int, metrics: dict) -> None:
-        self.inner.round_done(server_round, metrics)
-        if server_round == self.round:
-            raise KeyboardInterrupt
-
-
 def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
-    scenario = small_scenario(tmp_path, "strategy.rounds=3")
-    uninterrupted = run(scenario)
-
-    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
-    interrupted.write_scenario(scenario.to_yaml())
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, interrupted, InterruptAfter(2))
-    assert max(r["round"] for r in interrupted.read_metrics()) == 2
-    assert not (interrupted.path / "summary.json").exists()
-
-    assert main(["run", "--resume", str(interrupted.path)]) == 0
+    # interrupted_and_resumed also checks that the interrupted run's metrics stop at round 2, without summary.json
+    interrupted, uninterrupted = interrupted_and_resumed(small_scenario(tmp_path, "strategy.rounds=3"), after=2)
     resumed = interrupted.read_metrics()
     assert without_timing(resumed) == without_timing(uninterrupted.read_metrics())
     round_3 = next(r for r in resumed if r["round"] == 3 and r["phase"] == "train")

@@ -81,7 +81,7 @@ MALFORMED = {
     "bad_task_param": (_with(task__params__norm="layer"), "task.params.norm: Input should be 'batch', 'instance' or 'group'"),
     "bad_partition_param": (_with(partition__kind="label_skew", partition__params={"alpha": -1}),
                             "partition.params.alpha: Input should be greater than 0"),
-    "unknown_strategy": (_with(strategy__name="fedmagic"), "strategy.name: unknown strategy 'fedmagic' (allowed: fedavg"),
+    "unknown_strategy": (_with(strategy__name="fedmagic"), "strategy.name: unknown strategy 'fedmagic' (allowed: bulyan, centralized, fedavg, fedbn"),
     "min_clients_above_clients": (_with(strategy__min_clients=5), "strategy.min_clients (5) exceeds partition.clients (2)"),
     "missing_data_folder": (_with(data={"source": "folder", "path": "no/such/dir"}), "data.path: data folder not found"),
     "not_a_mapping": ("- just\n- a list\n", "a scenario must be a mapping of sections"),

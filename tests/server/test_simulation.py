@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.test_federation import run, small_scenario, without_timing
+from tests.helpers import run, small_scenario, without_timing
 
 
 def assert_close(a: object, b: object, path: str = "") -> None:

@@ -11,43 +11,15 @@ from torch.utils.data import TensorDataset
 
 from client.cache import task_for
 from client.trainer import PooledSites, make_loader
-from server.cli import main
-from server.engines import run_scenario
-from server.progress import make_progress
-from server.results import RunDirectory
 from server.scenario import ScenarioError, validate
-from tests.server.test_federation import InterruptAfter, without_timing
-
-QUADRATIC = "tests.strategies.toy_tasks:QuadraticTask"
-
-
-def quadratic_scenario(tmp_path: Path, strategy: str, *, rounds: int = 40, **strategy_keys) -> object:
-    return validate({
-        "name": f"quadratic-{strategy}",
-        "seed": 0,
-        "task": {"name": QUADRATIC, "model": "linear"},
-        "data": {"samples_per_client": 20, "server_samples": 0},
-        "partition": {"clients": 3},
-        "strategy": {"name": strategy, "rounds": rounds, "min_clients": 1, **strategy_keys},
-        "local": {"epochs": 10, "batch_size": 1000, "optimizer": "sgd", "lr": 0.3},  # full-batch gradient descent
-        "engine": {"backend": "inprocess"},
-        "output": {"dir": str(tmp_path / "runs"), "plots": False},
-    })
-
-
-def run(scenario, progress=None) -> RunDirectory:
-    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-    run_dir.write_scenario(scenario.to_yaml())
-    run_scenario(scenario, run_dir, progress or make_progress(interactive=False))
-    return run_dir
+from tests.helpers import final_weight, interrupted_and_resumed, quadratic_scenario, run, without_timing
 
 
 def test_centralized_training_reaches_the_pooled_optimum_on_one_node(tmp_path: Path) -> None:
     scenario = quadratic_scenario(tmp_path, "centralized")
     run_dir = run(scenario)
     task = task_for(scenario)
-    weights = run_dir.load_checkpoint().arrays["weight"].squeeze(0).double()
-    assert torch.allclose(weights, task.optimum(), atol=1e-4)
+    assert torch.allclose(final_weight(run_dir), task.optimum(), atol=1e-4)
     train = [r for r in run_dir.read_metrics() if r["phase"] == "train"]
     assert all(list(r["clients"]) == ["0"] for r in train)  # one trainer ...
     pooled = sum(len(task.client_data(k).train) for k in range(3))
@@ -88,14 +60,8 @@ def test_local_only_sites_reach_their_own_optima_and_central_scores_each(tmp_pat
 
 
 def test_local_only_resumes_every_sites_model(tmp_path: Path) -> None:
-    scenario = quadratic_scenario(tmp_path, "local", rounds=3)
-    uninterrupted = run(scenario)
-    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
-    interrupted.write_scenario(scenario.to_yaml())
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, interrupted, InterruptAfter(2))
-    assert main(["run", "--resume", str(interrupted.path)]) == 0
-    assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
+    resumed, uninterrupted = interrupted_and_resumed(quadratic_scenario(tmp_path, "local", rounds=3), after=2)
+    assert without_timing(resumed.read_metrics()) == without_timing(uninterrupted.read_metrics())
 
 
 def test_pooled_batches_by_site_never_mix_sites_and_cover_every_sample_once_per_epoch() -> None:

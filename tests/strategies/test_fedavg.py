@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 
 from strategies.base import Cohort, batchnorm_buffer_names, batchnorm_tensor_names, weighted_average
 from strategies.fedavg import FedAvg, FedAvgClient, FedAvgParams
+from tests.helpers import reply_message
 
 
 def tiny_bn_model() -> torch.nn.Module:
@@ -18,10 +18,8 @@ def tiny_bn_model() -> torch.nn.Module:
 
 
 def reply(node_id: int, state: dict[str, torch.Tensor], n: int) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"loss": float(n), "num-examples": n})})
-    return Message(content=content, metadata=metadata)
+    """Node ``node_id``'s update ``state`` from ``n`` examples, with loss ``n``."""
+    return reply_message(node_id, {"arrays": ArrayRecord(state)}, num_examples=n, loss=float(n))
 
 
 COHORT = Cohort(node_to_partition={101: 2, 202: 0, 303: 1}, seed=0)

@@ -2,61 +2,27 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.app import app
 from client.cache import task_for
-from server.engines import run_scenario
 from server.federation import record_nbytes
-from server.progress import make_progress
-from server.results import RunDirectory
-from server.scenario import Scenario, ScenarioError, validate
+from server.scenario import Scenario, ScenarioError
 from strategies.base import Cohort, batchnorm_tensor_names, weighted_average
 from strategies.fedbn import LOCAL_BN_STATE_KEY, FedBN, FedBNClient, FedBNParams
+from tests.helpers import QUADRATIC, blobs_scenario, final_accuracy, make_message, run
 
-BLOBS = "tests.strategies.toy_tasks:BlobsTask"
-SITES = 3
-
-
-# --- helpers (also used by test_fedper.py) -----------------------------------------------------------
-def blobs_scenario(strategy: str, params: dict[str, Any] | None = None, *, rounds: int = 1, seed: int = 0,
-                   sites: int = SITES, fraction_train: float = 1.0, task: str = BLOBS, **task_params: Any) -> Scenario:
-    """A small in-process scenario on a toy task (SGD, 1 epoch of 64 examples per round; no plots)."""
-    return validate({
-        "name": f"toy-{strategy}", "seed": seed,
-        "task": {"name": task, "params": task_params},
-        "data": {"samples_per_client": 64, "server_samples": 32},
-        "partition": {"clients": sites},
-        "strategy": {"name": strategy, "rounds": rounds, "fraction_train": fraction_train, "params": params or {}},
-        "local": {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.1},
-        "engine": {"backend": "inprocess"},
-        "output": {"plots": False},
-    })
-
-
-def run(scenario: Scenario, directory: Path) -> RunDirectory:
-    """Run ``scenario`` in-process into a new run directory under ``directory``."""
-    run_dir = RunDirectory.create(directory, scenario.name)
-    run_scenario(scenario, run_dir, make_progress(interactive=False))
-    return run_dir
-
-
-def final_accuracy(run_dir: RunDirectory) -> float:
-    """Federated (each site's own model on its own validation split) accuracy of the last round."""
-    return [r for r in run_dir.read_metrics() if r["phase"] == "evaluate"][-1]["aggregate"]["accuracy"]
+SITES = 3  # blobs_scenario's default
 
 
 def train_message(scenario: Scenario, arrays: ArrayRecord, node: int, server_round: int = 1) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
-                        group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
     config = ConfigRecord({"scenario": scenario.to_json(), "server-round": server_round})
-    return Message(content=RecordDict({"arrays": arrays, "config": config}), metadata=metadata)
+    return make_message(RecordDict({"arrays": arrays, "config": config}), src_node_id=0, dst_node_id=node,
+                        server_round=server_round)
 
 
 def site_context(pid: int) -> Context:
@@ -155,7 +121,7 @@ def test_fedbn_beats_fedavg_under_feature_shift_and_is_reproducible(tmp_path: Pa
 
 def test_model_without_batchnorm_is_a_one_line_scenario_error() -> None:
     with pytest.raises(ScenarioError) as error:
-        blobs_scenario("fedbn", task="tests.strategies.toy_tasks:QuadraticTask")
+        blobs_scenario("fedbn", task=QUADRATIC)
     message = str(error.value)
     assert "\n" not in message
     assert message.endswith(

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, RecordDict
 from client.cache import task_for
 from server.scenario import ScenarioError
 from strategies.fedper import LOCAL_TENSORS_STATE_KEY, FedPerClient, FedPerParams, personal_tensor_names
-from tests.strategies.test_fedbn import blobs_scenario, final_accuracy, run
+from tests.helpers import blobs_scenario, final_accuracy, run
 
 BN = {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
 

@@ -12,37 +12,19 @@ import torch
 from client.cache import task_for
 from server.scenario import LocalSection, Scenario, ScenarioError, validate
 from strategies.fedsgd import FedSGDClient, FedSGDParams
-from tests.server.test_federation import run
-
-QUADRATIC = "tests.strategies.toy_tasks:QuadraticTask"
-BLOBS = "tests.strategies.toy_tasks:BlobsTask"
-FULL_BATCH = 1000  # larger than any site of the toy tasks here
+from tests.helpers import BLOBS, FULL_BATCH, final_weight, quadratic_scenario, run, toy_scenario
 
 
-def toy_scenario(tmp_path: Path, strategy: dict[str, Any], local: dict[str, Any] | None = None, *,
-                 task: str = QUADRATIC, model: str = "linear", clients: int = 4, samples: int = 20) -> Scenario:
-    """A toy-task scenario on the in-process engine, without federated evaluation or plots."""
-    return validate({
-        "name": f"toy-{strategy['name']}",
-        "seed": 0,
-        "task": {"name": task, "model": model},
-        "data": {"samples_per_client": samples},
-        "partition": {"clients": clients},
-        "strategy": {"fraction_evaluate": 0.0, "min_clients": 1, **strategy},
-        "local": local or {},
-        "engine": {"backend": "inprocess"},
-        "output": {"dir": str(tmp_path / "runs"), "plots": False},
-    })
-
-
-def final_weight(run_dir) -> torch.Tensor:
-    """The global linear model's weight after the last round, shape (dim,), float64."""
-    return run_dir.load_checkpoint().arrays["weight"].squeeze(0).double()
+def four_sites(tmp_path: Path, strategy: str, *, rounds: int, local: dict[str, Any] | None = None,
+               **strategy_keys: Any) -> Scenario:
+    """The quadratic task on 4 sites, without federated evaluation (the tests compare the weights)."""
+    return quadratic_scenario(tmp_path, strategy, rounds=rounds, clients=4, local=local or {}, fraction_evaluate=0.0,
+                              **strategy_keys)
 
 
 def test_fedsgd_with_every_site_is_full_batch_gradient_descent_on_the_pooled_data(tmp_path: Path) -> None:
     rounds, eta = 5, 0.3
-    scenario = toy_scenario(tmp_path, {"name": "fedsgd", "rounds": rounds, "params": {"server_lr": eta}})
+    scenario = four_sites(tmp_path, "fedsgd", rounds=rounds, params={"server_lr": eta})
     run_dir = run(scenario)
 
     task = task_for(scenario)
@@ -63,11 +45,9 @@ def test_fedsgd_with_every_site_is_full_batch_gradient_descent_on_the_pooled_dat
 
 def test_fedsgd_equals_fedavg_with_one_full_batch_sgd_step_and_sends_as_many_bytes(tmp_path: Path) -> None:
     eta = 0.2
-    fedsgd = run(toy_scenario(tmp_path, {"name": "fedsgd", "rounds": 4, "params": {"server_lr": eta}}))
-    fedavg = run(toy_scenario(
-        tmp_path, {"name": "fedavg", "rounds": 4},
-        {"epochs": 1, "max_steps": 1, "batch_size": FULL_BATCH, "optimizer": "sgd", "lr": eta},
-    ))
+    fedsgd = run(four_sites(tmp_path, "fedsgd", rounds=4, params={"server_lr": eta}))
+    one_step = {"epochs": 1, "max_steps": 1, "batch_size": FULL_BATCH, "optimizer": "sgd", "lr": eta}
+    fedavg = run(four_sites(tmp_path, "fedavg", rounds=4, local=one_step))
     assert (final_weight(fedsgd) - final_weight(fedavg)).abs().max().item() < 1e-6
     train_sgd = [r for r in fedsgd.read_metrics() if r["phase"] == "train"]
     train_avg = [r for r in fedavg.read_metrics() if r["phase"] == "train"]
@@ -78,8 +58,8 @@ def test_fedsgd_equals_fedavg_with_one_full_batch_sgd_step_and_sends_as_many_byt
 
 def test_fedsgd_steps_with_the_gradient_and_averages_the_sites_batchnorm_statistics_at_w_t(tmp_path: Path) -> None:
     eta = 0.5
-    scenario = toy_scenario(tmp_path, {"name": "fedsgd", "rounds": 1, "params": {"server_lr": eta}},
-                            task=BLOBS, model="mlp", clients=3, samples=16)
+    scenario = toy_scenario(BLOBS, "fedsgd", rounds=1, clients=3, samples=16, local={}, model="mlp",
+                            output={"dir": str(tmp_path / "runs")}, fraction_evaluate=0.0, params={"server_lr": eta})
     result = run(scenario).load_checkpoint().arrays
 
     task, start = task_for(scenario), task_for(scenario).build_model()
@@ -113,7 +93,7 @@ def test_fedsgd_client_takes_one_plain_step_on_all_or_batch_size_examples() -> N
 
 @pytest.mark.parametrize("key", ["momentum", "weight_decay"])
 def test_fedsgd_rejects_local_momentum_and_weight_decay(tmp_path: Path, key: str) -> None:
-    raw = toy_scenario(tmp_path, {"name": "fedsgd", "rounds": 1}).model_dump(mode="json")
+    raw = four_sites(tmp_path, "fedsgd", rounds=1).model_dump(mode="json")
     raw["local"][key] = 0.5
     with pytest.raises(ScenarioError, match=rf"local\.{key}: fedsgd sends one plain gradient") as error:
         validate(raw)

@@ -3,33 +3,20 @@ personalisation under label skew, checkpoints and --resume."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from server.cli import main
-from server.engines import InProcessGrid, run_scenario
-from server.results import RunDirectory
-from server.scenario import ScenarioError, validate
+from server.scenario import Scenario, ScenarioError, validate
 from strategies.base import Cohort
 from strategies.pfedhn import BUFFERS_KEY, DELTA_KEY, PFedHN, PFedHNClient, PFedHNParams
-from tests.server.test_federation import InterruptAfter, run, without_timing
+from tests.helpers import BLOBS, interrupted_and_resumed, message_grid, reply_message, run, toy_scenario, without_timing
 
-BLOBS = "tests.strategies.toy_tasks:BlobsTask"
 # Server settings for a few rounds (the defaults are the authors' settings for thousands of steps).
 FAST_PFEDHN = {"hidden_layers": 2, "hn_lr": 0.075, "momentum": 0.5}
 COHORT = Cohort(node_to_partition={303: 2, 101: 0, 202: 1}, seed=0)  # node ids do not follow partition ids
-
-
-@pytest.fixture
-def grid() -> InProcessGrid:
-    """A server runtime to build messages in (Flower's Message() needs one)."""
-    from client.app import app
-
-    return InProcessGrid(app, 3)
 
 
 def bn_mlp() -> torch.nn.Module:
@@ -37,19 +24,13 @@ def bn_mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
 
 
-def train_reply(node_id: int, records: dict[str, ArrayRecord], n: int = 10) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
-    content = RecordDict({**records, "metrics": MetricRecord({"loss": 1.0, "num-examples": n})})
-    return Message(content=content, metadata=metadata)
-
-
 def random_deltas(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {name: 0.1 * torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()}
 
 
-def test_each_site_receives_its_own_generated_model_and_its_own_buffers(grid: InProcessGrid) -> None:
+def test_each_site_receives_its_own_generated_model_and_its_own_buffers() -> None:
+    grid = message_grid(num_nodes=3)
     model = bn_mlp()
     strategy = PFedHN(COHORT, model, PFedHNParams(hidden_dim=8, hidden_layers=2))
     assert strategy.network.names == [name for name, _ in model.named_parameters()]  # BN statistics not generated
@@ -72,12 +53,13 @@ def reply_records(model: torch.nn.Module, seed: int, running_mean: float) -> dic
     return {DELTA_KEY: ArrayRecord(random_deltas(model, seed)), BUFFERS_KEY: ArrayRecord(buffers)}
 
 
-def test_aggregation_moves_phi_and_the_trained_sites_embeddings_and_keeps_their_buffers(grid: InProcessGrid) -> None:
+def test_aggregation_moves_phi_and_the_trained_sites_embeddings_and_keeps_their_buffers() -> None:
+    grid = message_grid(num_nodes=3)
     model = bn_mlp()
     strategy = PFedHN(COHORT, model, PFedHNParams(hidden_dim=8, hidden_layers=2, weight_decay=0.0))
     before = {name: value.clone() for name, value in strategy.network.state_dict().items()}
-    replies = [train_reply(303, reply_records(model, 2, running_mean=7.0)),
-               train_reply(101, reply_records(model, 0, running_mean=5.0))]
+    replies = [reply_message(303, reply_records(model, 2, running_mean=7.0), num_examples=10),
+               reply_message(101, reply_records(model, 0, running_mean=5.0), num_examples=10)]
     mean_model, metrics = strategy.aggregate_train(1, replies)
     after = strategy.network.state_dict()
     for name, value in before.items():
@@ -116,8 +98,8 @@ def test_update_is_the_hand_computed_vector_jacobian_product(hidden_layers: int)
     w = u @ A.T + b  # [3 sites, 3]: what the sites receive
     trained = {0: torch.tensor([0.3, -0.2, 0.5]), 2: torch.tensor([-0.1, 0.4, 0.0])}  # Δw_0, Δw_2
 
-    replies = [train_reply(303, {DELTA_KEY: ArrayRecord({"weight": trained[2][None]})}),
-               train_reply(101, {DELTA_KEY: ArrayRecord({"weight": trained[0][None]})})]
+    replies = [reply_message(303, {DELTA_KEY: ArrayRecord({"weight": trained[2][None]})}, num_examples=10),
+               reply_message(101, {DELTA_KEY: ArrayRecord({"weight": trained[0][None]})}, num_examples=10)]
     strategy.aggregate_train(1, replies)
     new = strategy.network.state_dict()
 
@@ -162,27 +144,20 @@ def test_client_replies_its_update_and_its_buffers() -> None:
     assert not torch.equal(buffers["1.running_mean"], received["1.running_mean"])
 
 
-def blobs_scenario(tmp_path: Path, strategy: str, rounds: int, **output):
-    return validate({
-        "name": f"blobs-{strategy}",
-        "seed": 0,
-        "task": {"name": BLOBS, "model": "mlp",
-                 "params": {"classes": 4, "classes_per_client": 1, "feature_shift": 0.0}},  # pure label skew
-        "data": {"samples_per_client": 64, "server_samples": 32},
-        "partition": {"clients": 4},
-        "strategy": {"name": strategy, "rounds": rounds, "min_clients": 1,
-                     "params": FAST_PFEDHN if strategy == "pfedhn" else {}},
-        "local": {"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.1},
-        "engine": {"backend": "inprocess"},
-        "output": {"dir": str(tmp_path / "runs"), "plots": False, **output},
-    })
+def label_skew_scenario(tmp_path: Path, strategy: str, rounds: int, **output: object) -> Scenario:
+    """Blobs on 4 sites that each see one of the 4 classes (pure label skew), 2 SGD epochs per round."""
+    return toy_scenario(BLOBS, strategy, rounds=rounds, clients=4, samples=64, server_samples=32, model="mlp",
+                        task_params={"classes": 4, "classes_per_client": 1, "feature_shift": 0.0},
+                        local={"epochs": 2, "batch_size": 16, "optimizer": "sgd", "lr": 0.1},
+                        output={"dir": str(tmp_path / "runs"), **output},
+                        params=FAST_PFEDHN if strategy == "pfedhn" else {})
 
 
 def test_personalised_models_beat_one_fedavg_model_under_label_skew(tmp_path: Path) -> None:
     """Each site sees one of four classes: its own model wins, one global model cannot fit all sites."""
     accuracy = {}
     for strategy in ("fedavg", "pfedhn"):
-        records = run(blobs_scenario(tmp_path, strategy, rounds=8, checkpoint_node_state=False)).read_metrics()
+        records = run(label_skew_scenario(tmp_path, strategy, rounds=8, checkpoint_node_state=False)).read_metrics()
         accuracy[strategy] = [r for r in records if r["phase"] == "evaluate"][-1]["aggregate"]["accuracy"]
         central = [r for r in records if r["phase"] == "central"][-1]
         assert sorted(central["clients"]) == (["0", "1", "2", "3"] if strategy == "pfedhn" else [])
@@ -190,13 +165,7 @@ def test_personalised_models_beat_one_fedavg_model_under_label_skew(tmp_path: Pa
 
 
 def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
-    scenario = blobs_scenario(tmp_path, "pfedhn", rounds=3)
-    uninterrupted = run(scenario)
-    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
-    interrupted.write_scenario(scenario.to_yaml())
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, interrupted, InterruptAfter(2))
-    assert main(["run", "--resume", str(interrupted.path)]) == 0
+    interrupted, uninterrupted = interrupted_and_resumed(label_skew_scenario(tmp_path, "pfedhn", rounds=3), after=2)
     assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
     resumed, straight = (d.load_checkpoint().strategy_state["hypernetwork"] for d in (interrupted, uninterrupted))
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
@@ -204,7 +173,7 @@ def test_resume_continues_to_the_same_result(tmp_path: Path) -> None:
 
 
 def test_bad_params_name_the_key(tmp_path: Path) -> None:
-    raw = blobs_scenario(tmp_path, "pfedhn", rounds=1).model_dump(mode="json")
+    raw = label_skew_scenario(tmp_path, "pfedhn", rounds=1).model_dump(mode="json")
     raw["strategy"]["params"] = {"hidden_dim": 0}
     with pytest.raises(ScenarioError, match=r"strategy\.params\.hidden_dim: Input should be greater than or equal to 1"):
         validate(raw)

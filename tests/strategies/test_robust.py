@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 
 from server.scenario import ScenarioError
 from strategies import get_algorithm
@@ -23,20 +22,16 @@ from strategies.robust import (
     RobustFedAvg,
     RobustParams,
 )
-from tests.strategies.test_fedbn import blobs_scenario, run
+from tests.helpers import QUADRATIC, blobs_scenario, reply_message, run
 
-QUADRATIC = "tests.strategies.toy_tasks:QuadraticTask"
 HONEST = [0.0, 1.0, 2.5, 4.5]  # sites 0..3, with n_k = 10, 20, 30, 40
 OUTLIER = 1000.0  # site 4, n_k = 50
 
 
 def reply(pid: int, value: float) -> Message:
     """Site ``pid``'s update: w = [v, 2v] (float32) and an integer counter c = round(v); n_k = 10 (pid + 1)."""
-    metadata = Metadata(run_id=1, message_id=f"m{pid}", src_node_id=100 + pid, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
     arrays = ArrayRecord({"w": torch.tensor([value, 2 * value]), "c": torch.tensor(round(value))})
-    metrics = MetricRecord({"loss": value, "num-examples": 10 * (pid + 1)})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), metadata=metadata)
+    return reply_message(100 + pid, {"arrays": arrays}, num_examples=10 * (pid + 1), loss=value)
 
 
 def aggregate(strategy: FedAvg, values: list[float]) -> dict[str, torch.Tensor]:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from client.app import app as client_app
 from client.cache import task_for
 from client.trainer import fit
 from medtasks.seeding import torch_generator
-from server.cli import main
-from server.engines import InProcessGrid, run_scenario
+from server.engines import run_scenario
 from server.progress import make_progress
 from server.results import RunDirectory
 from server.scenario import LocalSection, Scenario, ScenarioError, validate
@@ -29,18 +26,30 @@ from strategies.scaffold import (
     ScaffoldParams,
     full_gradient,
 )
-from tests.server.test_federation import InterruptAfter, run, without_timing
-from tests.strategies.test_fedsgd import FULL_BATCH, final_weight, toy_scenario
+from tests.helpers import (
+    BLOBS,
+    FULL_BATCH,
+    final_weight,
+    interrupted_and_resumed,
+    message_grid,
+    new_run_directory,
+    quadratic_scenario,
+    reply_message,
+    run,
+    toy_scenario,
+    without_timing,
+)
 
-# K = 10 full-batch plain-SGD steps per round: enough local drift for FedAvg to miss the optimum
-LOCAL_STEPS = {"epochs": 10, "batch_size": FULL_BATCH, "optimizer": "sgd", "lr": 0.1}
+# 4 sites, K = 10 full-batch plain-SGD steps per round: enough local drift for FedAvg to miss the optimum;
+# no federated evaluation (the tests compare the weights)
+SETTING: dict[str, Any] = {"clients": 4, "fraction_evaluate": 0.0,
+                           "local": {"epochs": 10, "batch_size": FULL_BATCH, "optimizer": "sgd", "lr": 0.1}}
 ROUNDS = 20
 
 
-def scaffold_scenario(tmp_path: Path, *, variate: str = "II", rounds: int = ROUNDS, fraction: float = 1.0,
-                      **extra: Any) -> Scenario:
-    strategy = {"name": "scaffold", "rounds": rounds, "fraction_train": fraction, "params": {"variate": variate}}
-    return toy_scenario(tmp_path, strategy, LOCAL_STEPS, **extra)
+def scaffold_scenario(tmp_path: Path, *, variate: str = "II", rounds: int = ROUNDS, fraction: float = 1.0) -> Scenario:
+    return quadratic_scenario(tmp_path, "scaffold", rounds=rounds, fraction_train=fraction,
+                              params={"variate": variate}, **SETTING)
 
 
 def uniform_optimum(task: Any) -> torch.Tensor:
@@ -53,7 +62,7 @@ def uniform_optimum(task: Any) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fedavg_gaps(tmp_path_factory: pytest.TempPathFactory) -> tuple[float, float]:
     """Distance of FedAvg (same local steps, same rounds) to the pooled and to the unweighted optimum."""
-    scenario = toy_scenario(tmp_path_factory.mktemp("fedavg"), {"name": "fedavg", "rounds": ROUNDS}, LOCAL_STEPS)
+    scenario = quadratic_scenario(tmp_path_factory.mktemp("fedavg"), "fedavg", rounds=ROUNDS, **SETTING)
     weight, task = final_weight(run(scenario)), task_for(scenario)
     return (weight - task.optimum()).norm().item(), (weight - uniform_optimum(task)).norm().item()
 
@@ -119,8 +128,8 @@ def test_option_one_stores_the_full_local_gradient_at_the_received_model() -> No
 
 
 def test_full_gradient_leaves_batchnorm_statistics_unchanged() -> None:
-    scenario = toy_scenario(Path("unused"), {"name": "scaffold", "rounds": 1, "params": {"variate": "I"}},
-                            task="tests.strategies.toy_tasks:BlobsTask", model="mlp")
+    scenario = toy_scenario(BLOBS, "scaffold", rounds=1, clients=4, samples=20, local={}, model="mlp",
+                            fraction_evaluate=0.0, params={"variate": "I"})
     task = task_for(scenario)
     model = task.build_model()
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -145,19 +154,15 @@ COHORT = Cohort(node_to_partition={11: 0, 22: 1, 33: 2, 44: 3}, seed=0)
 
 
 def train_reply(node_id: int, weight: float, delta: float) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN)
-    content = RecordDict({
+    return reply_message(node_id, {
         "arrays": ArrayRecord({"w": torch.full((2,), weight), "running_mean": torch.full((2,), 10 * weight)}),
         VARIATE_DELTA_KEY: ArrayRecord({"w": torch.full((2,), delta)}),
-        "metrics": MetricRecord({"loss": 1.0, "num-examples": 10 * node_id}),
-    })
-    return Message(content=content, metadata=metadata)
+    }, num_examples=10 * node_id)
 
 
 def test_server_steps_with_the_mean_update_and_adds_sampled_share_of_mean_delta_c() -> None:
     strategy = Scaffold(COHORT, {"w": torch.Size([2])}, server_lr=0.5)
-    grid = InProcessGrid(client_app, num_nodes=4)  # messages can only be made next to a Grid
+    grid = message_grid(num_nodes=4)  # messages can only be made next to a Grid
     config = ConfigRecord({"server-round": 1})
     w_t = ArrayRecord({"w": torch.ones(2), "running_mean": torch.zeros(2)})
     messages = list(strategy.configure_train(1, w_t, config, grid))
@@ -212,8 +217,7 @@ class StateRecorder:
 
 
 def recorded_run(scenario: Scenario) -> tuple[RunDirectory, StateRecorder]:
-    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-    run_dir.write_scenario(scenario.to_yaml())
+    run_dir = new_run_directory(scenario)
     recorder = StateRecorder(run_dir)
     run_scenario(scenario, run_dir, recorder)
     return run_dir, recorder
@@ -249,15 +253,7 @@ def test_c_k_persists_in_node_state_across_rounds_and_while_a_site_is_not_sample
 
 
 def test_resume_restores_c_and_every_c_k_and_continues_to_the_same_result(tmp_path: Path) -> None:
-    scenario = scaffold_scenario(tmp_path, rounds=4, fraction=0.5)
-    uninterrupted = run(scenario)
-
-    interrupted = RunDirectory.create(scenario.output.dir, scenario.name)
-    interrupted.write_scenario(scenario.to_yaml())
-    with pytest.raises(KeyboardInterrupt):
-        run_scenario(scenario, interrupted, InterruptAfter(2))
-    assert main(["run", "--resume", str(interrupted.path)]) == 0
-
+    interrupted, uninterrupted = interrupted_and_resumed(scaffold_scenario(tmp_path, rounds=4, fraction=0.5), after=2)
     assert without_timing(interrupted.read_metrics()) == without_timing(uninterrupted.read_metrics())
     resumed, reference = interrupted.load_checkpoint(), uninterrupted.load_checkpoint()
     assert torch.equal(resumed.arrays["weight"], reference.arrays["weight"])
