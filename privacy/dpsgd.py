@@ -1,0 +1,510 @@
+r"""Sample-level DP-SGD on each client, with Opacus, and a persistent privacy accountant.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy",
+arXiv:1607.00133). At every local step a batch B is drawn by Poisson sampling
+(each of the n_k examples independently with probability q = 1/⌈n_k/b⌉, b the
+batch size), every per-sample gradient is clipped to norm C and Gaussian noise
+is added to their sum:
+
+.. math::
+
+    \bar g_i = g_i \cdot \min\left(1, \frac{C}{\lVert g_i \rVert_2}\right), \qquad
+    \tilde g = \frac{1}{q\, n_k} \left( \sum_{i \in B} \bar g_i + \mathcal N(0, \sigma^2 C^2 I) \right)
+
+(``q·n_k`` is Opacus's expected batch size, rounded down). The wrapped optimiser
+(SGD, Adam, ...) then steps with g̃. One step is the Poisson-subsampled Gaussian
+mechanism with noise multiplier σ and sampling rate q; its privacy loss is
+counted by an accountant over the whole history [(σ, q, steps), ...] of the
+node, across rounds:
+
+* ``"rdp"``: Rényi DP (Mironov 2017, arXiv:1702.07476; subsampled Gaussian of
+  Mironov, Talwar & Zhang 2019, arXiv:1908.10530). RDP of order α adds up over
+  steps, ε(δ) = min_α [RDP_α + log(1/δ)/(α − 1)]: conservative and fast.
+* ``"prv"``: privacy loss random variables composed numerically by FFT (Gopi,
+  Lee & Wutschitz 2021, arXiv:2106.02848): a tighter upper bound, slower.
+
+The history is plain data: it is kept in the node's ``context.state`` (a
+ConfigRecord under :data:`ACCOUNTANT_KEY`), so it survives between rounds and
+``--resume`` (DESIGN.md §4), and ε is recomputed from it by a fresh Opacus
+accountant (:func:`epsilon`). Consecutive entries with the same (σ, q) are merged
+exactly as Opacus's accountants merge their own steps, so the stored history and
+an accountant that saw every step live hold the same list and give the same ε.
+
+Privacy holds for what leaves the node (the trained weights and anything
+computed from them). A client rule that sends anything computed from the raw
+data (SCAFFOLD option I's full gradient, FedSGD's gradient read before the
+noise) breaks it: see :func:`check_combination` and :class:`DPSGDClient`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from opacus.accountants import IAccountant
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.optimizers import DPOptimizer
+    from torch.utils.data import DataLoader
+
+log = logging.getLogger("medfed")
+
+ACCOUNTANT_KEY = "dpsgd-accountant"
+"""Name of the ConfigRecord in ``context.state`` that holds the accountant history."""
+
+Entry = tuple[float, float, int]
+"""One accountant entry: (noise multiplier σ, sampling rate q, number of steps)."""
+
+NORM_KEY = "task.params.norm"
+
+FEDBN_DPSGD_MESSAGE = (
+    "strategy fedbn with privacy.mechanism dpsgd: FedBN keeps BatchNorm local, but DP-SGD cannot use "
+    "BatchNorm (per-sample gradients are undefined under batch statistics); use a strategy without local "
+    f"BatchNorm (fedavg, fedper) and set {NORM_KEY}: group or instance"
+)
+
+
+class DPSGDParams(BaseModel):
+    """Settings of sample-level DP-SGD (the ``dpsgd`` privacy mechanism).
+
+    Parameters
+    ----------
+    noise_multiplier : float or None, default None
+        σ, the noise std relative to ``max_grad_norm``. 0 trains with clipping only
+        (ε = ∞: clipping alone is not DP).
+    target_epsilon : float or None, default None
+        Privacy budget ε at ``delta``. Without ``noise_multiplier``, σ is calibrated
+        so that ε ≤ target after the planned rounds (:func:`calibrate_noise`); in
+        both cases a round that would take ε past the target is refused
+        (:class:`PrivacyBudgetExhausted`). At least one of the two is required.
+    max_grad_norm : float, default 1.0
+        C, the per-sample clipping bound (L2 norm over all trainable parameters).
+    delta : float, default 1e-5
+        δ of the (ε, δ) guarantee; should be well below 1/n_k.
+    accountant : {"rdp", "prv"}, default "rdp"
+        How ε is computed from the history (module docstring).
+    poisson_sampling : bool, default True
+        Poisson batches (what the accountants assume). ``False`` keeps the
+        shuffled fixed-size batches: ε is then only an approximation.
+    secure_mode : False
+        Opacus's cryptographically secure noise needs ``torchcsprng`` and makes
+        runs unrepeatable; the noise here comes from a seeded generator.
+    on_exhausted : {"stop-client", "stop-run"}, default "stop-client"
+        What a spent budget stops: the client (it replies an error and the
+        federation goes on without it) or the whole run (the server ends it on
+        the first :class:`PrivacyBudgetExhausted` reply).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_multiplier: float | None = Field(None, ge=0.0, le=1e6)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    poisson_sampling: bool = True
+    secure_mode: Literal[False] = False
+    on_exhausted: Literal["stop-client", "stop-run"] = "stop-client"
+
+    @model_validator(mode="after")
+    def _noise_or_budget(self) -> "DPSGDParams":
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("dpsgd needs noise_multiplier or target_epsilon (or both)")
+        return self
+
+
+class PrivacyBudgetExhausted(RuntimeError):
+    """The next round would take this node's ε past ``target_epsilon``.
+
+    Attributes:
+        spent: ε of the history so far.
+        next_epsilon: ε the history would have after the next round.
+        target: the budget.
+    """
+
+    def __init__(self, spent: float, next_epsilon: float, target: float, delta: float) -> None:
+        self.spent, self.next_epsilon, self.target = spent, next_epsilon, target
+        super().__init__(
+            f"privacy budget spent: ε = {spent:.4g} so far, the next round would reach "
+            f"{next_epsilon:.4g} > target_epsilon {target:g} (δ = {delta:g})"
+        )
+
+
+# --- the history and its accountants --------------------------------------------------------
+def merge_history(history: Sequence[Entry], entries: Sequence[Entry]) -> list[Entry]:
+    """``history`` followed by ``entries``, merging consecutive entries of equal (σ, q).
+
+    Opacus's accountants merge their own steps the same way, so a history built
+    round by round equals the one an accountant that saw every step would hold.
+    """
+    merged = [(float(s), float(q), int(n)) for s, q, n in history]
+    for sigma, rate, steps in entries:
+        if steps <= 0:
+            continue
+        if merged and merged[-1][0] == float(sigma) and merged[-1][1] == float(rate):
+            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + int(steps))
+        else:
+            merged.append((float(sigma), float(rate), int(steps)))
+    return merged
+
+
+def save_history(state: RecordDict, history: Sequence[Entry]) -> None:
+    """Store ``history`` in a node's ``context.state`` as a ConfigRecord of three lists."""
+    state[ACCOUNTANT_KEY] = ConfigRecord(
+        {
+            "noise-multiplier": [float(entry[0]) for entry in history],
+            "sample-rate": [float(entry[1]) for entry in history],
+            "steps": [int(entry[2]) for entry in history],
+        }
+    )
+
+
+def load_history(state: RecordDict) -> list[Entry]:
+    """The history stored by :func:`save_history` (empty for a node that never trained)."""
+    if ACCOUNTANT_KEY not in state:
+        return []
+    record = state[ACCOUNTANT_KEY]
+    sigmas, rates, steps = record["noise-multiplier"], record["sample-rate"], record["steps"]
+    if not len(sigmas) == len(rates) == len(steps):
+        lengths = f"{len(sigmas)}, {len(rates)}, {len(steps)}"
+        raise ValueError(f"corrupt '{ACCOUNTANT_KEY}' state: lists of lengths {lengths}")
+    return [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
+
+
+def append_history(state: RecordDict, entries: Sequence[Entry]) -> list[Entry]:
+    """Add one round's ``entries`` to the history in ``state``; return the whole history."""
+    history = merge_history(load_history(state), entries)
+    save_history(state, history)
+    return history
+
+
+def make_accountant(history: Sequence[Entry], accountant: Literal["rdp", "prv"]) -> "IAccountant":
+    """A fresh Opacus accountant (``RDPAccountant`` or ``PRVAccountant``) holding ``history``."""
+    from opacus.accountants import create_accountant
+
+    fresh = create_accountant(mechanism=accountant)
+    fresh.history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    return fresh
+
+
+def epsilon(history: Sequence[Entry], delta: float, accountant: Literal["rdp", "prv"] = "rdp") -> float:
+    """ε(δ) of the composition of every step in ``history`` (0 when empty, ∞ if some σ = 0)."""
+    steps = [entry for entry in history if entry[2] > 0]
+    if not steps:
+        return 0.0
+    if any(sigma == 0.0 for sigma, _, _ in steps):
+        return math.inf
+    return float(make_accountant(steps, accountant).get_epsilon(delta=delta))
+
+
+def budget_left(history: Sequence[Entry], delta: float, accountant: Literal["rdp", "prv"],
+                target_epsilon: float) -> float:
+    """``target_epsilon − ε(history)`` (negative once the budget is overspent)."""
+    return target_epsilon - epsilon(history, delta, accountant)
+
+
+def check_budget(history: Sequence[Entry], next_round: Sequence[Entry], *, delta: float,
+                 accountant: Literal["rdp", "prv"], target_epsilon: float) -> float:
+    """ε after ``next_round`` if it stays within ``target_epsilon``.
+
+    Raises:
+        PrivacyBudgetExhausted: if ε(history + next_round) > target_epsilon.
+    """
+    after = epsilon(merge_history(history, next_round), delta, accountant)
+    if after > target_epsilon:
+        raise PrivacyBudgetExhausted(epsilon(history, delta, accountant), after, target_epsilon, delta)
+    return after
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: Literal["rdp", "prv"] = "rdp") -> float:
+    """The σ for which ``steps`` steps at sampling rate q give ε ≤ ``target_epsilon``.
+
+    Opacus's binary search (``get_noise_multiplier``, tolerance 0.01 in ε); the
+    result is the upper end of the bracket, so ε(σ) ≤ target. Cached per process:
+    every round of a node asks for the same σ (PRV searches take seconds).
+
+    Raises:
+        ValueError: if no σ ≤ 10⁶ reaches the target.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():  # the search probes huge σ, whose best RDP order is the largest one
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+# --- models and scenario combinations ---------------------------------------------------------
+def _batchnorm_layers(model: torch.nn.Module) -> list[str]:
+    return [name or type(model).__name__ for name, module in model.named_modules()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _opacus_errors(model: torch.nn.Module) -> list[str]:
+    """First lines of Opacus's validation errors for ``model`` (as if in training mode)."""
+    from opacus.validators import ModuleValidator
+
+    training = model.training
+    model.train()
+    try:
+        errors = ModuleValidator.validate(model, strict=False)
+    finally:
+        model.train(training)
+    return [str(error).splitlines()[0] for error in errors]
+
+
+def check_model(model: torch.nn.Module, *, convert: bool = False) -> torch.nn.Module | None:
+    """``None`` if Opacus can compute per-sample gradients of ``model`` as it is.
+
+    BatchNorm mixes the examples of a batch (each output depends on the batch's
+    mean and variance), so per-sample gradients, and hence DP-SGD, are undefined.
+    Every BatchNorm counts, also those without affine parameters that Opacus's
+    own validator lets through.
+
+    Args:
+        convert: return a converted deep copy instead of raising: every BatchNorm
+            becomes ``GroupNorm(gcd(32, C), C)`` (freshly initialised), then Opacus's
+            other fixers run. The copy's ``state_dict`` lacks the BatchNorm running
+            statistics, so in a federation the server must build the same model
+            (the task's ``norm`` parameter), or received tensors will not fit.
+
+    Raises:
+        ValueError: (one line) naming ``task.params.norm`` for BatchNorm, or Opacus's
+            reasons for other unsupported layers.
+    """
+    batchnorms = _batchnorm_layers(model)
+    errors = [e for e in _opacus_errors(model) if "BatchNorm" not in e]
+    if not batchnorms and not errors:
+        return None
+    if not convert:
+        if batchnorms:
+            shown = ", ".join(batchnorms[:3]) + (f" and {len(batchnorms) - 3} more" if len(batchnorms) > 3 else "")
+            raise ValueError(
+                f"DP-SGD cannot train BatchNorm layers ({shown}): per-sample gradients are undefined when each "
+                f"output depends on the batch statistics; set {NORM_KEY}: group (or instance)"
+            )
+        raise ValueError(f"DP-SGD (Opacus) cannot train this model: {'; '.join(errors)}")
+    from opacus.validators import ModuleValidator
+
+    converted = _replace_batchnorm(model)
+    converted = ModuleValidator.fix(converted)
+    remaining = _opacus_errors(converted)
+    if remaining:
+        raise ValueError(f"DP-SGD (Opacus) cannot train this model even after conversion: {'; '.join(remaining)}")
+    if batchnorms:
+        log.warning("dpsgd: replaced BatchNorm layers %s by GroupNorm (the server must build the same model: %s)",
+                    ", ".join(batchnorms), NORM_KEY)
+    return converted
+
+
+def _replace_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` with each BatchNorm replaced by GroupNorm(gcd(32, C), C)."""
+    import copy
+
+    def group_norm(bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.nn.GroupNorm:
+        return torch.nn.GroupNorm(math.gcd(32, bn.num_features), bn.num_features, eps=bn.eps, affine=bn.affine)
+
+    copied = copy.deepcopy(model)
+    if isinstance(copied, torch.nn.modules.batchnorm._BatchNorm):
+        return group_norm(copied)
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(parent, name, group_norm(child))
+    return copied
+
+
+def check_combination(strategy: str, strategy_params: Mapping[str, Any], norm: str | None) -> None:
+    """Refuse scenario combinations that DP-SGD cannot train or would not protect.
+
+    Args:
+        strategy: ``strategy.name``.
+        strategy_params: ``strategy.params``.
+        norm: ``task.params.norm`` (``None`` if the task has no such parameter).
+
+    Raises:
+        ValueError: (one line) FedBN (it exists to keep BatchNorm local); SCAFFOLD
+            option I (its control variate ∇F_k(w_t) is computed from the raw data and
+            sent to the server without noise); a BatchNorm model.
+    """
+    if strategy == "fedbn":
+        raise ValueError(FEDBN_DPSGD_MESSAGE)
+    if strategy == "scaffold" and strategy_params.get("variate") == "I":
+        raise ValueError(
+            "strategy scaffold with variate I and privacy.mechanism dpsgd: c_k = ∇F_k(w_t) is computed from the "
+            "raw local data and sent without noise; use variate: II (computed from the private weights)"
+        )
+    if norm == "batch":
+        raise ValueError(
+            f"privacy.mechanism dpsgd with {NORM_KEY}: batch: DP-SGD cannot use BatchNorm (per-sample gradients "
+            "are undefined under batch statistics); set it to group or instance"
+        )
+
+
+# --- the client side ----------------------------------------------------------------------------
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+class DPSGDClient:
+    """Sample-level DP-SGD for one round of one client (the trainer's ``PrivateTraining``).
+
+    :meth:`attach` hands the model, optimiser and loader to Opacus's
+    ``PrivacyEngine.make_private`` in non-wrapping mode: per-sample gradient hooks
+    are registered on the layers of ``model`` itself, so the trainer keeps calling
+    ``task.loss(model, batch)`` on the original object and every step still records
+    ``p.grad_sample`` (shape ``[|B|, *p.shape]``). The returned ``DPOptimizer``
+    ignores ``p.grad`` as left by ``backward()``: it replaces it by g̃ (module
+    docstring) before stepping. Hence anything that edits ``p.grad`` between
+    ``backward()`` and ``optimizer.step()`` is discarded (SCAFFOLD's correction,
+    FedProx's proximal gradient). Terms that do not depend on the data belong in
+    ``after_noise``, which runs after g̃ is in ``p.grad`` and before the wrapped
+    optimiser steps; such post-processing keeps the guarantee.
+
+    The accountant: ``prior`` is the node's history before this round
+    (:func:`load_history`); :meth:`history` is this round's entries, to be added
+    with :func:`append_history` once training ends.
+
+    Args:
+        params: the mechanism's settings.
+        generator: noise stream, derived by the caller from (seed, round, partition).
+            Poisson sampling draws from the loader's own generator.
+        prior: the node's accountant history before this round.
+        rounds: rounds the node is expected to train in, used only to calibrate σ
+            from ``target_epsilon`` (more participations than planned are refused
+            once the budget is spent).
+        epochs: local epochs per round.
+        max_steps: cap on local steps per round (``local.max_steps``).
+        after_noise: called with ``model`` at every step after the private gradient
+            is in ``p.grad`` and before the optimiser steps (e.g. SCAFFOLD's
+            ``g ← g − c_k + c``).
+    """
+
+    def __init__(
+        self,
+        params: DPSGDParams,
+        *,
+        generator: torch.Generator,
+        prior: Sequence[Entry] = (),
+        rounds: int = 1,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        after_noise: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        self.params = params
+        self.generator = generator
+        self.prior = merge_history([], prior)
+        self.rounds, self.epochs, self.max_steps = rounds, epochs, max_steps
+        self.after_noise = after_noise
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self._accountant: IAccountant | None = None
+        self._hooks: GradSampleHooks | None = None
+
+    def planned_steps(self, batches: int) -> int:
+        """Local steps of one round over a loader of ``batches`` batches."""
+        steps = self.epochs * batches
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loader: "DataLoader") -> tuple["DPOptimizer", "DataLoader"]:
+        """The private optimiser and loader to train ``model`` (in place) with this round.
+
+        Raises:
+            ValueError: for a model Opacus cannot train (:func:`check_model`).
+            PrivacyBudgetExhausted: if this round would take ε past ``target_epsilon``.
+        """
+        check_model(model)
+        batches = len(loader)
+        if batches == 0:
+            raise ValueError("dpsgd: this site has no training examples")
+        sample_rate = 1.0 / batches  # what Opacus uses: the expected batch size stays ~b
+        planned = self.planned_steps(batches)
+        sigma = self._noise_multiplier(sample_rate, planned)
+        if self.params.target_epsilon is not None:
+            check_budget(self.prior, [(sigma, sample_rate, planned)], delta=self.params.delta,
+                         accountant=self.params.accountant, target_epsilon=self.params.target_epsilon)
+        if sigma == 0.0:
+            log.warning("dpsgd: noise_multiplier 0 clips without noise: this is not differential privacy (ε = ∞)")
+        if self.params.delta * len(loader.dataset) > 1.0:
+            log.warning("dpsgd: delta %g is not below 1/n = 1/%d", self.params.delta, len(loader.dataset))
+
+        from opacus import PrivacyEngine
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=self.params.accountant, secure_mode=False)
+        model.train()
+        hooks, private_optimizer, private_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=self.params.max_grad_norm, poisson_sampling=self.params.poisson_sampling,
+            noise_generator=self.generator, wrap_model=False,
+        )
+        count_step = private_optimizer.step_hook  # the engine's accountant, fresh for this round
+
+        def on_private_gradient(dp_optimizer: "DPOptimizer") -> None:
+            count_step(dp_optimizer)
+            if self.after_noise is not None:
+                self.after_noise(model)
+
+        private_optimizer.attach_step_hook(on_private_gradient)
+        self.noise_multiplier, self.sample_rate = sigma, sample_rate
+        self._accountant, self._hooks = engine.accountant, hooks
+        return private_optimizer, private_loader
+
+    def _noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
+        if self.params.noise_multiplier is not None:
+            return float(self.params.noise_multiplier)
+        assert self.params.target_epsilon is not None  # the params validator guarantees one of them
+        return calibrate_noise(self.params.target_epsilon, self.params.delta, sample_rate,
+                               self.rounds * steps_per_round, self.params.accountant)
+
+    @staticmethod
+    def is_empty(batch: Any) -> bool:
+        """Whether Poisson sampling drew no example (the first tensor has batch size 0)."""
+        first = _first_tensor(batch)
+        return first is not None and first.dim() > 0 and first.shape[0] == 0
+
+    def noise_step(self, optimizer: "DPOptimizer") -> None:
+        """The step of an empty batch: θ moves by the noise alone, and the step is counted.
+
+        The guarantee assumes a noisy step at every draw, empty or not (skipping
+        it would reveal that the batch was empty). No forward pass is needed: the
+        per-sample gradients are set to empty ``[0, *p.shape]`` tensors.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+
+    def history(self) -> list[Entry]:
+        """This round's accountant entries [(σ, q, steps taken)] (empty before :meth:`attach`)."""
+        if self._accountant is None:
+            return []
+        return merge_history([], self._accountant.history)
+
+    def epsilon(self) -> float:
+        """ε(δ) of the prior history followed by this round's steps."""
+        return epsilon(merge_history(self.prior, self.history()), self.params.delta, self.params.accountant)
+
+    def close(self) -> None:
+        """Remove Opacus's hooks and per-sample attributes from the model."""
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
