@@ -1,5 +1,6 @@
-"""Bag- and tile-level metrics of MIL classifiers: ROC AUC, accuracy, balanced accuracy,
-and how well attention localises the positive tiles.
+"""Bag- and tile-level metrics of MIL classifiers: ROC AUC, accuracy, balanced accuracy (at a
+fixed threshold, and at thresholds cross-fitted on held-out folds), and how well attention
+localises the positive tiles.
 
 Inputs may be NumPy arrays, tensors or sequences; everything is computed in
 NumPy float64. Undefined values (a class absent, nothing to score) are NaN.
@@ -96,6 +97,58 @@ def balanced_accuracy(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.
     predicted, truth = _predictions(probs, labels, threshold)
     recalls = [np.mean(predicted[truth == c] == c) for c in (False, True) if np.any(truth == c)]
     return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def best_threshold(scores: ArrayLike, labels: ArrayLike) -> float:
+    """The threshold that maximises balanced accuracy on ``(scores, labels)`` (Youden's J).
+
+    Candidates are the midpoints between consecutive distinct scores and the two ends
+    (predict everything positive / negative); ties go to the smallest threshold.
+
+    Returns:
+        The threshold; NaN if one class is absent.
+    """
+    s = _array(scores, "scores").reshape(-1)
+    y = _binary(labels, s.size)
+    if y.all() or not y.any():
+        return float("nan")
+    distinct = np.unique(s)
+    candidates = np.concatenate([[distinct[0] - 1.0], (distinct[1:] + distinct[:-1]) / 2, [distinct[-1] + 1.0]])
+    predicted = s[None, :] >= candidates[:, None]  # [C, N]
+    recall = 0.5 * (predicted[:, y].mean(axis=1) + (~predicted[:, ~y]).mean(axis=1))
+    return float(candidates[int(np.argmax(recall))])
+
+
+def cross_fitted_balanced_accuracy(scores: ArrayLike, labels: ArrayLike, folds: int = 2) -> float:
+    """Balanced accuracy at thresholds chosen on held-out folds, never on the samples they judge.
+
+    Sample ``i`` belongs to fold ``i mod folds``. Each fold is predicted with the
+    :func:`best_threshold` of the other folds, and the balanced accuracy of all these
+    out-of-fold predictions is returned. It answers "how good is this score once its operating
+    point is calibrated on data labelled like these samples", whereas :func:`balanced_accuracy`
+    at a fixed threshold also judges the score's calibration.
+
+    Args:
+        scores: ``[N]`` scores (logits or probabilities).
+        labels: ``[N]`` 0/1 labels.
+        folds: number of folds, ``>= 2``.
+
+    Returns:
+        The balanced accuracy; NaN when a class is absent from the samples or from the
+        complement of some fold.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    s = _array(scores, "scores").reshape(-1)
+    y = _binary(labels, s.size)
+    fold = np.arange(s.size) % folds
+    predicted = np.zeros(s.size, dtype=bool)
+    for f in range(folds):
+        threshold = best_threshold(s[fold != f], y[fold != f])
+        if np.isnan(threshold):
+            return float("nan")
+        predicted[fold == f] = s[fold == f] >= threshold
+    return balanced_accuracy(predicted.astype(np.float64), y.astype(np.float64), threshold=0.5)
 
 
 def attention_localisation_auc(

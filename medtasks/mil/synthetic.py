@@ -55,13 +55,8 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage, special
 
+from medtasks.mil.stains import STAIN_MATRIX, beer_lambert, complete_stains, deconvolve, shift_stains
 from medtasks.partition import ParamRange, resolve_site_params
-
-#: Unit optical-density vectors ``[v_H; v_E]``, shape ``[2, 3]`` (RGB columns), of
-#: haematoxylin and eosin (Ruifrok & Johnston 2001, as in ``skimage.color.rgb_from_hed``).
-STAIN_MATRIX: np.ndarray = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11]])
-STAIN_MATRIX = STAIN_MATRIX / np.linalg.norm(STAIN_MATRIX, axis=1, keepdims=True)
-STAIN_MATRIX.setflags(write=False)
 
 #: Feature-skew (scanner / staining protocol) parameters; see :func:`acquire`.
 ACQUISITION_SPACE: dict[str, ParamRange] = {
@@ -177,21 +172,32 @@ class Slides:
     """Bags of tiles of one site.
 
     Attributes:
-        tiles: ``[S, K, 3, T, T]`` float32 RGB in ``[0, 1]``.
-        tile_labels: ``[S, K]`` int64, 1 = tumour tile (ground truth).
+        tiles: ``[S, K, 3, T, T]`` float32 RGB in ``[0, 1]`` (zeros on padding).
+        tile_labels: ``[S, K]`` int64 tile truth: 1 = positive (tumour) tile, 0 = negative,
+            :data:`UNKNOWN_TILE` where the truth is not known (real slides without it).
         labels: ``[S]`` int64, the site's annotated bag label (:func:`annotate`).
-        tumour_fraction: ``[S]`` float64, fraction of tumour tiles per slide.
+        tumour_fraction: ``[S]`` float64, fraction of positive tiles per slide (NaN when unknown).
+        padding: ``[S, K]`` bool, ``True`` = padded slot of a slide with fewer than ``K`` tiles.
     """
 
     tiles: np.ndarray
     tile_labels: np.ndarray
     labels: np.ndarray
     tumour_fraction: np.ndarray
+    padding: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding is None:
+            self.padding = np.zeros(self.tile_labels.shape, dtype=bool)
 
     @property
     def true_labels(self) -> np.ndarray:
-        """``[S]`` int64 MIL ground truth: 1 iff the slide holds a tumour tile."""
-        return self.tile_labels.any(axis=1).astype(np.int64)
+        """``[S]`` int64 MIL ground truth: 1 iff the slide holds a positive tile."""
+        return (self.tile_labels == 1).any(axis=1).astype(np.int64)
+
+
+#: ``Slides.tile_labels`` value of a tile whose truth is unknown.
+UNKNOWN_TILE = -1
 
 
 def _style_values(kind: np.ndarray, field: str) -> np.ndarray:
@@ -378,16 +384,6 @@ def render_concentrations(
 # --------------------------------------------------------------------------- site shifts
 
 
-def _rotate_about_grey(vector: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate an OD vector about the grey axis ``g = (1,1,1)/√3`` (Rodrigues' formula),
-    ``v' = v cos α + (g × v) sin α + g (g·v)(1 - cos α)``, clipped to ``>= 0``, unit length."""
-    g = np.full(3, 1.0 / np.sqrt(3.0))
-    cos, sin = np.cos(angle), np.sin(angle)
-    rotated = vector * cos + np.cross(g, vector) * sin + g * (g @ vector) * (1 - cos)
-    rotated = np.clip(rotated, 0.0, None)
-    return rotated / np.linalg.norm(rotated)
-
-
 def site_stain_matrix(acquisition: Mapping[str, float] | None = None) -> np.ndarray:
     """The site's stain OD vectors ``[s_H R(α_H) v_H; s_E R(α_E) v_E]``, shape ``[2, 3]``.
 
@@ -395,9 +391,9 @@ def site_stain_matrix(acquisition: Mapping[str, float] | None = None) -> np.ndar
         acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
     """
     value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
-    h = value["h_scale"] * _rotate_about_grey(STAIN_MATRIX[0], value["h_rotation"])
-    e = value["e_scale"] * _rotate_about_grey(STAIN_MATRIX[1], value["e_rotation"])
-    return np.stack([h, e])
+    return shift_stains(
+        STAIN_MATRIX, (value["h_rotation"], value["e_rotation"]), (value["h_scale"], value["e_scale"])
+    )
 
 
 def acquire(concentrations: np.ndarray, acquisition: Mapping[str, float] | None = None) -> np.ndarray:
@@ -419,34 +415,58 @@ def acquire(concentrations: np.ndarray, acquisition: Mapping[str, float] | None 
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
     value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
-    stains = site_stain_matrix(value).astype(np.float32)
-    od = np.einsum("...shw,sc->...chw", concentrations, stains)
-    rgb = np.clip(value["brightness"] * np.exp(-od), 0.0, 1.0)
-    if value["blur_sigma"] > 0:
-        sigma = (0,) * (rgb.ndim - 2) + (value["blur_sigma"],) * 2
-        rgb = ndimage.gaussian_filter(rgb, sigma, mode="reflect")
-    return rgb.astype(np.float32)
+    return beer_lambert(concentrations, site_stain_matrix(value), value["brightness"], value["blur_sigma"])
 
 
-def annotate(tile_labels: np.ndarray, annotator: Mapping[str, float] | None = None) -> np.ndarray:
+def restain(tiles: np.ndarray, acquisition: Mapping[str, float] | None = None) -> np.ndarray:
+    """Re-image real H&E tiles as a site would stain and scan them (feature skew of real data).
+
+    Colour deconvolution with ``W = [v_H; v_E; v_H × v_E]`` (:func:`~medtasks.mil.stains.complete_stains`),
+    then :func:`acquire`'s imaging with the site's ``[v_H'; v_E']`` and the residual kept:
+
+    .. math::
+        c = \\mathrm{OD}(x)\\, W^{-1},\\qquad
+        x' = G_{\\sigma} * \\operatorname{clip}_{[0,1]}\\big(b \\exp(-W'^\\top c)\\big).
+
+    At neutral values ``x' = x`` up to the ``1/255`` intensity floor.
+
+    Args:
+        tiles: ``[..., 3, T, T]`` RGB in ``[0, 1]``.
+        acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
+
+    Returns:
+        ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
+    """
+    value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
+    stains = complete_stains(STAIN_MATRIX)
+    site = np.vstack([site_stain_matrix(value), stains[2:]])
+    return beer_lambert(deconvolve(tiles, stains), site, value["brightness"], value["blur_sigma"])
+
+
+def annotate(
+    tile_labels: np.ndarray, annotator: Mapping[str, float] | None = None, padding: np.ndarray | None = None
+) -> np.ndarray:
     """A site's bag labels (concept shift).
 
     ``Y = 1`` iff the slide holds a tumour tile and its tumour fraction
-    ``q = (1/K) Σ_k y_k`` reaches the site's ``positive_threshold`` ``τ``:
+    ``q = (1/K) Σ_k y_k`` (over unpadded tiles) reaches the site's ``positive_threshold`` ``τ``:
     ``Y = 1[max_k y_k = 1 ∧ q >= τ]``. At ``τ = 0`` this is the standard MIL
     assumption (lecture, Definition 26).
 
     Args:
-        tile_labels: ``[S, K]`` tile truth (0/1).
+        tile_labels: ``[S, K]`` tile truth (1 = positive; any other value counts as not positive).
         annotator: values for keys of :data:`ANNOTATOR_SPACE` (missing = neutral).
+        padding: ``[S, K]`` bool, ``True`` = padded slot (left out), or ``None``.
 
     Returns:
         ``[S]`` int64 bag labels.
     """
     value = resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
-    tile_labels = np.asarray(tile_labels)
-    fraction = tile_labels.mean(axis=1)
-    return (tile_labels.any(axis=1) & (fraction >= value["positive_threshold"] - 1e-12)).astype(np.int64)
+    positive = np.asarray(tile_labels) == 1
+    valid = np.ones(positive.shape, dtype=bool) if padding is None else ~np.asarray(padding, dtype=bool)
+    positive &= valid
+    fraction = positive.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+    return (positive.any(axis=1) & (fraction >= value["positive_threshold"] - 1e-12)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- slides
@@ -507,28 +527,64 @@ def generate_slides(
     Returns:
         The slides.
     """
+    check_slide_args(num_slides, tiles_per_slide, tile_size, positive_rate)
+    resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
+    resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
+    layout_rng, tissue_rng = rng.spawn(2)
+    tile_labels = slide_layout(layout_rng, num_slides, tiles_per_slide, positive_rate, tumour_fraction)
+    kind = tissue_kinds(tissue_rng, tile_labels.reshape(-1).astype(bool))
+    concentrations = render_concentrations(tissue_rng, kind, tile_size)
+    tiles = acquire(concentrations, acquisition)
+    tiles = tiles.reshape(num_slides, tiles_per_slide, 3, tile_size, tile_size)
+    return labelled_slides(tiles, tile_labels, annotator)
+
+
+def check_slide_args(num_slides: int, tiles_per_slide: int, tile_size: int, positive_rate: float) -> None:
+    """``ValueError`` unless ``num_slides >= 0``, ``K >= 1``, ``T >= 4`` and ``0 <= positive_rate <= 1``."""
     if num_slides < 0 or tiles_per_slide < 1 or tile_size < 4 or not 0.0 <= positive_rate <= 1.0:
         raise ValueError(
             "need num_slides >= 0, tiles_per_slide >= 1, tile_size >= 4, 0 <= positive_rate <= 1; "
             f"got {num_slides}, {tiles_per_slide}, {tile_size}, {positive_rate}"
         )
-    resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
-    resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
-    layout_rng, tissue_rng = rng.spawn(2)
-    positive = layout_rng.random(num_slides) < positive_rate
-    count = np.where(positive, tumour_counts(layout_rng, num_slides, tiles_per_slide, tumour_fraction), 0)
-    # A random permutation per slide; its first `count` values mark the tumour positions.
-    permutation = np.argsort(layout_rng.random((num_slides, tiles_per_slide)), axis=1)
-    tile_labels = (permutation < count[:, None]).astype(np.int64)
 
-    kind = tissue_kinds(tissue_rng, tile_labels.reshape(-1).astype(bool))
-    concentrations = render_concentrations(tissue_rng, kind, tile_size)
-    tiles = acquire(concentrations, acquisition)
+
+def slide_layout(
+    rng: np.random.Generator,
+    num_slides: int,
+    tiles_per_slide: int,
+    positive_rate: float,
+    tumour_fraction: tuple[float, float],
+) -> np.ndarray:
+    """Which tiles of each slide are positive, ``[S, K]`` int64.
+
+    A slide is positive with probability ``positive_rate``; a positive slide gets ``n``
+    positive tiles (:func:`tumour_counts`) at positions given by a random permutation.
+    """
+    positive = rng.random(num_slides) < positive_rate
+    count = np.where(positive, tumour_counts(rng, num_slides, tiles_per_slide, tumour_fraction), 0)
+    # A random permutation per slide; its first `count` values mark the positive positions.
+    permutation = np.argsort(rng.random((num_slides, tiles_per_slide)), axis=1)
+    return (permutation < count[:, None]).astype(np.int64)
+
+
+def labelled_slides(
+    tiles: np.ndarray,
+    tile_labels: np.ndarray,
+    annotator: Mapping[str, float] | None = None,
+    padding: np.ndarray | None = None,
+) -> Slides:
+    """:class:`Slides` of ``tiles [S, K, 3, T, T]`` and ``tile_labels [S, K]``, labelled by the
+    site's annotator (:func:`annotate`); the positive fraction counts unpadded tiles only."""
+    tile_labels = np.asarray(tile_labels, dtype=np.int64)
+    valid = np.ones(tile_labels.shape, dtype=bool) if padding is None else ~np.asarray(padding, dtype=bool)
+    known = (tile_labels != UNKNOWN_TILE).all(axis=1)
+    fraction = ((tile_labels == 1) & valid).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
     return Slides(
-        tiles=tiles.reshape(num_slides, tiles_per_slide, 3, tile_size, tile_size),
+        tiles=tiles,
         tile_labels=tile_labels,
-        labels=annotate(tile_labels, annotator),
-        tumour_fraction=tile_labels.mean(axis=1),
+        labels=annotate(tile_labels, annotator, padding),
+        tumour_fraction=np.where(known, fraction, np.nan),
+        padding=padding,
     )
 
 

@@ -4,37 +4,58 @@ A slide is a bag ``X = {x_1, ..., x_K}`` of RGB tiles with one weak label ``Y``;
 model (:func:`medtasks.mil.models.build_mil_model`) scores the bag,
 ``S(X) = g(σ(f(x_1), ..., f(x_K)))``, with the pooling ``σ`` named by ``task.model``.
 
-Data (``data.source == "synthetic"`` only): site ``k`` generates its ``n_k`` slides with
-:func:`medtasks.mil.synthetic.generate_slides` from the stream
-``numpy_rng(seed, "mil", "site", k)``; the last ``max(1, round(val_fraction · n_k))``
-slides are its validation set. Site profiles come from
-:func:`medtasks.partition.draw_site_profiles` with the prior
-``P(Y) = (1 - positive_rate, positive_rate)``:
+Data sources:
 
-* ``label_skew``: site ``k`` draws its slides positive with ``p_k = P_k(Y = 1)``;
-* ``quantity_skew``: ``n_k`` slides per site;
-* ``feature_skew``: stain rotation / scale, brightness, blur (:data:`ACQUISITION_SPACE`);
-* ``concept_shift``: the site's pathologist calls a slide positive only when its tumour
-  fraction reaches ``positive_threshold`` (:data:`ANNOTATOR_SPACE`).
+* ``data.source: synthetic`` with ``task.params.tile_source``:
 
-``data.server_samples > 0`` gives the server a test set with neutral acquisition and
-annotator and the base prevalence, from the stream ``(seed, "mil", "server")``.
+  - ``rendered`` (default): H&E-like slides of :func:`medtasks.mil.synthetic.generate_slides`;
+  - ``skimage_ihc``: slides of real crops of scikit-image's bundled IHC micrograph, positive
+    tiles = DAB-stained (:func:`medtasks.mil.ihc.generate_ihc_slides`; needs scikit-image).
 
-Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labels [K] int64)``.
+  Site ``k`` generates its ``n_k`` slides from the stream ``numpy_rng(seed, "mil", "site", k)``.
+  Site profiles come from :func:`medtasks.partition.draw_site_profiles` with the prior
+  ``P(Y) = (1 - positive_rate, positive_rate)``:
+
+  - ``label_skew``: site ``k`` draws its slides positive with ``p_k = P_k(Y = 1)``;
+  - ``quantity_skew``: ``n_k`` slides per site;
+  - ``feature_skew``: stain rotation / scale, brightness, blur (:data:`ACQUISITION_SPACE`, or
+    :data:`~medtasks.mil.ihc.IHC_ACQUISITION_SPACE` for IHC tiles);
+  - ``concept_shift``: the site's pathologist calls a slide positive only when its tumour
+    fraction reaches ``positive_threshold`` (:data:`ANNOTATOR_SPACE`).
+
+  ``data.server_samples > 0`` gives the server a test set with neutral acquisition and
+  annotator and the base prevalence, from the stream ``(seed, "mil", "server")`` (IHC: from
+  the image blocks no site crops from).
+
+* ``data.source: folder``: real slides at ``data.path`` (:mod:`medtasks.mil.folder`: one
+  sub-folder of tiles per slide and ``labels.csv``). ``data.server_samples`` slides, drawn
+  from ``(seed, "mil", "folder", "server")``, are the server's test set; the others are
+  assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew`` splits each
+  class by Dirichlet shares). ``feature_skew`` re-stains a site's tiles as H&E
+  (:func:`medtasks.mil.synthetic.restain`); ``concept_shift`` drops the positive label of a
+  slide whose positive-tile fraction is below the site's threshold (needs tile truth). Bags
+  have ``K = min(tiles_per_slide, largest slide)`` tiles (:func:`~medtasks.mil.folder.fixed_size_bags`).
+
+Each site's last ``max(1, round(val_fraction · n_k))`` slides are its validation set.
+
+Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labels [K] int64
+(1 / 0 / -1 unknown), padding [K] bool, site_log_odds [] float32)`` (:class:`MILBatch`);
+``site_log_odds`` is the site's smoothed training prior log-odds
+(:func:`~medtasks.mil.losses.site_log_odds`), used by ``task.params.class_balance``.
 
 ``ClientData.stats``: ``n_train``, ``n_val``, ``label_histogram`` (``[negative, positive]``
-annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``),
-``acquisition`` and ``annotator``. ``data.params`` must be empty. Generated slides are
-cached per process (DESIGN.md §9).
+annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``; observed for
+folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``. ``data.params`` must be
+empty. Generated slides and folder reads are cached per process (DESIGN.md §9).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,14 +65,40 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
-from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
+from medtasks.mil import folder as folder_io
+from medtasks.mil.ihc import IHC_ACQUISITION_SPACE, generate_ihc_slides
+from medtasks.mil.losses import ClassBalance, prior_corrected_bce, site_log_odds
+from medtasks.mil.metrics import (
+    accuracy,
+    attention_localisation_auc,
+    balanced_accuracy,
+    cross_fitted_balanced_accuracy,
+    roc_auc,
+)
 from medtasks.mil.models import MILModel, build_mil_model
-from medtasks.mil.synthetic import ACQUISITION_SPACE, ANNOTATOR_SPACE, Slides, generate_slides
-from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram
+from medtasks.mil.plots import plot_bags
+from medtasks.mil.synthetic import (
+    ACQUISITION_SPACE,
+    ANNOTATOR_SPACE,
+    UNKNOWN_TILE,
+    Slides,
+    generate_slides,
+    labelled_slides,
+    restain,
+)
+from medtasks.partition import (
+    ParamRange,
+    SiteProfile,
+    draw_site_profiles,
+    label_histogram,
+    neutral_values,
+    split_indices,
+)
 from medtasks.seeding import numpy_rng
 
 EVAL_BATCH_SIZE = 16
 PLOT_ROWS = 3
+TileSource = Literal["rendered", "skimage_ihc"]
 
 
 class MILParams(TaskParams):
@@ -68,6 +115,16 @@ class MILParams(TaskParams):
     positive_rate: float = Field(0.5, ge=0, le=1, description="Base P(slide holds tumour).")
     tumour_fraction_min: float = Field(0.1, gt=0, le=1, description="Least tumour-tile fraction of a positive slide.")
     tumour_fraction_max: float = Field(0.3, gt=0, le=1, description="Largest tumour-tile fraction of a positive slide.")
+    tile_source: TileSource = Field(
+        "rendered",
+        description="Tiles of synthetic slides: rendered H&E-like tiles, or real crops of scikit-image's "
+        "bundled immunohistochemistry image (skimage_ihc, positive = DAB-stained).",
+    )
+    class_balance: ClassBalance = Field(
+        "none",
+        description="Correct the loss for the site's own label prior: none, weight (class-balanced "
+        "weights) or logit_adjust (logit adjustment); see medtasks.mil.losses.",
+    )
 
     @model_validator(mode="after")
     def _check_fractions(self) -> "MILParams":
@@ -77,6 +134,32 @@ class MILParams(TaskParams):
                 f"tumour_fraction_max ({self.tumour_fraction_max})"
             )
         return self
+
+
+class MILBatch(NamedTuple):
+    """A batch (or sample) of the MIL task; see the module docstring for shapes."""
+
+    bags: Tensor
+    labels: Tensor
+    tile_labels: Tensor
+    padding: Tensor
+    site_log_odds: Tensor
+
+    @classmethod
+    def of(cls, batch: Sequence[Tensor]) -> "MILBatch":
+        """A DataLoader batch as :class:`MILBatch`; a 3-tuple ``(bags, labels, tile_labels)`` gets
+        no padding and log-odds 0 (a balanced site)."""
+        if len(batch) == len(cls._fields):
+            return cls(*batch)
+        if len(batch) == 3:
+            bags, labels, tile_labels = batch
+            padding = torch.zeros(tile_labels.shape, dtype=torch.bool)
+            return cls(bags, labels, tile_labels, padding, torch.zeros(labels.shape))
+        raise ValueError(f"a MIL batch has {len(cls._fields)} fields {cls._fields}, got {len(batch)}")
+
+    def mask(self) -> Tensor | None:
+        """The key-padding mask for the model, or ``None`` when nothing is padded."""
+        return self.padding if bool(self.padding.any()) else None
 
 
 @dataclass(frozen=True)
@@ -90,6 +173,8 @@ class _SlideSpec:
     tile_size: int
     positive_rate: float
     tumour_fraction: tuple[float, float]
+    tile_source: TileSource = "rendered"
+    held_out: bool = False
     acquisition: tuple[tuple[str, float], ...] = ()
     annotator: tuple[tuple[str, float], ...] = ()
 
@@ -97,9 +182,7 @@ class _SlideSpec:
 @functools.lru_cache(maxsize=16)
 def _generate(spec: _SlideSpec) -> Slides:
     """The slides of ``spec`` (cached per process)."""
-    return generate_slides(
-        numpy_rng(spec.seed, *spec.stream),
-        spec.num_slides,
+    common = dict(
         tiles_per_slide=spec.tiles_per_slide,
         tile_size=spec.tile_size,
         positive_rate=spec.positive_rate,
@@ -107,23 +190,36 @@ def _generate(spec: _SlideSpec) -> Slides:
         acquisition=dict(spec.acquisition) or None,
         annotator=dict(spec.annotator) or None,
     )
+    rng = numpy_rng(spec.seed, *spec.stream)
+    if spec.tile_source == "skimage_ihc":
+        return generate_ihc_slides(rng, spec.num_slides, held_out=spec.held_out, **common)  # type: ignore[arg-type]
+    return generate_slides(rng, spec.num_slides, **common)  # type: ignore[arg-type]
 
 
-def _dataset(slides: Slides, rows: slice = slice(None)) -> TensorDataset:
-    """``(bag [K, 3, T, T] float32, label [] float32, tile_labels [K] int64)`` samples of ``rows``."""
+@functools.lru_cache(maxsize=4)
+def _read_folder(path: str, tile_size: int) -> folder_io.SlideFolder:
+    """All slides of a data folder (cached per process)."""
+    return folder_io.load_slide_folder(path, tile_size)
+
+
+def _dataset(slides: Slides, rows: slice = slice(None), log_odds: float = 0.0) -> TensorDataset:
+    """:class:`MILBatch` samples of ``rows``, each carrying the site prior ``log_odds``."""
+    labels = slides.labels[rows]
     return TensorDataset(
         torch.from_numpy(np.ascontiguousarray(slides.tiles[rows], dtype=np.float32)),
-        torch.from_numpy(slides.labels[rows].astype(np.float32)),
+        torch.from_numpy(labels.astype(np.float32)),
         torch.from_numpy(np.ascontiguousarray(slides.tile_labels[rows], dtype=np.int64)),
+        torch.from_numpy(np.ascontiguousarray(slides.padding[rows], dtype=bool)),
+        torch.full((len(labels),), log_odds, dtype=torch.float32),
     )
 
 
 class MILTask:
     """Weakly supervised slide classification; primary metric: bag ROC AUC.
 
-    Batches are ``(bags [B, K, 3, T, T], labels [B], tile_labels [B, K])``. :meth:`evaluate`
-    returns ``loss``, ``auc``, ``accuracy``, ``balanced_accuracy`` (threshold
-    ``sigm(S) >= 0.5``) and ``attention_auc`` (localisation of tumour tiles in positive bags).
+    :meth:`evaluate` returns ``loss``, ``auc``, ``accuracy``, ``balanced_accuracy`` (threshold
+    ``σ(S) >= 0.5``), ``balanced_accuracy_cv`` (cross-fitted threshold) and ``attention_auc``
+    (localisation of positive tiles in positive bags).
     """
 
     name: ClassVar[str] = "mil"
@@ -135,24 +231,34 @@ class MILTask:
 
     def __init__(self, ctx: TaskContext) -> None:
         params = checked_params(type(self), ctx)
+        if ctx.data.source not in ("synthetic", "folder"):
+            raise ValueError(f"unknown data.source {ctx.data.source!r} for MIL; use synthetic or folder")
         if ctx.data.source == "folder":
-            raise DataError("the MIL task reads synthetic slides only in this version")
-        if ctx.data.source != "synthetic":
-            raise ValueError(f"unknown data.source {ctx.data.source!r} for MIL; use synthetic")
+            if not ctx.data.path:
+                raise DataError("data.source 'folder' needs data.path")
+            if params.tile_source != "rendered":
+                raise ValueError("task.params.tile_source applies to data.source synthetic only")
         self.ctx = ctx
         self.params: MILParams = params
         self.pooling: str = ctx.model or self.DEFAULT_MODEL
-        #: One profile per site: size, ``P_k(Y)``, acquisition and annotator.
-        self.profiles: list[SiteProfile] = draw_site_profiles(
-            ctx.partition.kind,
-            ctx.partition.params,
-            num_clients=ctx.partition.clients,
-            samples_per_client=ctx.data.samples_per_client,
-            label_prior=[1.0 - params.positive_rate, params.positive_rate],
-            acquisition_space=ACQUISITION_SPACE,
-            annotator_space=ANNOTATOR_SPACE,
-            seed=ctx.seed,
+        #: Feature-skew parameters of this data source.
+        self.acquisition_space: dict[str, ParamRange] = (
+            IHC_ACQUISITION_SPACE if params.tile_source == "skimage_ihc" else ACQUISITION_SPACE
         )
+        #: One profile per site: size, ``P_k(Y)``, acquisition and annotator (synthetic data);
+        #: for folder data only the shifts are used, and only for feature_skew / concept_shift.
+        self.profiles: list[SiteProfile] | None = None
+        if ctx.data.source == "synthetic" or ctx.partition.kind in ("feature_skew", "concept_shift"):
+            self.profiles = draw_site_profiles(
+                ctx.partition.kind,
+                ctx.partition.params,
+                num_clients=ctx.partition.clients,
+                samples_per_client=ctx.data.samples_per_client,
+                label_prior=[1.0 - params.positive_rate, params.positive_rate],
+                acquisition_space=self.acquisition_space,
+                annotator_space=ANNOTATOR_SPACE,
+                seed=ctx.seed,
+            )
 
     # ------------------------------------------------------------------ model, loss
 
@@ -169,18 +275,21 @@ class MILTask:
         )
 
     def loss(self, model: nn.Module, batch: Any) -> Tensor:
-        """Binary cross-entropy of the bag logits against the annotated labels.
+        """Bag loss of ``model`` on a :class:`MILBatch`.
 
-        ``L = -(1/B) Σ_b [y_b log σ(S(X_b)) + (1 - y_b) log(1 - σ(S(X_b)))]`` for
-        ``batch = (bags [B, K, 3, T, T], labels [B], ...)``.
+        ``class_balance: none`` is the binary cross-entropy
+        ``L = -(1/B) Σ_b [y_b log σ(S(X_b)) + (1 - y_b) log(1 - σ(S(X_b)))]``; ``weight`` and
+        ``logit_adjust`` correct it for the site's prior (:func:`~medtasks.mil.losses.prior_corrected_bce`).
         """
-        bags, labels = batch[0], batch[1]
-        return F.binary_cross_entropy_with_logits(model(bags), labels.to(torch.float32))
+        b = MILBatch.of(batch)
+        logits = model(b.bags, b.mask())
+        return prior_corrected_bce(logits, b.labels, b.site_log_odds, self.params.class_balance)
 
     # ------------------------------------------------------------------ data
 
     def _spec(self, stream: tuple[str | int, ...], num_slides: int, positive_rate: float, **shift: Any) -> _SlideSpec:
         p = self.params
+        held_out = bool(shift.pop("held_out", False))
         return _SlideSpec(
             seed=self.ctx.seed,
             stream=stream,
@@ -189,47 +298,132 @@ class MILTask:
             tile_size=p.tile_size,
             positive_rate=float(positive_rate),
             tumour_fraction=(p.tumour_fraction_min, p.tumour_fraction_max),
+            tile_source=p.tile_source,
+            held_out=held_out,
             **{name: tuple(sorted(values.items())) for name, values in shift.items()},
         )
+
+    def _shift(self, partition_id: int) -> tuple[dict[str, float], dict[str, float]]:
+        """``(acquisition, annotator)`` of a site (neutral where the partition kind does not shift them)."""
+        if self.profiles is None:
+            return neutral_values(self.acquisition_space), neutral_values(ANNOTATOR_SPACE)
+        profile = self.profiles[partition_id]
+        return dict(profile.acquisition), dict(profile.annotator)
 
     def client_data(self, partition_id: int) -> ClientData:
         """Train/validation slides and ``partitions.json`` statistics of site ``partition_id``."""
         if not 0 <= partition_id < self.ctx.partition.clients:
             raise ValueError(f"partition_id {partition_id} outside [0, {self.ctx.partition.clients})")
-        profile = self.profiles[partition_id]
-        slides = _generate(
-            self._spec(
+        if self.ctx.data.source == "folder":
+            slides, label_distribution = self._folder_site(partition_id)
+        else:
+            assert self.profiles is not None
+            profile = self.profiles[partition_id]
+            acquisition, annotator = self._shift(partition_id)
+            spec = self._spec(
                 ("mil", "site", partition_id),
                 profile.n_samples,
                 profile.label_distribution[1],
-                acquisition=profile.acquisition,
-                annotator=profile.annotator,
+                acquisition=acquisition,
+                annotator=annotator,
             )
-        )
-        n = profile.n_samples
+            slides, label_distribution = _generate(spec), list(profile.label_distribution)
+        return self._split_site(slides, label_distribution, partition_id)
+
+    def _split_site(self, slides: Slides, label_distribution: Sequence[float], partition_id: int) -> ClientData:
+        """Hold out the last ``max(1, round(val_fraction · n))`` slides and describe the site."""
+        n = len(slides.labels)
         n_val = max(1, int(round(self.ctx.data.val_fraction * n)))
         if n - n_val < 1:
             raise DataError(
                 f"site {partition_id} has {n} slides; it needs at least 2 (one to train, one to validate)"
             )
+        log_odds = site_log_odds(slides.labels[: n - n_val])
+        acquisition, annotator = self._shift(partition_id)
         stats = {
             "n_train": n - n_val,
             "n_val": n_val,
             "label_histogram": label_histogram(slides.labels, 2),
-            "label_distribution": [float(p) for p in profile.label_distribution],
-            "acquisition": {k: float(v) for k, v in profile.acquisition.items()},
-            "annotator": {k: float(v) for k, v in profile.annotator.items()},
+            "label_distribution": [float(p) for p in label_distribution],
+            "train_log_odds": float(log_odds),
+            "acquisition": {k: float(v) for k, v in acquisition.items()},
+            "annotator": {k: float(v) for k, v in annotator.items()},
         }
         return ClientData(
-            train=_dataset(slides, slice(0, n - n_val)), val=_dataset(slides, slice(n - n_val, n)), stats=stats
+            train=_dataset(slides, slice(0, n - n_val), log_odds),
+            val=_dataset(slides, slice(n - n_val, n), log_odds),
+            stats=stats,
         )
 
     def server_data(self) -> Dataset | None:
-        """Central test set: a neutral site with the base prevalence, or ``None`` (``server_samples = 0``)."""
+        """Central test set: a neutral site with the base prevalence (synthetic), the held-out
+        slides (folder), or ``None`` (``server_samples = 0``)."""
         n = self.ctx.data.server_samples
         if n <= 0:
             return None
-        return _dataset(_generate(self._spec(("mil", "server"), n, self.params.positive_rate)))
+        if self.ctx.data.source == "folder":
+            server, _ = self._folder_split()
+            return _dataset(self._folder_slides(server, numpy_rng(self.ctx.seed, "mil", "server")))
+        return _dataset(_generate(self._spec(("mil", "server"), n, self.params.positive_rate, held_out=True)))
+
+    # ------------------------------------------------------------------ folder data
+
+    def _folder(self) -> folder_io.SlideFolder:
+        return _read_folder(str(Path(self.ctx.data.path).resolve()), self.params.tile_size)  # type: ignore[arg-type]
+
+    def _folder_split(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(server slide indices, per-site slide indices)`` of the folder, seeded."""
+        labels = self._folder().labels
+        part, n_server = self.ctx.partition, self.ctx.data.server_samples
+        if len(labels) - n_server < 2 * part.clients:
+            raise DataError(
+                f"{self.ctx.data.path} holds {len(labels)} slides: too few for {n_server} server slides "
+                f"and 2 per site for {part.clients} sites"
+            )
+        order = numpy_rng(self.ctx.seed, "mil", "folder", "server").permutation(len(labels))
+        server, pool = np.sort(order[:n_server]), np.sort(order[n_server:])
+        try:
+            parts = split_indices(labels[pool], part.kind, part.params, num_clients=part.clients, seed=self.ctx.seed)
+        except ValueError as error:
+            raise DataError(f"cannot split the {len(pool)} slides of {self.ctx.data.path}: {error}") from None
+        return server, [pool[p] for p in parts]
+
+    def _folder_slides(
+        self,
+        indices: np.ndarray,
+        rng: np.random.Generator,
+        acquisition: dict[str, float] | None = None,
+        threshold: float = 0.0,
+    ) -> Slides:
+        """Folder slides ``indices`` as :class:`Slides`: ``K``-tile bags, re-stained with
+        ``acquisition``, the CSV label dropped where the positive fraction is below ``threshold``."""
+        data = self._folder()
+        k = min(self.params.tiles_per_slide, max(len(bag) for bag in data.bags))
+        tiles, tile_labels, padding = folder_io.fixed_size_bags(data, indices, k, rng)
+        if acquisition is not None:
+            tiles = restain(tiles, acquisition)
+        slides = labelled_slides(tiles, tile_labels, padding=padding)
+        labels = data.labels[indices]
+        if threshold > 0:
+            if not data.has_tile_truth:
+                raise DataError(
+                    f"concept_shift on folder data needs tile truth: add a {folder_io.TILE_TRUTH_COLUMN} "
+                    f"column to {Path(self.ctx.data.path) / folder_io.LABELS_FILE}"
+                )
+            labels = labels * (slides.tumour_fraction >= threshold - 1e-12)
+        return dataclasses.replace(slides, labels=labels.astype(np.int64))
+
+    def _folder_site(self, partition_id: int) -> tuple[Slides, list[float]]:
+        _, sites = self._folder_split()
+        rng = numpy_rng(self.ctx.seed, "mil", "site", partition_id)
+        indices = rng.permutation(sites[partition_id])
+        acquisition, annotator = self._shift(partition_id)
+        shifted = self.ctx.partition.kind == "feature_skew"
+        slides = self._folder_slides(
+            indices, rng, acquisition if shifted else None, annotator["positive_threshold"]
+        )
+        share = float(slides.labels.mean()) if len(slides.labels) else 0.0
+        return slides, [1.0 - share, share]
 
     # ------------------------------------------------------------------ evaluation
 
@@ -238,7 +432,8 @@ class MILTask:
         return self.params.mode == "embedding" or self.pooling in ("attention", "gated_attention")
 
     def _predict(self, model: nn.Module, dataset: Dataset) -> tuple[Tensor, ...]:
-        """Logits ``[N]``, tile scores ``[N, K]``, labels ``[N]`` and tile truth ``[N, K]`` (no gradients)."""
+        """Logits ``[N]``, tile scores ``[N, K]``, labels ``[N]``, tile truth ``[N, K]`` and
+        padding ``[N, K]`` (no gradients)."""
         loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False)
         device = next(model.parameters()).device
         outputs: list[tuple[Tensor, ...]] = []
@@ -246,9 +441,13 @@ class MILTask:
         model.eval()
         try:
             with torch.no_grad():
-                for bags, labels, tile_labels in loader:
-                    logits, scores = model.forward_with_attention(bags.to(device))
-                    outputs.append((logits.cpu(), scores.cpu(), labels, tile_labels))
+                for batch in loader:
+                    b = MILBatch.of(batch)
+                    mask = b.mask()
+                    logits, scores = model.forward_with_attention(
+                        b.bags.to(device), None if mask is None else mask.to(device)
+                    )
+                    outputs.append((logits.cpu(), scores.cpu(), b.labels, b.tile_labels, b.padding))
         finally:
             model.train(was_training)
         if not outputs:
@@ -256,22 +455,36 @@ class MILTask:
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Bag loss, ROC AUC, accuracy, balanced accuracy and attention localisation AUC.
+        """Bag loss, ROC AUC, accuracy, balanced accuracies and attention localisation AUC.
 
         Returns:
-            ``loss`` (mean BCE), ``auc``, ``accuracy`` and ``balanced_accuracy`` of
-            ``p = σ(S(X))`` against the annotated labels, ``attention_auc``
-            (:func:`attention_localisation_auc` over the positive bags); NaN where undefined.
+            * ``loss``: mean BCE of the prior-free logits ``S`` against the annotated labels;
+            * ``auc``, ``accuracy``, ``balanced_accuracy``: of ``p = σ(S(X))``, predicting
+              positive at ``p >= 0.5``;
+            * ``balanced_accuracy_cv``: at a threshold chosen on the other half of ``dataset``
+              (:func:`~medtasks.mil.metrics.cross_fitted_balanced_accuracy`), i.e. after
+              calibrating the operating point on data labelled like ``dataset``;
+            * ``attention_auc``: :func:`attention_localisation_auc` over the truly positive
+              bags whose tile truth is known.
+
+            NaN where undefined.
         """
-        logits, scores, labels, tile_labels = self._predict(model, dataset)
+        logits, scores, labels, tile_labels, padding = self._predict(model, dataset)
         probs = torch.sigmoid(logits)
+        known = ((tile_labels != UNKNOWN_TILE) | padding).all(dim=1)
+        positive_bags = ((tile_labels == 1) & ~padding).any(dim=1)
         return {
             "loss": float(F.binary_cross_entropy_with_logits(logits, labels)),
             "auc": roc_auc(logits, labels),
             "accuracy": accuracy(probs, labels),
             "balanced_accuracy": balanced_accuracy(probs, labels),
+            "balanced_accuracy_cv": cross_fitted_balanced_accuracy(logits, labels),
             "attention_auc": attention_localisation_auc(
-                scores, tile_labels, tile_labels.amax(dim=1), normalise=self._scores_normalised()
+                scores[known],
+                tile_labels[known].clamp(min=0),
+                positive_bags[known],
+                padding[known],
+                normalise=self._scores_normalised(),
             ),
         }
 
@@ -285,54 +498,13 @@ class MILTask:
         positive = [i for i in range(len(dataset)) if float(dataset[i][1]) > 0.5]
         rows = (positive or list(range(len(dataset))))[:PLOT_ROWS]
         subset = [dataset[i] for i in rows]
-        logits, scores, labels, tile_labels = self._predict(model, subset)  # type: ignore[arg-type]
+        logits, scores, _, tile_labels, padding = self._predict(model, subset)  # type: ignore[arg-type]
         bags = torch.stack([s[0] for s in subset])
-        _plot_bags(bags.numpy(), scores.numpy(), tile_labels.numpy(), torch.sigmoid(logits).numpy(), Path(path))
-
-
-def _grid(values: np.ndarray, columns: int) -> np.ndarray:
-    """Lay ``[K, ...]`` per-tile values out on a ``[rows, columns, ...]`` grid, NaN-padded."""
-    rows = math.ceil(len(values) / columns)
-    grid = np.full((rows * columns, *values.shape[1:]), np.nan, dtype=np.float64)
-    grid[: len(values)] = values
-    return grid.reshape(rows, columns, *values.shape[1:])
-
-
-def _mosaic(tiles: np.ndarray, columns: int) -> np.ndarray:
-    """Tiles ``[K, 3, T, T]`` as one RGB image ``[rows·T, columns·T, 3]`` (white padding)."""
-    grid = np.nan_to_num(_grid(tiles, columns), nan=1.0)  # [R, C, 3, T, T]
-    rows, cols, _, size, _ = grid.shape
-    return np.clip(grid.transpose(0, 3, 1, 4, 2).reshape(rows * size, cols * size, 3), 0.0, 1.0)
-
-
-def _plot_bags(
-    bags: np.ndarray, scores: np.ndarray, tile_labels: np.ndarray, probs: np.ndarray, path: Path
-) -> None:
-    """Write rows of tiles | attention heatmap | tile truth, the tiles on a ``⌈√K⌉``-column grid.
-
-    Args:
-        bags: ``[N, K, 3, T, T]`` RGB in ``[0, 1]``.
-        scores: ``[N, K]`` attention weights (or tile probabilities).
-        tile_labels: ``[N, K]`` 0/1 tile truth.
-        probs: ``[N]`` predicted ``P(Y = 1)``.
-        path: PNG file to write (parent folders are created).
-    """
-    from matplotlib.figure import Figure
-
-    columns = math.ceil(math.sqrt(bags.shape[1]))
-    figure = Figure(figsize=(9.0, 3.0 * len(bags)))
-    axes = figure.subplots(len(bags), 3, squeeze=False)
-    for row in range(len(bags)):
-        attention, truth = _grid(scores[row], columns), _grid(tile_labels[row], columns)
-        axes[row, 0].imshow(_mosaic(bags[row], columns))
-        axes[row, 0].set_title(f"slide (P(tumour) {float(probs[row]):.2f})", fontsize=9)
-        image = axes[row, 1].imshow(np.ma.masked_invalid(attention), cmap="magma", interpolation="nearest")
-        figure.colorbar(image, ax=axes[row, 1], fraction=0.046)
-        axes[row, 1].set_title("attention", fontsize=9)
-        axes[row, 2].imshow(np.ma.masked_invalid(truth), cmap="Reds", vmin=0, vmax=1, interpolation="nearest")
-        axes[row, 2].set_title("tumour tiles (truth)", fontsize=9)
-        for ax in axes[row]:
-            ax.set_axis_off()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+        plot_bags(
+            bags.numpy(),
+            scores.numpy(),
+            tile_labels.numpy(),
+            torch.sigmoid(logits).numpy(),
+            Path(path),
+            padding.numpy(),
+        )

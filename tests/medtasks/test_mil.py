@@ -11,8 +11,16 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medtasks.mil import synthetic
-from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
+from medtasks.mil import stains, synthetic
+from medtasks.mil.losses import prior_corrected_bce, site_log_odds
+from medtasks.mil.metrics import (
+    accuracy,
+    attention_localisation_auc,
+    balanced_accuracy,
+    best_threshold,
+    cross_fitted_balanced_accuracy,
+    roc_auc,
+)
 from medtasks.mil.models import (
     POOLING_NAMES,
     AttentionPooling,
@@ -80,6 +88,31 @@ def test_accuracy_and_balanced_accuracy_hand_computed():
     assert balanced_accuracy(probs, labels, threshold=0.55) == pytest.approx((0.5 + 2 / 3) / 2)
     assert balanced_accuracy([0.9, 0.1], [1, 1]) == pytest.approx(0.5)  # one class: its recall
     assert math.isnan(accuracy([], []))
+
+
+def test_best_threshold_maximises_balanced_accuracy():
+    assert best_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == pytest.approx(0.5)
+    # Shifted scores: the fixed threshold fails, the best one separates.
+    scores, labels = np.array([-3.0, -2.8, -1.2, -1.0]), np.array([0, 0, 1, 1])
+    assert balanced_accuracy(1 / (1 + np.exp(-scores)), labels) == pytest.approx(0.5)
+    assert balanced_accuracy(scores, labels, threshold=best_threshold(scores, labels)) == pytest.approx(1.0)
+    assert math.isnan(best_threshold([0.1, 0.2], [1, 1]))
+
+
+def test_cross_fitted_balanced_accuracy_never_tunes_on_the_judged_sample():
+    # Separable but shifted scores: cross-fitting recovers 1.0 where p >= 0.5 gives 0.5.
+    scores = np.array([-3.0, -1.0, -1.1, -2.9, -2.8, -1.2, -0.9, -2.7])
+    labels = np.array([0, 1, 1, 0, 0, 1, 1, 0])  # folds (even / odd index) hold both classes
+    assert cross_fitted_balanced_accuracy(scores, labels) == pytest.approx(1.0)
+    # Swap the labels of samples 0 (fold 0) and 1 (fold 1): each fold is judged with the other
+    # fold's threshold, so each swapped sample is misclassified: recalls (3/4 + 3/4) / 2.
+    flipped = labels.copy()
+    flipped[[0, 1]] = [1, 0]
+    assert cross_fitted_balanced_accuracy(scores, flipped) == pytest.approx(0.75)
+    # Fold 0 holds only negatives, so fold 1's threshold cannot be chosen.
+    assert math.isnan(cross_fitted_balanced_accuracy([0.1, 0.2, 0.3, 0.4], [0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="folds"):
+        cross_fitted_balanced_accuracy(scores, labels, folds=1)
 
 
 def test_attention_localisation_auc_normalises_by_bag_size_and_skips_negatives_and_padding():
@@ -351,6 +384,97 @@ def test_tumour_differs_in_nuclear_morphology_not_mean_colour():
     assert max(abs(d) for d in colour_d) < 1.2, colour_d
     # Mean colour overlaps: some normal tiles are darker (lower red) than the median tumour tile.
     assert np.mean(mean_rgb[~tumour, 0] < np.median(mean_rgb[tumour, 0])) > 0.1
+
+
+def test_annotator_leaves_padding_out_of_the_tumour_fraction():
+    tile_labels = np.array([[1, 0, 0, 0], [1, 0, 0, 0]])
+    padding = np.array([[False, False, True, True], [False] * 4])
+    # Fractions 1/2 (two real tiles) and 1/4: only the first reaches a 0.3 threshold.
+    np.testing.assert_array_equal(synthetic.annotate(tile_labels, {"positive_threshold": 0.3}, padding), [1, 0])
+    slides = synthetic.labelled_slides(np.zeros((2, 4, 3, 8, 8), np.float32), tile_labels, padding=padding)
+    np.testing.assert_allclose(slides.tumour_fraction, [0.5, 0.25])
+    unknown = synthetic.labelled_slides(np.zeros((1, 2, 3, 8, 8), np.float32), np.array([[-1, 1]]))
+    assert math.isnan(unknown.tumour_fraction[0]) and unknown.true_labels[0] == 1
+
+
+# --------------------------------------------------------------------------- stains
+
+
+def test_deconvolution_inverts_beer_lambert_and_restain_at_neutral_is_the_identity():
+    rng = np.random.default_rng(0)
+    matrix = stains.complete_stains(stains.STAIN_MATRIX)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0)
+    assert abs(matrix[2] @ matrix[0]) < 1e-12 and abs(matrix[2] @ matrix[1]) < 1e-12  # residual ⟂ stains
+    concentrations = rng.uniform(0.0, 1.5, size=(4, 3, 8, 8)).astype(np.float32)
+    concentrations[:, 2] = 0.0  # no residual: a pure two-stain image stays inside (0, 1]
+    rgb = stains.beer_lambert(concentrations, matrix)
+    np.testing.assert_allclose(stains.deconvolve(rgb, matrix), concentrations, atol=2e-4)
+    tiles = _slides(num_slides=2, tiles_per_slide=4).tiles
+    np.testing.assert_allclose(synthetic.restain(tiles), tiles, atol=2e-5)
+    with pytest.raises(ValueError, match=r"\[3, 3\]"):
+        stains.deconvolve(tiles, stains.STAIN_MATRIX)
+
+
+def test_restain_moves_a_real_tile_like_the_synthetic_acquisition():
+    concentrations = synthetic.render_concentrations(np.random.default_rng(0), np.array([0, 1, 2] * 4))
+    shift = {"h_rotation": 0.3, "e_scale": 1.25, "brightness": 0.9}
+    # A neutral H&E image re-stained with a site's shift equals the site's own acquisition.
+    np.testing.assert_allclose(
+        synthetic.restain(synthetic.acquire(concentrations), shift), synthetic.acquire(concentrations, shift),
+        atol=2e-3,
+    )
+
+
+# --------------------------------------------------------------------------- prior-corrected losses
+
+
+def test_site_log_odds_is_smoothed():
+    assert site_log_odds([0, 1, 0, 1]) == pytest.approx(0.0)
+    assert site_log_odds([0] * 8) == pytest.approx(math.log(1 / 9))  # finite without positives
+    assert site_log_odds([1, 1, 1, 0]) == pytest.approx(math.log(4 / 2))
+    assert site_log_odds([]) == 0.0
+
+
+def test_loss_corrections_reduce_to_bce_on_a_balanced_site_and_match_their_equations():
+    logits, labels = torch.tensor([0.3, -1.2, 2.0, 0.1]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    zero = torch.zeros(4)
+    for mode in ("none", "weight", "logit_adjust"):
+        torch.testing.assert_close(prior_corrected_bce(logits, labels, zero, mode), bce)
+    odds = torch.full((4,), math.log(0.2 / 0.8))  # π̂ = 0.2
+    per_bag = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    weights = torch.where(labels == 1, 1 / (2 * 0.2), 1 / (2 * 0.8))
+    torch.testing.assert_close(prior_corrected_bce(logits, labels, odds, "weight"), (weights * per_bag).mean())
+    shifted = torch.nn.functional.binary_cross_entropy_with_logits(logits + odds, labels)
+    torch.testing.assert_close(prior_corrected_bce(logits, labels, odds, "logit_adjust"), shifted)
+    with pytest.raises(ValueError, match="class_balance"):
+        prior_corrected_bce(logits, labels, odds, "focal")
+    with pytest.raises(ValueError, match="same shape"):
+        prior_corrected_bce(logits, labels[:2], odds, "none")
+
+
+@pytest.mark.parametrize("mode", ["weight", "logit_adjust"])
+def test_corrections_make_an_uninformed_model_predict_the_balanced_logit_on_a_skewed_site(mode):
+    """A bias-only model fitted on a site with 10 % positives: plain BCE learns the site's
+    prior logit(0.1) = -2.2 and would call every slide negative; both corrections learn ≈ 0."""
+    labels = torch.tensor([1.0] * 10 + [0.0] * 90)
+    odds = torch.full((100,), site_log_odds(labels.tolist()))
+
+    def fitted_bias(class_balance: str) -> float:
+        bias = torch.zeros(1, requires_grad=True)
+        optimizer = torch.optim.LBFGS([bias], lr=1.0, max_iter=50)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = prior_corrected_bce(bias.expand(100), labels, odds, class_balance)  # type: ignore[arg-type]
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return bias.detach().item()
+
+    assert fitted_bias("none") == pytest.approx(math.log(0.1 / 0.9), abs=1e-3)
+    assert abs(fitted_bias(mode)) < 0.1  # the smoothing π̂ = 11/102 leaves -0.084
 
 
 def test_tiles_from_image():

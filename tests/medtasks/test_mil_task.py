@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pydantic
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from medtasks.mil import MILParams, MILTask
 from medtasks.mil.task import _generate
 from server import scenario as scenario_module
 
-EVAL_KEYS = {"loss", "auc", "accuracy", "balanced_accuracy", "attention_auc"}
+EVAL_KEYS = {"loss", "auc", "accuracy", "balanced_accuracy", "balanced_accuracy_cv", "attention_auc"}
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +42,7 @@ def _task(kind: str = "iid", clients: int = 4, *, partition_params: dict | None 
 def _site_arrays(task: MILTask, partition_id: int) -> tuple[np.ndarray, ...]:
     """``(bags [n, K, 3, T, T], labels [n], tile_labels [n, K])`` of a site, train + val."""
     data = task.client_data(partition_id)
-    return tuple(torch.cat([a, b]).numpy() for a, b in zip(data.train.tensors, data.val.tensors))
+    return tuple(torch.cat([a, b]).numpy() for a, b in zip(data.train.tensors[:3], data.val.tensors[:3]))
 
 
 # ----------------------------------------------------------------------------- scenario
@@ -65,12 +66,16 @@ def test_the_scenario_loader_resolves_the_task_defaults_and_names_a_bad_param():
         scenario_module.validate(raw)
 
 
-def test_folder_data_and_data_params_are_refused():
+def test_unknown_sources_and_data_params_are_refused():
     context = _task().ctx
-    with pytest.raises(DataError, match="synthetic slides only"):
-        MILTask(TaskContext(**{**context.__dict__, "data": DataSpec(source="folder", path="/tmp")}))
+    with pytest.raises(ValueError, match="unknown data.source"):
+        MILTask(TaskContext(**{**context.__dict__, "data": DataSpec(source="dicom")}))
     with pytest.raises(ValueError, match="data.params"):
         MILTask(TaskContext(**{**context.__dict__, "data": DataSpec(params={"x": 1})}))
+    with pytest.raises(pydantic.ValidationError, match="class_balance"):
+        MILParams(class_balance="focal")
+    with pytest.raises(pydantic.ValidationError, match="tile_source"):
+        MILParams(tile_source="retina")
 
 
 # ----------------------------------------------------------------------------- non-IID sites
@@ -128,12 +133,18 @@ def test_sites_are_deterministic_and_stats_serialisable():
     for a, b in zip(first.train.tensors + first.val.tensors, again.train.tensors + again.val.tensors):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert json.loads(json.dumps(first.stats)) == again.stats
-    assert set(first.stats) == {"n_train", "n_val", "label_histogram", "label_distribution", "acquisition", "annotator"}
+    assert set(first.stats) == {
+        "n_train", "n_val", "label_histogram", "label_distribution", "train_log_odds", "acquisition", "annotator"
+    }
     assert sum(first.stats["label_histogram"]) == first.stats["n_train"] + first.stats["n_val"]
     assert first.stats["label_histogram"][1] == int(torch.cat([first.train.tensors[1], first.val.tensors[1]]).sum())
-    bag, label, tiles = first.train[0]
+    bag, label, tiles, padding, log_odds = first.train[0]
     assert bag.shape == (8, 3, 16, 16) and bag.dtype == torch.float32
     assert label.shape == () and label.dtype == torch.float32 and tiles.dtype == torch.int64
+    assert padding.dtype == torch.bool and not padding.any()
+    n_pos = int(first.train.tensors[1].sum())
+    assert float(log_odds) == pytest.approx(math.log((n_pos + 1) / (first.stats["n_train"] - n_pos + 1)), abs=1e-6)
+    assert float(log_odds) == pytest.approx(first.stats["train_log_odds"], abs=1e-6)
     other = _task("label_skew", seed=1).client_data(1)
     assert not torch.equal(other.train.tensors[0][:1], first.train.tensors[0][:1])
 
@@ -144,7 +155,7 @@ def test_sites_are_deterministic_and_stats_serialisable():
 def test_server_data_is_a_neutral_site_with_the_base_prevalence():
     assert _task().server_data() is None
     dataset = _task("concept_shift", partition_params={"severity": 1.0}, server=40, positive_rate=0.5).server_data()
-    bags, labels, tile_labels = dataset.tensors
+    bags, labels, tile_labels = dataset.tensors[:3]
     assert len(dataset) == 40
     torch.testing.assert_close(labels, tile_labels.amax(dim=1).float())  # threshold 0: truth is the label
     assert 0.25 < float(labels.mean()) < 0.75
@@ -161,10 +172,42 @@ def test_evaluate_returns_bounded_metrics_for_an_untrained_model(model, mode):
     assert set(metrics) == EVAL_KEYS
     assert all(0.0 <= metrics[k] <= 1.0 for k in EVAL_KEYS - {"loss"}), metrics
     assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
-    bags, labels, tile_labels = next(iter(torch.utils.data.DataLoader(task.client_data(0).train, batch_size=4)))
-    loss = task.loss(net, (bags, labels, tile_labels))
+    batch = next(iter(torch.utils.data.DataLoader(task.client_data(0).train, batch_size=4)))
+    loss = task.loss(net, batch)
     loss.backward()
     assert loss.shape == () and all(p.grad is not None for p in net.classifier.parameters())
+
+
+def test_class_balance_uses_the_sites_own_training_prior():
+    """Under label skew each site's train samples carry its log-odds; the task loss applies them."""
+    kwargs = dict(partition_params={"alpha": 0.3})
+    plain, adjusted = _task("label_skew", **kwargs), _task("label_skew", class_balance="logit_adjust", **kwargs)
+    odds = [plain.client_data(k).stats["train_log_odds"] for k in range(4)]
+    assert max(odds) - min(odds) > 1.0, odds
+    k = int(np.argmax(np.abs(odds)))
+    batch = next(iter(torch.utils.data.DataLoader(adjusted.client_data(k).train, batch_size=8)))
+    net = plain.build_model()
+    with torch.no_grad():
+        logits = net(batch[0])
+        expected = torch.nn.functional.binary_cross_entropy_with_logits(logits + odds[k], batch[1])
+        torch.testing.assert_close(adjusted.loss(net, batch), expected)
+        assert not torch.isclose(plain.loss(net, batch), expected)
+
+
+def test_evaluate_and_loss_respect_padding():
+    """A bag padded with junk tiles scores like the bag without them."""
+    task = _task(server=4, model="attention")
+    net = task.build_model()
+    bags, labels, tile_labels, padding, odds = task.server_data().tensors
+    junk = torch.cat([bags, torch.rand_like(bags[:, :3])], dim=1)
+    padded = torch.utils.data.TensorDataset(
+        junk, labels, torch.cat([tile_labels, torch.zeros_like(tile_labels[:, :3])], 1),
+        torch.cat([padding, torch.ones_like(padding[:, :3])], 1), odds,
+    )
+    for key, value in task.evaluate(net, task.server_data()).items():
+        assert task.evaluate(net, padded)[key] == pytest.approx(value, nan_ok=True, abs=1e-5), key
+    with torch.no_grad():
+        torch.testing.assert_close(task.loss(net, padded.tensors), task.loss(net, task.server_data().tensors))
 
 
 def test_attention_auc_and_auc_are_nan_without_positive_bags():
