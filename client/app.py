@@ -2,8 +2,10 @@
 
 * ``query``: tell the server which partition this node holds and describe its data
   (written to ``partitions.json``).
-* ``train``: load the received model, train locally with the strategy's hooks,
-  reply with the records the strategy asks for and the training metrics.
+* ``train``: load the received model, train locally with the strategy's hooks
+  (and DP-SGD when ``privacy.mechanism`` is ``dpsgd``), reply with the records the
+  strategy asks for and the training metrics (under DP-SGD also the node's ε so
+  far and σ; a spent budget is an error reply ``PrivacyBudgetExhausted: ...``).
 * ``evaluate``: evaluate the received (or personalised) model on the local
   validation split.
 * ``query.export_state`` / ``query.import_state``: copy this node's persistent
@@ -18,11 +20,12 @@ and leaves out of the aggregate.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -32,9 +35,12 @@ from client.cache import scenario_from_json, task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import fit
 from medtasks.seeding import seed_everything, torch_generator
-from server.scenario import Scenario
+from server.scenario import LocalSection, Scenario
 from strategies import get_algorithm
 from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY, ClientRule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from privacy.dpsgd import DPSGDClient
 
 log = logging.getLogger("medfed")
 
@@ -42,6 +48,8 @@ PARTITION_ID_KEY = "partition-id"
 PARTICIPATION_KEY = "medfed-participation"
 INFO_KEY = "info"
 CLIENT_ERROR_CODE = 1
+EPSILON_KEY = "epsilon"  # train metric under DP-SGD: ε(δ) this node has spent so far, all rounds included
+NOISE_MULTIPLIER_KEY = "noise-multiplier"  # train metric under DP-SGD: σ of this round's steps
 
 app = ClientApp()
 
@@ -107,7 +115,7 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 @_replying_errors
 def train(message: Message, context: Context) -> Message:
-    """One round of local training on this site's data."""
+    """One round of local training on this site's data (with DP-SGD if the scenario asks for it)."""
     started = time.perf_counter()
     scenario, pid, server_round = _prepare(message, context, "train")
     task = task_for(scenario)
@@ -118,18 +126,59 @@ def train(message: Message, context: Context) -> Message:
     rule.receive(model, message.content, context.state)
     rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
-    result = fit(model, task, dataset, local, rule, generator)
-    records = rule.reply(model, context.state, steps=result.steps)
+    private = _private_training(scenario, context, server_round, pid, local, rule)
+    with contextlib.closing(private) if private is not None else contextlib.nullcontext():  # Opacus's hooks
+        result = fit(model, task, dataset, local, rule, generator, private)
+        records = rule.reply(model, context.state, steps=result.steps)
+        privacy_metrics = _spend_privacy(private, context) if private is not None else {}
     metrics = MetricRecord(
         {
             "loss": result.loss,
             "steps": result.steps,
             "participations": _count_participation(context),
             NUM_EXAMPLES_KEY: result.num_examples,
+            **privacy_metrics,
             "seconds": time.perf_counter() - started,
         }
     )
     return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=message)
+
+
+def _private_training(scenario: Scenario, context: Context, server_round: int, pid: int, local: LocalSection,
+                      rule: ClientRule) -> "DPSGDClient | None":
+    """The scenario's sample-level DP mechanism for this round (``None`` without one).
+
+    Its noise comes from the stream (seed, "dpsgd-noise", round, partition); its
+    accountant starts from the history in the node's state; the rule's gradient
+    edit (SCAFFOLD's correction) runs after the noise.
+    """
+    if scenario.privacy.mechanism != "dpsgd":
+        return None
+    from privacy.dpsgd import DPSGDClient, DPSGDParams, load_history  # lazily: only DP clients load it
+
+    return DPSGDClient(
+        DPSGDParams.model_validate(scenario.privacy.params),
+        generator=torch_generator(scenario.seed, "dpsgd-noise", server_round, pid),
+        prior=load_history(context.state),
+        rounds=scenario.strategy.rounds,
+        epochs=local.epochs,
+        max_steps=local.max_steps,
+        after_noise=rule.after_backward,
+    )
+
+
+def _spend_privacy(private: "DPSGDClient", context: Context) -> dict[str, float]:
+    """Add this round's steps to the node's accountant history; its ε and σ as reply metrics.
+
+    Called once the reply is built: a round that fails sends nothing, so it costs nothing.
+    """
+    from privacy.dpsgd import append_history, epsilon
+
+    sigma = private.noise_multiplier
+    assert sigma is not None  # set when fit attached the mechanism
+    history = append_history(context.state, private.history())
+    spent = epsilon(history, private.params.delta, private.params.accountant)
+    return {EPSILON_KEY: spent, NOISE_MULTIPLIER_KEY: sigma}
 
 
 @app.evaluate()

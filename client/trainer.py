@@ -5,14 +5,15 @@ One round of local training (the lecture's client loop of FedAvg):
     for e = 1..E:  for each mini-batch b:  w ← w − η ∇(F_k(w; b) [+ rule terms])
 
 The algorithm-specific parts (FedProx term, SCAFFOLD correction, ...) come from
-the :class:`~strategies.base.ClientRule`; the task supplies the loss.
+the :class:`~strategies.base.ClientRule`; the task supplies the loss; an optional
+:class:`PrivateTraining` mechanism (DP-SGD) replaces optimiser and loader.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
@@ -30,8 +31,8 @@ class NonFiniteLossError(FloatingPointError):
 class FitResult:
     """Outcome of one round of local training."""
 
-    loss: float  # mean task loss (before rule terms) over the steps taken
-    steps: int  # optimiser steps actually taken (K in SCAFFOLD's option II)
+    loss: float  # mean task loss (before rule terms) over the steps that saw examples (0 if none did)
+    steps: int  # optimiser steps actually taken, noise-only DP steps included (K in SCAFFOLD's option II)
     num_examples: int  # |P_k|, the aggregation weight n_k
 
 
@@ -72,11 +73,25 @@ class _SiteBatches(Sampler[list[int]]):
 
 
 class PrivateTraining(Protocol):
-    """Sample-level differential privacy of the local loop (implemented in :mod:`privacy`)."""
+    """Sample-level differential privacy of the local loop (implemented in :mod:`privacy`).
+
+    The mechanism owns the gradient that reaches the optimiser: :func:`fit` does not
+    call ``rule.after_backward`` on the raw gradient (the private optimiser would
+    discard the edit, or worse, it would act on unprotected data); the mechanism
+    applies such edits itself after adding the noise.
+    """
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
         """The private optimiser and loader to train ``model`` with (``model`` is trained in place)."""
+        ...
+
+    def is_empty(self, batch: Any) -> bool:
+        """Whether the private loader drew a batch without any example (Poisson sampling)."""
+        ...
+
+    def noise_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step taken for an empty batch (noise only; no loss is computed)."""
         ...
 
 
@@ -111,7 +126,9 @@ def fit(
     Args:
         generator: shuffling stream, derived from (seed, round, partition) by the caller.
         private: sample-level DP-SGD (e.g. Opacus), which replaces the optimiser and the
-            loader by private ones (per-sample clipping and noise, Poisson sampling).
+            loader by private ones (per-sample clipping and noise, Poisson sampling). An
+            empty Poisson batch takes its noise-only step (it counts in ``steps`` and in
+            ``local.max_steps``); the mean loss is over the steps that saw examples.
 
     Raises:
         NonFiniteLossError: when a loss is NaN/inf (the step is not applied).
@@ -121,18 +138,45 @@ def fit(
     if private is not None:
         optimizer, loader = private.attach(model, optimizer, loader)
     model.train()
-    total_loss, steps = 0.0, 0
-    for _ in range(local.epochs):
+    total_loss, loss_steps, steps = 0.0, 0, 0
+    for batch in _batches(loader, local.epochs, local.max_steps):
+        steps += 1
+        if private is not None and private.is_empty(batch):
+            private.noise_step(optimizer)
+            continue
+        total_loss += _gradient_step(model, task, rule, optimizer, batch, steps, private=private is not None)
+        loss_steps += 1
+    return FitResult(loss=total_loss / max(loss_steps, 1), steps=steps, num_examples=len(dataset))
+
+
+def _batches(loader: DataLoader, epochs: int, max_steps: int | None) -> Iterator[Any]:
+    """The batches of ``epochs`` passes over ``loader``, stopping after ``max_steps`` of them."""
+    taken = 0
+    for _ in range(epochs):
         for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            task_loss = task.loss(model, batch)
-            if not math.isfinite(task_loss.item()):
-                raise NonFiniteLossError(f"local loss became {task_loss.item()} at step {steps + 1}")
-            rule.loss(model, task_loss).backward()
-            rule.after_backward(model)
-            optimizer.step()
-            total_loss += task_loss.item()
-            steps += 1
-            if local.max_steps is not None and steps >= local.max_steps:
-                return FitResult(loss=total_loss / steps, steps=steps, num_examples=len(dataset))
-    return FitResult(loss=total_loss / max(steps, 1), steps=steps, num_examples=len(dataset))
+            yield batch
+            taken += 1
+            if max_steps is not None and taken >= max_steps:
+                return
+
+
+def _gradient_step(model: torch.nn.Module, task: Task, rule: ClientRule, optimizer: torch.optim.Optimizer,
+                   batch: Any, step: int, *, private: bool) -> float:
+    """One optimiser step on ``batch``; returns the task loss (before rule terms).
+
+    Under a private mechanism ``rule.after_backward`` is left to the mechanism
+    (:class:`PrivateTraining`), which applies it after the noise.
+
+    Raises:
+        NonFiniteLossError: when the loss is NaN/inf (the step is not applied).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    task_loss = task.loss(model, batch)
+    value = task_loss.item()
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"local loss became {value} at step {step}")
+    rule.loss(model, task_loss).backward()
+    if not private:
+        rule.after_backward(model)
+    optimizer.step()
+    return value

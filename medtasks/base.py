@@ -122,7 +122,9 @@ class Task(Protocol):
 
     Optional class attribute: ``batches_within_site = True`` for a task whose
     mini-batches must not mix sites (e.g. a CT batch shares one scanner geometry);
-    the centralized baseline then batches its pooled data site by site.
+    the centralized baseline then batches its pooled data site by site. And
+    ``per_sample_gradients = False`` for a task whose layers see sub-units of an
+    example (a MIL bag's tiles): sample-level DP-SGD then refuses it.
     """
 
     name: ClassVar[str]

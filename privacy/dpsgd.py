@@ -334,10 +334,18 @@ def check_combination(strategy: str, strategy_params: Mapping[str, Any], norm: s
     Raises:
         ValueError: (one line) FedBN (it exists to keep BatchNorm local); SCAFFOLD
             option I (its control variate ∇F_k(w_t) is computed from the raw data and
-            sent to the server without noise); a BatchNorm model.
+            sent to the server without noise); FedProx with μ > 0 (its proximal
+            gradient reaches ``p.grad`` but not the per-sample gradients, so the
+            private optimiser would silently drop it); a BatchNorm model.
     """
     if strategy == "fedbn":
         raise ValueError(FEDBN_DPSGD_MESSAGE)
+    if float(strategy_params.get("proximal_mu") or 0.0) > 0.0:
+        raise ValueError(
+            f"strategy.params.proximal_mu {strategy_params['proximal_mu']:g} with privacy.mechanism dpsgd: "
+            "the proximal gradient μ(w − w_t) is not part of the per-sample gradients and DP-SGD would drop it; "
+            "set it to 0"
+        )
     if strategy == "scaffold" and strategy_params.get("variate") == "I":
         raise ValueError(
             "strategy scaffold with variate I and privacy.mechanism dpsgd: c_k = ∇F_k(w_t) is computed from the "
@@ -477,9 +485,12 @@ class DPSGDClient:
 
     @staticmethod
     def is_empty(batch: Any) -> bool:
-        """Whether Poisson sampling drew no example (the first tensor has batch size 0)."""
+        """Whether Poisson sampling drew no example: the first tensor has batch size 0, or the
+        batch is an empty list (what Opacus's loader yields when the very first draw is empty)."""
         first = _first_tensor(batch)
-        return first is not None and first.dim() > 0 and first.shape[0] == 0
+        if first is None:
+            return isinstance(batch, (list, tuple)) and len(batch) == 0
+        return first.dim() > 0 and first.shape[0] == 0
 
     def noise_step(self, optimizer: "DPOptimizer") -> None:
         """The step of an empty batch: θ moves by the noise alone, and the step is counted.

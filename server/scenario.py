@@ -5,8 +5,9 @@ strategy, local training, privacy, attack, engine and output (DESIGN.md §5).
 :func:`load` validates a file, applies ``--set a.b=value`` overrides, validates
 the sections that depend on a name (``task.params`` against the task's schema,
 ``strategy.params`` against the algorithm's, ``partition.params`` against the
-partition kind's) and resolves every default, so the resolved scenario written
-to a run directory says exactly what ran.
+partition kind's, ``privacy.params`` against the mechanism's), refuses the
+combinations a strategy or a privacy mechanism cannot run, and resolves every
+default, so the resolved scenario written to a run directory says exactly what ran.
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
 ``<file>: <key.path>: <what is wrong> (allowed: ...)``.
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+import privacy
 from medtasks.base import DataSpec, PartitionSpec, TaskContext
 from medtasks.partition import KINDS, PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
@@ -93,9 +95,10 @@ class LocalSection(_Section):
 
 
 class PrivacySection(_Section):
-    """``privacy``: differential-privacy mechanism (none in this version)."""
+    """``privacy``: the differential-privacy mechanism and its settings (:mod:`privacy`)."""
 
-    mechanism: Literal["none"] = "none"
+    mechanism: Literal[privacy.MECHANISMS] = "none"  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the mechanism's Params schema")
 
 
 class EngineSection(_Section):
@@ -246,7 +249,8 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
 
 
 def _resolve_named_params(scenario: Scenario, source: str) -> None:
-    """Validate the ``params`` of task, strategy and partition against their own schemas."""
+    """Validate the ``params`` of task, strategy, partition and privacy against their own schemas,
+    then the combinations the strategy and the privacy mechanism refuse."""
     from strategies import UnknownStrategyError, get_algorithm
 
     try:
@@ -262,21 +266,36 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
     except UnknownStrategyError as error:
         raise ScenarioError(f"{source}: strategy.name: {error}") from None
 
-    checks = (
+    checks = [
         ("task.params", task_class.Params, scenario.task),
         ("strategy.params", algorithm.Params, scenario.strategy),
         ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition),
-    )
+        ("privacy.params", _privacy_params_schema(scenario.privacy, source), scenario.privacy),
+    ]
     for prefix, params_model, section in checks:
+        if params_model is None:
+            continue
         try:
             resolved = params_model.model_validate(section.params)
         except ValidationError as error:
             raise ScenarioError(f"{source}: {_describe(error, params_model, prefix)}") from None
         section.params = json.loads(resolved.model_dump_json())
-    try:
-        algorithm.check_compatible(scenario)
-    except ValueError as error:
-        raise ScenarioError(f"{source}: {error}") from None
+    for check_compatible in (algorithm.check_compatible, privacy.check_compatible):
+        try:
+            check_compatible(scenario)
+        except ValueError as error:
+            raise ScenarioError(f"{source}: {error}") from None
+
+
+def _privacy_params_schema(section: PrivacySection, source: str) -> type[BaseModel] | None:
+    """The schema of ``privacy.params`` (``None`` for a mechanism without params, which must be empty)."""
+    schema = privacy.params_schema(section.mechanism)
+    if schema is None and section.params:
+        raise ScenarioError(
+            f"{source}: privacy.params: mechanism '{section.mechanism}' takes no params (got "
+            f"{', '.join(sorted(section.params))}); set privacy.mechanism (allowed: {', '.join(privacy.MECHANISMS)})"
+        )
+    return schema
 
 
 def _resolve_data_path(scenario: Scenario, source: str, base_dir: Path) -> None:

@@ -225,6 +225,7 @@ class MILTask:
     name: ClassVar[str] = "mil"
     Params: ClassVar[type[TaskParams]] = MILParams
     models: ClassVar[tuple[str, ...]] = ("attention", "gated_attention", "max", "mean")
+    per_sample_gradients: ClassVar[bool] = False  # the tile encoder sees tiles, not bags: no per-bag DP-SGD
     primary_metric: ClassVar[str] = "auc"
     higher_is_better: ClassVar[bool] = True
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"

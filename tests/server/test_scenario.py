@@ -44,6 +44,11 @@ def _with(**changes: object) -> dict:
     return raw
 
 
+def dpsgd(**params: object) -> dict:
+    """A ``privacy`` section for DP-SGD with ``params``."""
+    return {"mechanism": "dpsgd", "params": params}
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
 def test_every_shipped_scenario_is_valid(path: Path) -> None:
     scenario = scenario_module.load(path)
@@ -58,6 +63,15 @@ def test_defaults_are_resolved_and_round_trip(tmp_path: Path) -> None:
     again = scenario_module.load(_write(tmp_path, scenario.to_yaml(), "resolved.yaml"))
     assert again == scenario
     assert scenario_module.Scenario.from_json(scenario.to_json()) == scenario
+
+
+def test_dpsgd_params_are_resolved_and_round_trip(tmp_path: Path) -> None:
+    raw = _with(task__params__norm="group", privacy=dpsgd(target_epsilon=8))
+    scenario = scenario_module.load(_write(tmp_path, raw))
+    assert scenario.privacy.params["target_epsilon"] == 8.0 and scenario.privacy.params["noise_multiplier"] is None
+    assert scenario.privacy.params["delta"] == 1e-5 and scenario.privacy.params["accountant"] == "rdp"
+    assert scenario_module.load(_write(tmp_path, scenario.to_yaml(), "resolved.yaml")) == scenario
+    assert scenario_module.load(_write(tmp_path, VALID)).privacy.params == {}
 
 
 def test_overrides_parse_yaml_values_and_create_sections(tmp_path: Path) -> None:
@@ -90,6 +104,28 @@ MALFORMED = {
     "unimportable_custom_task": (_with(task__name="no_such_pkg.mod:Task"), "task.name: cannot import task 'no_such_pkg.mod:Task'"),
     "unknown_task_param": (_with(task__params__depth=3), "task.params.depth: unknown key 'depth' (allowed: channels, focal_gamma"),
     "bad_optimizer": (_with(local={"optimizer": "lbfgs"}), "local.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
+    "unknown_privacy_mechanism": (_with(privacy={"mechanism": "magic"}),
+                                  "privacy.mechanism: Input should be 'none' or 'dpsgd'"),
+    "privacy_params_without_mechanism": (_with(privacy={"params": {"noise_multiplier": 1.0}}),
+                                         "privacy.params: mechanism 'none' takes no params (got noise_multiplier)"),
+    "unknown_dpsgd_param": (_with(task__params__norm="group", privacy=dpsgd(noise_multiplier=1, clip=1)),
+                            "privacy.params.clip: unknown key 'clip' (allowed: accountant, delta, max_grad_norm"),
+    "bad_dpsgd_param": (_with(task__params__norm="group", privacy=dpsgd(noise_multiplier=1, delta=2)),
+                        "privacy.params.delta: Input should be less than 1"),
+    "dpsgd_without_noise_or_budget": (_with(task__params__norm="group", privacy=dpsgd()),
+                                      "privacy.params: dpsgd needs noise_multiplier or target_epsilon"),
+    "dpsgd_with_batch_norm": (_with(privacy=dpsgd(noise_multiplier=1)),
+                              "privacy.mechanism dpsgd with task.params.norm: batch: DP-SGD cannot"),
+    "mil_with_dpsgd": (_with(task={"name": "mil"}, privacy=dpsgd(noise_multiplier=1)),
+                       "privacy.mechanism dpsgd: task 'mil' cannot give per-example gradients"),
+    "fedbn_with_dpsgd": (_with(strategy__name="fedbn", privacy=dpsgd(noise_multiplier=1)),
+                         "strategy fedbn with privacy.mechanism dpsgd: FedBN keeps BatchNorm local"),
+    "fedprox_with_dpsgd": (_with(task__params__norm="group", strategy__params={"proximal_mu": 0.01},
+                                 privacy=dpsgd(noise_multiplier=1)),
+                           "strategy.params.proximal_mu 0.01 with privacy.mechanism dpsgd: the proximal gradient"),
+    "scaffold_variate_one_with_dpsgd": (_with(task__params__norm="group", strategy__name="scaffold",
+                                              strategy__params={"variate": "I"}, privacy=dpsgd(noise_multiplier=1)),
+                                        "strategy scaffold with variate I and privacy.mechanism dpsgd"),
 }
 
 
