@@ -211,6 +211,7 @@ class Federation:
         self.stop = threading.Event()  # set by an engine whose ServerApp runs in another thread (Ctrl-C)
         self._central_model: torch.nn.Module | None = None
         self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
+        self._epsilons: dict[str, float] = {}  # partition id → its latest reported ε (DP runs)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -238,6 +239,8 @@ class Federation:
                 strategy.load_state_dict(checkpoint.strategy_state)
             first_round = checkpoint.round + 1
             self.run_dir.truncate_metrics(checkpoint.round)
+            for record in self.run_dir.read_metrics():
+                self._note_epsilons(record)
             node_states = checkpoint.extra.get("node_states")
             if node_states:
                 import_node_states(grid, cohort, node_states, scenario.strategy.round_timeout, self.stop)
@@ -304,19 +307,33 @@ class Federation:
 
     def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None,
                 clients: dict[str, dict[str, Any]] | None = None) -> None:
-        """Append one ``metrics.jsonl`` record (DESIGN.md §6); ``clients`` defaults to the replies' metrics."""
-        self.run_dir.append_metrics(
-            {
-                "round": server_round,
-                "phase": phase,
-                "clients": per_client(done.replies, cohort) if clients is None else clients,
-                "aggregate": dict(metrics.items()) if metrics is not None else {},
-                "bytes_up": done.bytes_up,
-                "bytes_down": done.bytes_down,
-                "seconds": round(done.seconds, 4),
-                "epsilon": None,
-            }
-        )
+        """Append one ``metrics.jsonl`` record (DESIGN.md §6); ``clients`` defaults to the replies' metrics.
+
+        ``epsilon`` is the privacy spent so far by the weakest site: the largest ε any
+        site has reported (a site keeps its last value in rounds it is not sampled);
+        ``None`` without differential privacy.
+        """
+        record = {
+            "round": server_round,
+            "phase": phase,
+            "clients": per_client(done.replies, cohort) if clients is None else clients,
+            "aggregate": dict(metrics.items()) if metrics is not None else {},
+            "bytes_up": done.bytes_up,
+            "bytes_down": done.bytes_down,
+            "seconds": round(done.seconds, 4),
+        }
+        self._note_epsilons(record)
+        record["epsilon"] = max(self._epsilons.values()) if self._epsilons else None
+        self.run_dir.append_metrics(record)
+
+    def _note_epsilons(self, record: dict[str, Any]) -> None:
+        """Remember each site's latest ε from a train record's client metrics."""
+        if record.get("phase") != "train":
+            return
+        for pid, metrics in record.get("clients", {}).items():
+            value = metrics.get("epsilon")
+            if isinstance(value, (int, float)):
+                self._epsilons[pid] = float(value)
 
     def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord,
                             strategy: Any) -> dict[str, float] | None:
@@ -388,11 +405,21 @@ class Federation:
             seconds=seconds,
             rounds_completed=scenario.strategy.rounds,
             extra={"scenario": scenario.name, "task": scenario.task.name, "strategy": scenario.strategy.name,
-                   "partition": scenario.partition.kind, "clients": scenario.partition.clients},
+                   "partition": scenario.partition.kind, "clients": scenario.partition.clients,
+                   "privacy": self._privacy_summary()},
         )
         self.run_dir.write_summary(summary)
         if scenario.output.plots:
             self._plots(records, arrays)
+        return summary
+
+    def _privacy_summary(self) -> dict[str, Any]:
+        """The mechanism, its settings and each site's final ε (``summary.json``)."""
+        privacy = self.scenario.privacy
+        summary: dict[str, Any] = {"mechanism": privacy.mechanism, **privacy.params}
+        if self._epsilons:
+            summary["epsilon"] = max(self._epsilons.values())
+            summary["epsilon_per_client"] = dict(sorted(self._epsilons.items(), key=lambda item: int(item[0])))
         return summary
 
     def _plots(self, records: list[dict], arrays: ArrayRecord) -> None:

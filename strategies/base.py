@@ -191,23 +191,33 @@ def _non_finite(content: RecordDict) -> str | None:
     return None
 
 
+WORST_CASE_METRICS = frozenset({"epsilon"})
+"""Metrics aggregated as the maximum over clients, not a mean: a privacy guarantee is the weakest site's."""
+
+
 def aggregate_metrics(replies: list[Message]) -> MetricRecord:
     """Σ_k n_k m_k / Σ_k n_k for every metric, weighted by ``num-examples``.
 
     A metric a client could not compute (NaN, e.g. HD95 on images without any
-    foreground) is left out of that metric's average instead of poisoning it.
+    foreground) is left out of that metric's average instead of poisoning it. The
+    :data:`WORST_CASE_METRICS` (ε) take the maximum over clients instead.
     """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    worst: dict[str, float] = {}
     for reply in replies:
         record = reply.content[METRICS_KEY]
         weight = float(record[NUM_EXAMPLES_KEY])
         for key, value in record.items():
-            if key == NUM_EXAMPLES_KEY or isinstance(value, list) or not math.isfinite(float(value)):
+            if key == NUM_EXAMPLES_KEY or isinstance(value, list) or math.isnan(float(value)):
                 continue
-            sums[key] = sums.get(key, 0.0) + weight * float(value)
-            weights[key] = weights.get(key, 0.0) + weight
+            if key in WORST_CASE_METRICS:
+                worst[key] = max(worst.get(key, -math.inf), float(value))
+            elif math.isfinite(float(value)):
+                sums[key] = sums.get(key, 0.0) + weight * float(value)
+                weights[key] = weights.get(key, 0.0) + weight
     aggregated = MetricRecord({key: sums[key] / weights[key] for key in sums if weights[key] > 0})
+    aggregated.update(worst)
     aggregated[NUM_EXAMPLES_KEY] = int(sum(float(r.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for r in replies))
     return aggregated
 

@@ -109,6 +109,13 @@ def test_each_client_reports_an_epsilon_growing_every_round_that_its_node_state_
         assert spent[-1] == pytest.approx(epsilon(history, DELTA), rel=1e-12)
         assert sum(steps for _, _, steps in history) == sum(r["clients"][pid]["steps"] for r in records)
     assert records[-1]["clients"]["0"]["epsilon"] > records[-1]["clients"]["2"]["epsilon"]  # q 1/3 costs more than 1/4
+    for record in records:  # the run's ε is the weakest site's, in the record and in the aggregate (never a mean)
+        worst = max(m["epsilon"] for m in record["clients"].values())
+        assert record["epsilon"] == record["aggregate"]["epsilon"] == worst
+    privacy = json.loads((run_dir.path / "summary.json").read_text())["privacy"]
+    assert privacy["mechanism"] == "dpsgd" and privacy["delta"] == DELTA
+    assert privacy["epsilon_per_client"] == {pid: records[-1]["clients"][pid]["epsilon"] for pid in ("0", "1", "2")}
+    assert privacy["epsilon"] == records[-1]["epsilon"]
 
 
 @pytest.mark.parametrize("strategy, params", [("fedavg", {}), ("scaffold", {"variate": "II"}), ("fedsgd", {})])
