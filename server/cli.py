@@ -184,6 +184,9 @@ def _print_summary(summary: dict, path: Path) -> None:
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num-examples")
         if shown:
             parts.append(f"{phase}: {shown}")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        parts.append(f"privacy: ε {privacy['epsilon']:.3g} (δ {privacy.get('delta', '?')}, weakest site)")
     print(f"done in {summary.get('seconds', 0):.1f} s | " + " | ".join(parts))
     print(f"results: {path}")
 

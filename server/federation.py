@@ -279,6 +279,8 @@ class Federation:
         arrays = new_arrays
         self._record(server_round, "train", cohort, done, train_metrics)
         headline = {"train loss": _metric(train_metrics, "loss")}
+        if self._epsilons:
+            headline["ε"] = max(self._epsilons.values())
 
         if server_round % scenario.strategy.evaluate_every == 0 or server_round == scenario.strategy.rounds:
             messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid))
