@@ -93,15 +93,20 @@ def test_pydicom_data_adds_an_abdomen_and_the_enhanced_multiframe_ct():
     assert realdata.anatomies(("pydicom", "pydicom-data")) == ("head", "thorax", "abdomen")
 
 
-def test_a_missing_package_or_file_is_a_one_line_data_error(monkeypatch):
+@pytest.fixture
+def without_pydicom_data(monkeypatch):
+    """The optional pydicom-data distribution looks uninstalled."""
     real = metadata.distribution
 
-    def without_pydicom_data(name: str):
+    def distribution(name: str):
         if name == "pydicom-data":
             raise metadata.PackageNotFoundError(name)
         return real(name)
 
-    monkeypatch.setattr(realdata.metadata, "distribution", without_pydicom_data)
+    monkeypatch.setattr(realdata.metadata, "distribution", distribution)
+
+
+def test_a_missing_package_or_file_is_a_one_line_data_error(without_pydicom_data):
     with pytest.raises(DataError, match=r"pip install pydicom-data") as error:
         _task(packages=("pydicom", "pydicom-data"))
     assert "\n" not in str(error.value)
@@ -193,17 +198,9 @@ def test_fbp_of_a_real_slice_gains_with_more_views():
     assert fbp_psnr(90) > fbp_psnr(12) + 5.0
 
 
-def test_medfed_run_without_the_package_is_one_line_exit_2_and_no_run_directory(monkeypatch, tmp_path, capsys):
+def test_medfed_run_without_the_package_is_one_line_exit_2_and_no_run_directory(without_pydicom_data, tmp_path, capsys):
     from server.cli import main
 
-    real = metadata.distribution
-
-    def without_pydicom_data(name: str):
-        if name == "pydicom-data":
-            raise metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setattr(realdata.metadata, "distribution", without_pydicom_data)
     scenario = Path(__file__).resolve().parents[2] / "scenarios" / "ct-real-demo.yaml"
     code = main(["run", str(scenario), "--engine", "inprocess", "--set", f"output.dir={tmp_path / 'runs'}",
                  "--set", "task.params.slice_packages=[pydicom, pydicom-data]"])
