@@ -55,6 +55,13 @@ class FederationError(RuntimeError):
     """A run that cannot go on (too few clients answered, no usable update); one-line message."""
 
 
+class BudgetSpent(Exception):
+    """The privacy budget ends the run: the round's training is not used, earlier rounds stand."""
+
+
+BUDGET_EXHAUSTED = "PrivacyBudgetExhausted:"  # the reason a client gives when its budget is spent
+
+
 class RunInterrupted(KeyboardInterrupt):
     """The run was asked to stop (Ctrl-C reaching another thread); the last checkpoint stays resumable."""
 
@@ -250,15 +257,19 @@ class Federation:
 
         total = scenario.strategy.rounds
         self.progress.start(total_rounds=total, first_round=first_round)
+        completed = first_round - 1
         try:
             for server_round in range(first_round, total + 1):
                 arrays, headline = self._round(grid, strategy, cohort, server_round, arrays)
                 checkpoint = self._checkpoint(grid, strategy, cohort, server_round, arrays, headline, checkpoint)
                 self.progress.round_done(server_round, headline)
+                completed = server_round
+        except BudgetSpent as reason:
+            log.info("%s; the run ends after round %d", reason, completed)
         finally:
             self.progress.close()
 
-        return self._finish(arrays, checkpoint, time.perf_counter() - started)
+        return self._finish(arrays, checkpoint, time.perf_counter() - started, completed)
 
     def _round(self, grid: Grid, strategy: Any, cohort: Cohort, server_round: int,
                arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
@@ -267,10 +278,17 @@ class Federation:
         config = ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         done = self._phase(grid, cohort, server_round, "train", messages)
+        reasons = [r.error.reason for r in done.replies if r.has_error()]
+        spent = [reason for reason in reasons if reason.startswith(BUDGET_EXHAUSTED)]
+        if spent and scenario.privacy.params.get("on_exhausted") == "stop-run":
+            self._record(server_round, "train", cohort, done, None)  # who ran out, before the run ends
+            raise BudgetSpent(f"round {server_round}: a client's privacy budget is spent (on_exhausted: stop-run)")
         new_arrays, train_metrics = strategy.aggregate_train(server_round, done.replies)
         succeeded = sum(1 for reply in done.replies if reply.has_content())
         if new_arrays is None or succeeded < scenario.strategy.min_clients:
-            reasons = [r.error.reason for r in done.replies if r.has_error()]
+            if spent and len(spent) == len(reasons):
+                self._record(server_round, "train", cohort, done, None)
+                raise BudgetSpent(f"round {server_round}: too few clients have privacy budget left to train")
             detail = f"; first failure: {reasons[0]}" if reasons else ""
             raise FederationError(
                 f"round {server_round}: {succeeded} of {len(messages)} clients returned a usable update, "
@@ -396,7 +414,8 @@ class Federation:
             )
         return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
 
-    def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float) -> dict[str, Any]:
+    def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float,
+                completed: int) -> dict[str, Any]:
         scenario = self.scenario
         records = self.run_dir.read_metrics()
         summary = build_summary(
@@ -405,7 +424,7 @@ class Federation:
             higher_is_better=self.task.higher_is_better,
             seed=scenario.seed,
             seconds=seconds,
-            rounds_completed=scenario.strategy.rounds,
+            rounds_completed=completed,
             extra={"scenario": scenario.name, "task": scenario.task.name, "strategy": scenario.strategy.name,
                    "partition": scenario.partition.kind, "clients": scenario.partition.clients,
                    "privacy": self._privacy_summary()},

@@ -157,3 +157,25 @@ def test_resume_restores_the_accountant_history_so_epsilon_continues(tmp_path: P
     assert without_timing(resumed.read_metrics()) == without_timing(uninterrupted.read_metrics())
     spent = [r["clients"]["0"]["epsilon"] for r in train_records(resumed)]
     assert spent[0] < spent[1] < spent[2] and epsilon(node_history(resumed, "0"), DELTA) == pytest.approx(spent[2])
+
+
+def test_stop_run_ends_the_run_cleanly_at_the_first_spent_budget(tmp_path: Path) -> None:
+    scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=3, local=MINI_BATCHES),
+                          noise_multiplier=1.0, target_epsilon=6.5, on_exhausted="stop-run")
+    run_dir = run(scenario)
+    first, second = train_records(run_dir)  # round 2's training is not used; its record says who ran out
+    assert second["round"] == 2 and second["aggregate"] == {}
+    assert second["clients"]["0"]["error"].startswith("PrivacyBudgetExhausted:") and "error" not in second["clients"]["2"]
+    assert run_dir.load_checkpoint().round == 1
+    summary = json.loads((run_dir.path / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["privacy"]["epsilon"] <= 6.5
+
+
+def test_when_every_site_has_spent_its_budget_the_run_ends_without_an_error(tmp_path: Path) -> None:
+    scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=4, local=MINI_BATCHES),
+                          noise_multiplier=1.0, target_epsilon=6.0)  # every site spends it after one round
+    run_dir = run(scenario)
+    records = train_records(run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(m["error"].startswith("PrivacyBudgetExhausted:") for m in records[1]["clients"].values())
+    assert json.loads((run_dir.path / "summary.json").read_text())["rounds_completed"] == 1
