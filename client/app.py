@@ -6,6 +6,8 @@
   (and DP-SGD when ``privacy.mechanism`` is ``dpsgd``), reply with the records the
   strategy asks for and the training metrics (under DP-SGD also the node's ε so
   far and σ; a spent budget is an error reply ``PrivacyBudgetExhausted: ...``).
+  A mechanism with a client half on the upload (NbAFL: clipping and noise, at
+  most L uploads, else ``ExposureLimitReached: ...``) transforms the reply.
 * ``evaluate``: evaluate the received (or personalised) model on the local
   validation split.
 * ``query.export_state`` / ``query.import_state``: copy this node's persistent
@@ -31,6 +33,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import privacy
 from client.cache import scenario_from_json, task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import fit
@@ -127,10 +130,16 @@ def train(message: Message, context: Context) -> Message:
     rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
     private = _private_training(scenario, context, server_round, pid, local, rule)
+    upload = privacy.upload_privacy(scenario, server_round, pid, len(dataset))
+    if upload is not None:
+        upload.admit(context.state)
     with contextlib.closing(private) if private is not None else contextlib.nullcontext():  # Opacus's hooks
         result = fit(model, task, dataset, local, rule, generator, private)
         records = rule.reply(model, context.state, steps=result.steps)
         privacy_metrics = _spend_privacy(private, context) if private is not None else {}
+    if upload is not None:
+        records, upload_metrics = upload.protect(records, model, message.content[CONFIG_KEY], context.state)
+        privacy_metrics.update(upload_metrics)
     metrics = MetricRecord(
         {
             "loss": result.loss,

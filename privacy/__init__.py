@@ -5,24 +5,74 @@ A scenario's ``privacy.mechanism`` names one of :data:`MECHANISMS`:
 * ``"none"``: no differential privacy (``privacy.params`` must stay empty);
 * ``"dpsgd"``: sample-level DP-SGD on every client with a per-node accountant
   (:mod:`privacy.dpsgd`, Opacus); ``privacy.params`` is a
-  :class:`~privacy.dpsgd.DPSGDParams`.
+  :class:`~privacy.dpsgd.DPSGDParams`;
+* ``"nbafl"``: NbAFL, the lecture's DP-FedAvg (:mod:`privacy.nbafl`): clipped and
+  perturbed uploads, noise on the broadcast; ``privacy.params`` is a
+  :class:`~privacy.nbafl.NbAFLParams`.
 
-:mod:`privacy.nbafl` holds NbAFL's calibration (pure functions, not yet a
-mechanism of its own). A mechanism's module is imported only when a scenario
-names it: Opacus takes seconds to import.
+Besides acting inside local training (DP-SGD), a mechanism can hook into the
+round loop and the reply. Its server half is a :class:`ServerPrivacy`
+(:func:`server_privacy`), its client half an :class:`UploadPrivacy` applied to
+what a site sends (:func:`upload_privacy`); both are ``None`` for mechanisms
+without them. A mechanism's module is imported only when a scenario names it:
+Opacus takes seconds to import.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
     from pydantic import BaseModel
 
     from server.scenario import Scenario
 
-MECHANISMS = ("none", "dpsgd")
+MECHANISMS = ("none", "dpsgd", "nbafl")
 """Allowed values of ``privacy.mechanism``."""
+
+BUDGET_ERRORS = ("PrivacyBudgetExhausted:", "ExposureLimitReached:")
+"""How the reason of a client's error reply starts when its privacy budget is spent (the exception's class
+name: :class:`privacy.dpsgd.PrivacyBudgetExhausted`, :class:`privacy.nbafl.ExposureLimitReached`)."""
+
+
+class ServerPrivacy(Protocol):
+    """The server half of a mechanism, called by the round loop around the strategy."""
+
+    @property
+    def epsilon(self) -> float | None:
+        """The run's ε to report in every round's record (``None``: take the sites' reports)."""
+        ...
+
+    def summary(self) -> None:
+        """Log the mechanism's settings at the start of the run."""
+        ...
+
+    def configure(self, config: "ConfigRecord") -> None:
+        """Add what the clients need to a round's train config (before ``configure_train``)."""
+        ...
+
+    def after_aggregate(self, arrays: "ArrayRecord", server_round: int) -> "ArrayRecord":
+        """The global arrays to use and broadcast, given those ``aggregate_train`` returned."""
+        ...
+
+    def report(self) -> dict[str, Any]:
+        """Entries of ``summary.json``'s privacy block."""
+        ...
+
+
+class UploadPrivacy(Protocol):
+    """The client half of a mechanism, applied to one round's reply of one site."""
+
+    def admit(self, state: "RecordDict") -> None:
+        """Raise (one line) if this site may not train this round; called before training."""
+        ...
+
+    def protect(self, records: Mapping[str, Any], model: "torch.nn.Module", config: "ConfigRecord",
+                state: "RecordDict") -> tuple[dict[str, Any], dict[str, float]]:
+        """The records to send instead of ``records``, and train metrics to add to the reply."""
+        ...
 
 
 def params_schema(mechanism: str) -> "type[BaseModel] | None":
@@ -37,6 +87,10 @@ def params_schema(mechanism: str) -> "type[BaseModel] | None":
         from privacy.dpsgd import DPSGDParams
 
         return DPSGDParams
+    if mechanism == "nbafl":
+        from privacy.nbafl import NbAFLParams
+
+        return NbAFLParams
     raise ValueError(f"unknown privacy mechanism '{mechanism}' (allowed: {', '.join(MECHANISMS)})")
 
 
@@ -44,7 +98,7 @@ def check_compatible(scenario: "Scenario") -> None:
     """Refuse scenarios whose strategy or model the chosen mechanism cannot protect.
 
     Raises:
-        ValueError: one line naming the offending key (e.g. FedBN with DP-SGD).
+        ValueError: one line naming the offending key (e.g. FedBN with DP-SGD, SCAFFOLD with NbAFL).
     """
     if scenario.privacy.mechanism == "dpsgd":
         from medtasks.registry import get_task_class
@@ -57,3 +111,30 @@ def check_compatible(scenario: "Scenario") -> None:
                 "cannot clip them per example"
             )
         check_combination(scenario.strategy.name, scenario.strategy.params, scenario.task.params.get("norm"))
+    elif scenario.privacy.mechanism == "nbafl":
+        from privacy.nbafl import check_combination as check_nbafl
+
+        check_nbafl(scenario)
+
+
+def server_privacy(scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]]) -> ServerPrivacy | None:
+    """The server half of the scenario's mechanism, built once discovery has given each site's ``stats``.
+
+    Raises:
+        ValueError: (one line) if the sites' statistics cannot calibrate it.
+    """
+    if scenario.privacy.mechanism == "nbafl":
+        from privacy.nbafl import NbAFLServer
+
+        return NbAFLServer.from_discovery(scenario, stats)
+    return None
+
+
+def upload_privacy(scenario: "Scenario", server_round: int, partition_id: int,
+                   train_size: int) -> UploadPrivacy | None:
+    """The client half of the scenario's mechanism for one round of one site (``train_size`` examples)."""
+    if scenario.privacy.mechanism == "nbafl":
+        from privacy.nbafl import NbAFLClient
+
+        return NbAFLClient.for_round(scenario, server_round, partition_id, train_size)
+    return None

@@ -1,9 +1,22 @@
-"""NbAFL: noise calibration, weight clipping and Gaussian noise for DP-FedAvg.
+"""NbAFL ("noising before model aggregation"), the lecture's DP-FedAvg, as the ``nbafl`` privacy mechanism.
 
 Wei et al., "Federated Learning with Differential Privacy: Algorithms and
 Performance Analysis", IEEE TIFS 15:3454-3469, 2020 (arXiv:1911.00222), the
-lecture's "FedAVG with DP" algorithm. Pure functions only: the strategy that
-uses them lives elsewhere.
+lecture's "FedAVG with DP" algorithm. This module holds its calibration (pure
+functions, :class:`NbAFLCalibration`) and both halves of the mechanism that a
+scenario selects with ``privacy: {mechanism: nbafl, params: {clip, epsilon, ...}}``
+(:class:`NbAFLParams`):
+
+* :class:`NbAFLServer`, driven by the round loop: calibrates once every site's
+  size is known, sends σ_U in each train config, adds n_D to the aggregate before
+  it is broadcast, and reports ε;
+* :class:`NbAFLClient`, applied to a site's reply: clips and perturbs the uploaded
+  weights and counts the site's exposures in its node state (at most L).
+
+NbAFL's local objective is FedProx's, so it runs with ``strategy: fedavg``
+(``proximal_mu`` > 0 as in the paper; μ = 0 is allowed), or with ``fedper`` /
+``fedbn`` (the noise goes on what they send); :func:`check_combination` refuses the
+rest.
 
 Client i (Algorithm 1 of the paper; the lecture's steps 2-5) minimises
 F_i(w) + μ/2 ‖w − w̃^{t−1}‖², clips and perturbs its weights, and the server
@@ -47,24 +60,49 @@ What the formulas assume, and why :func:`rdp_epsilon` is reported beside them:
   smaller than the usual bound ln(1 + q(e^{ε_r} − 1)) (q = 0.5, ε_r = 1: 0.38
   against 0.62), so it lets the server add less noise; the RDP accounting here
   uses Opacus's sampled-Gaussian analysis (Poisson sampling, rate K/N) instead.
+
+What w is in a federation (:func:`protected_names`): every floating-point tensor
+of the ``"arrays"`` record a site uploads, all clipped together under one norm,
+and these must be trained parameters. BatchNorm running statistics are
+refused (at scenario load, :func:`check_combination`): they are computed from
+the data, so sending them unperturbed would leak it, and clipping or noising
+them would break normalisation (a running variance scaled or pushed below 0).
+Models with GroupNorm/InstanceNorm, or FedBN, which keeps BatchNorm local, are
+fine. Integer tensors (``num_batches_tracked``) would travel unchanged: they
+count local steps, a function of |D_i|, the batch size and the epochs only,
+equal for neighbouring data sets (one example replaced, the adjacency of
+Δs_U = 2C/m), so they cost no privacy. The server adds n_D to the floating-point
+tensors of the aggregate, which are the same names.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
 
 import torch
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.rdp import RDPAccountant
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from pydantic import BaseModel, ConfigDict, Field
 
-#: RDP orders α: Opacus's default grid widened at both ends (α near 1 for large ε, large α for small ε).
+from medtasks.seeding import torch_generator
+from strategies.base import ARRAYS_KEY, Cohort, trainable_parameters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from server.scenario import Scenario
+
+log = logging.getLogger("medfed")
+
+#: RDP orders α: Opacus's default grid (``RDPAccountant.DEFAULT_ALPHAS``: 1.1, 1.2, ..., 10.9, 12, ..., 63,
+#: spelled out so that a client imports this module without Opacus, seconds of start-up) widened at both
+#: ends (α near 1 for large ε, large α for small ε).
 RDP_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 100 for x in range(1, 10)]
-    + [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+    + [1 + x / 10.0 for x in range(1, 100)]
+    + [float(a) for a in range(12, 64)]
     + [64.0, 80.0, 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0]
 )
 
@@ -169,6 +207,8 @@ def rdp_epsilon(sigma_over_sensitivity: float, steps: int, delta: float, sample_
     Balle et al. 2020, Thm 21, minimised over :data:`RDP_ORDERS` (Opacus's ``compute_rdp`` and
     ``get_privacy_spent``). Valid for every ε, unlike the classical constant c.
     """
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent  # lazily: the server's only
+
     z = _positive("sigma_over_sensitivity", sigma_over_sensitivity)
     steps, delta = _count("steps", steps), _delta(delta)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
@@ -298,3 +338,306 @@ def add_gaussian_noise(
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device)
         noisy[name] = (t.detach().double() + float(sigma) * noise.to(t.device)).to(t.dtype)
     return noisy
+
+
+# --- the mechanism: settings and the scenarios it can protect --------------------------------------
+SIGMA_UP_KEY = "nbafl-sigma-up"
+"""Train-config key of σ_U: the server computes it from every site's size, so no site needs the others'."""
+
+EXPOSURES_KEY = "nbafl-exposures"
+"""Name of the ConfigRecord ``{"count": uploads}`` in a node's ``context.state`` (DESIGN.md §4)."""
+
+EXPOSURES_METRIC = "exposures"  # train metric: this site's uploads so far, this one included
+SIGMA_UP_METRIC = "sigma-up"  # train metric: the σ_U this upload was perturbed with
+
+NBAFL_STRATEGIES = ("fedavg", "fedper", "fedbn")
+"""Strategies whose sites upload their (shared) weights and nothing else: what NbAFL clips and perturbs."""
+
+_ROBUST = ("it aggregates with a robust rule, not the weighted average whose sensitivity 2C/(mN) Theorems 1 "
+           "and 3 calibrate sigma_D for")
+REFUSED: dict[str, str] = {
+    "scaffold": "SCAFFOLD's control-variate update Δc_k travels beside the weights without clipping or noise",
+    "fedsgd": "FedSGD uploads gradients, not weights, and Δs_U = 2C/m bounds clipped weights",
+    "pfedhn": "pFedHN uploads the update Δw = w_k − θ_k, not clipped weights",
+    **dict.fromkeys(("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"), _ROBUST),
+    "local": "each site trains alone, no weights are aggregated (run it without privacy)",
+    "centralized": "the data are pooled, there are no site uploads to perturb",
+}
+"""Why each strategy outside :data:`NBAFL_STRATEGIES` is refused."""
+
+
+class NbAFLParams(BaseModel):
+    """Settings of NbAFL (the ``nbafl`` privacy mechanism, ``privacy.params``).
+
+    Parameters
+    ----------
+    clip : float
+        C, the bound on the L2 norm of a site's upload (all its floating-point tensors together).
+    epsilon : float
+        ε, the budget σ_U and σ_D are calibrated for; the formulas guarantee it at the end of the run.
+    delta : float, default 1e-5
+        δ of the (ε, δ) guarantee.
+    exposures : int or None, default None
+        L, the uploads of one site the noise is calibrated for; ``None`` means ``strategy.rounds`` (a site
+        may be sampled every round). A site asked for more refuses (:class:`ExposureLimitReached`).
+    on_exhausted : {"stop-client", "stop-run"}, default "stop-client"
+        What a site at its L exposures stops: itself (the run goes on without it) or the whole run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip: float = Field(gt=0.0, allow_inf_nan=False)
+    epsilon: float = Field(gt=0.0, allow_inf_nan=False)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    exposures: int | None = Field(None, ge=1)
+    on_exhausted: Literal["stop-client", "stop-run"] = "stop-client"
+
+    def exposures_for(self, rounds: int) -> int:
+        """L: ``exposures``, or ``rounds`` when unset."""
+        return rounds if self.exposures is None else self.exposures
+
+
+class ExposureLimitReached(RuntimeError):
+    """A site asked to upload more often than the L exposures its noise was calibrated for."""
+
+    def __init__(self, uploads: int, exposures: int, epsilon: float) -> None:
+        super().__init__(
+            f"NbAFL: this site has uploaded its weights {uploads} times, the L = {exposures} exposures sigma_U was "
+            f"calibrated for (epsilon {epsilon:g}); another upload would exceed that privacy analysis"
+        )
+
+
+def protected_names(tensors: Mapping[str, torch.Tensor], trainable: Collection[str]) -> list[str]:
+    """The names of w in ``tensors``: the floating-point ones, which must all be in ``trainable``.
+
+    Integer tensors are left out: they cost no privacy (module docstring).
+
+    Raises:
+        ValueError: (one line) naming floating-point tensors that are not trained parameters (BatchNorm
+            running statistics): computed from the data, they would leave the site unprotected.
+    """
+    floating = [name for name, tensor in tensors.items() if torch.is_floating_point(tensor)]
+    stray = [name for name in floating if name not in trainable]
+    if stray:
+        shown = ", ".join(stray[:2]) + (f" and {len(stray) - 2} more" if len(stray) > 2 else "")
+        raise ValueError(
+            f"privacy.mechanism nbafl: the upload holds floating-point tensors that are not trained parameters "
+            f"({shown}); computed from the data (BatchNorm running statistics), they would leave the site "
+            "unprotected: use a model without BatchNorm (e.g. task.params.norm: group) or strategy fedbn, which "
+            "keeps BatchNorm local"
+        )
+    return floating
+
+
+def check_combination(scenario: "Scenario") -> None:
+    """Refuse scenarios NbAFL cannot protect, with a one-line ``ValueError``.
+
+    * a strategy outside :data:`NBAFL_STRATEGIES`: its uploads are not just the weights (:data:`REFUSED`);
+    * ``exposures`` above ``strategy.rounds``: a site uploads at most once a round;
+    * an upload with floating-point tensors that are not trained parameters (:func:`protected_names`), found
+      by asking the strategy's client rule what it would send from a fresh model of the task.
+    """
+    name = scenario.strategy.name
+    if name not in NBAFL_STRATEGIES:
+        reason = REFUSED.get(name, f"only {', '.join(NBAFL_STRATEGIES)} upload just the weights NbAFL perturbs")
+        raise ValueError(
+            f"strategy {name} with privacy.mechanism nbafl: {reason}; use fedavg with strategy.params.proximal_mu "
+            "> 0 (NbAFL's local objective)"
+        )
+    params = NbAFLParams.model_validate(scenario.privacy.params)
+    if params.exposures is not None and params.exposures > scenario.strategy.rounds:
+        raise ValueError(
+            f"privacy.params.exposures {params.exposures} exceeds strategy.rounds {scenario.strategy.rounds} "
+            "(a site uploads at most once a round)"
+        )
+    model, upload = _template_upload(scenario)
+    protected_names(upload, trainable_parameters(model))
+
+
+def _template_upload(scenario: "Scenario") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A fresh model of the scenario's task and the tensors its strategy's client rule would send from it."""
+    from strategies import get_algorithm
+    from strategies.fedper import template_model
+
+    algorithm = get_algorithm(scenario.strategy.name)
+    rule = algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
+    model = template_model(scenario)
+    return model, rule.reply(model, RecordDict(), steps=1)[ARRAYS_KEY].to_torch_state_dict()
+
+
+def _replaced(tensors: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """``tensors`` in their order, those named in ``new`` replaced by it."""
+    return ArrayRecord({name: new.get(name, tensor) for name, tensor in tensors.items()})
+
+
+def exposures_so_far(state: RecordDict) -> int:
+    """How often this node has uploaded its weights under NbAFL (0 before its first upload)."""
+    return int(state[EXPOSURES_KEY]["count"]) if EXPOSURES_KEY in state else 0
+
+
+# --- the server half (Algorithm 1, steps 6-7) ----------------------------------------------------------
+class NbAFLServer:
+    """Server half of NbAFL, driven by the round loop (a :class:`privacy.ServerPrivacy`).
+
+    Sends σ_U in every train config (:meth:`configure`) and perturbs the aggregate before it is broadcast,
+    w̃ = Σ_i p_i w̃_i + n_D with n_D ~ N(0, σ_D² I) on its floating-point tensors (:meth:`after_aggregate`).
+
+    Args:
+        calibration: the run's noise (:meth:`from_discovery` builds it from a scenario and the sites' sizes).
+        seed: the scenario's seed; round t's n_D comes from the stream (seed, "nbafl-downlink", t).
+        sizes: n_train of each site (only to warn when they differ).
+    """
+
+    def __init__(self, calibration: NbAFLCalibration, seed: int, sizes: Collection[int] = ()) -> None:
+        self.calibration = calibration
+        self.seed = seed
+        self.sizes = sorted(sizes)
+
+    @classmethod
+    def from_discovery(cls, scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]]) -> "NbAFLServer":
+        """The calibration of ``scenario`` with m = min_i n_train,i over the sites (``stats`` from discovery).
+
+        N = ``partition.clients``, K = the sites a round samples (:meth:`Cohort.sample_size`; Theorem 3 when
+        K < N, Theorem 1 otherwise), T = ``strategy.rounds``, L = ``exposures`` or T.
+
+        Raises:
+            ValueError: (one line) if a site's statistics have no ``n_train``.
+        """
+        missing = sorted(pid for pid, site in stats.items() if "n_train" not in site)
+        if missing:
+            raise ValueError(f"privacy.mechanism nbafl needs each site's training-set size, but the data "
+                             f"statistics of site(s) {missing} have no 'n_train'")
+        params = NbAFLParams.model_validate(scenario.privacy.params)
+        section, clients = scenario.strategy, scenario.partition.clients
+        sampled = Cohort.sample_size(clients, section.fraction_train, section.min_clients)
+        sizes = [int(site["n_train"]) for site in stats.values()]
+        calibration = NbAFLCalibration(
+            clip=params.clip, epsilon=params.epsilon, delta=params.delta, rounds=section.rounds,
+            exposures=params.exposures_for(section.rounds), clients=clients, min_samples=min(sizes),
+            sampled=None if sampled == clients else sampled,
+        )
+        return cls(calibration, scenario.seed, sizes)
+
+    @property
+    def epsilon(self) -> float:
+        """The formula's ε, what NbAFL guarantees at the end of the run (each round's record reports it)."""
+        return self.calibration.epsilon
+
+    @property
+    def sampled(self) -> int:
+        """K, the sites a round samples."""
+        cal = self.calibration
+        return cal.clients if cal.sampled is None else cal.sampled
+
+    def summary(self) -> None:
+        """Log the calibration, and what weakens it in this run."""
+        cal = self.calibration
+        log.info("%s", cal.describe())
+        if len(set(self.sizes)) > 1:
+            log.warning("NbAFL: the sites' n_train differ (%d to %d) and FedAvg weighs them by size: the broadcast's "
+                        "sensitivity is max_i 2C p_i/m (Lemma 1), above the 2C/(mN) sigma_D is calibrated for",
+                        self.sizes[0], self.sizes[-1])
+        uploads = cal.rounds * self.sampled / cal.clients
+        if cal.exposures < uploads:
+            log.warning("NbAFL: L = %d exposures is below the %.3g uploads a site makes on average (T K/N); a site "
+                        "refuses to train once it has uploaded L times", cal.exposures, uploads)
+
+    def configure(self, config: ConfigRecord) -> None:
+        """Put σ_U into a round's train config (:data:`SIGMA_UP_KEY`)."""
+        config[SIGMA_UP_KEY] = self.calibration.sigma_up
+
+    def after_aggregate(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
+        """w̃ = w + n_D on the aggregate's floating-point tensors (step 7), ``arrays`` itself when σ_D = 0."""
+        sigma = self.calibration.sigma_down
+        if sigma == 0.0:
+            return arrays
+        tensors = arrays.to_torch_state_dict()
+        floating = {name: tensor for name, tensor in tensors.items() if torch.is_floating_point(tensor)}
+        noisy = add_gaussian_noise(floating, sigma, torch_generator(self.seed, "nbafl-downlink", server_round))
+        return _replaced(tensors, noisy)
+
+    def report(self) -> dict[str, Any]:
+        """The privacy block of ``summary.json``: the formula's (ε, δ) and the RDP-accounted ε of the same noise."""
+        cal = self.calibration
+        return {
+            "epsilon": cal.epsilon, "delta": cal.delta, "epsilon_formula_proven": cal.epsilon / cal.exposures < 1,
+            "epsilon_rdp_uplink": cal.epsilon_rdp_up, "epsilon_rdp_broadcast": cal.epsilon_rdp_down,
+            "sigma_up": cal.sigma_up, "sigma_down": cal.sigma_down, "clip": cal.clip, "rounds": cal.rounds,
+            "exposures": cal.exposures, "clients": cal.clients, "sampled": self.sampled,
+            "min_samples": cal.min_samples,
+        }
+
+
+# --- the client half (Algorithm 1, steps 3-5) -----------------------------------------------------------
+class NbAFLClient:
+    """Client half of NbAFL, applied to a site's reply (a :class:`privacy.UploadPrivacy`).
+
+    Args:
+        params: the mechanism's settings.
+        exposures: L.
+        train_size: |D_i|, this site's training examples: σ_U must be at least what they alone call for,
+            c L (2C/|D_i|) / ε (the server computes it from m = min_j |D_j| ≤ |D_i|).
+        generator: the noise stream; :meth:`for_round` derives it from (seed, "nbafl-uplink", round, partition).
+    """
+
+    def __init__(self, params: NbAFLParams, *, exposures: int, train_size: int, generator: torch.Generator) -> None:
+        self.params = params
+        self.exposures = exposures
+        self.train_size = train_size
+        self.generator = generator
+
+    @classmethod
+    def for_round(cls, scenario: "Scenario", server_round: int, partition_id: int, train_size: int) -> "NbAFLClient":
+        """The client half of ``scenario`` for one round of one site."""
+        params = NbAFLParams.model_validate(scenario.privacy.params)
+        generator = torch_generator(scenario.seed, "nbafl-uplink", server_round, partition_id)
+        return cls(params, exposures=params.exposures_for(scenario.strategy.rounds), train_size=train_size,
+                   generator=generator)
+
+    def admit(self, state: RecordDict) -> None:
+        """Let this site train unless it has uploaded L times already (checked before any training).
+
+        Raises:
+            ExposureLimitReached: after L uploads.
+        """
+        uploads = exposures_so_far(state)
+        if uploads >= self.exposures:
+            raise ExposureLimitReached(uploads, self.exposures, self.params.epsilon)
+
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, config: ConfigRecord,
+                state: RecordDict) -> tuple[dict[str, Any], dict[str, float]]:
+        """Steps 3-4 on the reply: w ← w / max(1, ‖w‖₂/C), then w̃ = w + n_U with n_U ~ N(0, σ_U² I).
+
+        w is :func:`protected_names` of the ``"arrays"`` record (one norm over all of them); the upload counts
+        as one exposure in ``state``. Returns the records to send and the train metrics ``exposures`` and
+        ``sigma-up``.
+
+        Raises:
+            ValueError: (one line) σ_U missing from ``config`` or below what this site needs; another array
+                record in the reply (it would travel unperturbed); floating-point tensors that are not trained.
+        """
+        sigma = self._sigma_up(config)
+        others = sorted(name for name, record in records.items() if isinstance(record, ArrayRecord)
+                        and name != ARRAYS_KEY)
+        if others:
+            raise ValueError(f"privacy.mechanism nbafl: the reply also sends {others}, which NbAFL does not perturb")
+        tensors = records[ARRAYS_KEY].to_torch_state_dict()
+        names = protected_names(tensors, trainable_parameters(model))
+        clipped = clip_weights({name: tensors[name] for name in names}, self.params.clip)
+        noisy = add_gaussian_noise(clipped, sigma, self.generator)
+        uploads = exposures_so_far(state) + 1
+        state[EXPOSURES_KEY] = ConfigRecord({"count": uploads})
+        return {**records, ARRAYS_KEY: _replaced(tensors, noisy)}, {EXPOSURES_METRIC: uploads, SIGMA_UP_METRIC: sigma}
+
+    def _sigma_up(self, config: ConfigRecord) -> float:
+        """σ_U from the server, checked against this site's own requirement c L (2C/|D_i|) / ε."""
+        if SIGMA_UP_KEY not in config:
+            raise ValueError(f"privacy.mechanism nbafl: the train message has no '{SIGMA_UP_KEY}' (the server's half "
+                             "of NbAFL did not run)")
+        sigma = float(config[SIGMA_UP_KEY])
+        p = self.params
+        needed = uplink_sigma(p.clip, self.exposures, self.train_size, p.epsilon, p.delta)
+        if not sigma >= needed * (1 - 1e-9):
+            raise ValueError(f"NbAFL: the server's sigma_U {sigma:.4g} is below {needed:.4g}, what this site's "
+                             f"{self.train_size} examples need for epsilon {p.epsilon:g}; nothing uploaded")
+        return sigma

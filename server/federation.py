@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+import privacy
 from client.app import INFO_KEY, PARTITION_ID_KEY
 from client.cache import task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, from_plain, to_plain
@@ -57,9 +58,6 @@ class FederationError(RuntimeError):
 
 class BudgetSpent(Exception):
     """The privacy budget ends the run: the round's training is not used, earlier rounds stand."""
-
-
-BUDGET_EXHAUSTED = "PrivacyBudgetExhausted:"  # the reason a client gives when its budget is spent
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -219,6 +217,7 @@ class Federation:
         self._central_model: torch.nn.Module | None = None
         self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
         self._epsilons: dict[str, float] = {}  # partition id → its latest reported ε (DP runs)
+        self._server_privacy: privacy.ServerPrivacy | None = None  # the mechanism's server half, if it has one
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -229,6 +228,10 @@ class Federation:
         cohort, stats = discover(grid, scenario, stop=self.stop)
         if not self.resume:
             self.run_dir.write_partitions({"kind": scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}})
+        try:
+            self._server_privacy = privacy.server_privacy(scenario, stats)
+        except ValueError as error:
+            raise FederationError(str(error)) from None
 
         algorithm = get_algorithm(scenario.strategy.name)
         template = self.task.build_model()
@@ -236,6 +239,8 @@ class Federation:
             StrategyContext(scenario, algorithm.Params.model_validate(scenario.strategy.params), cohort, template)
         )
         strategy.summary()
+        if self._server_privacy is not None:
+            self._server_privacy.summary()
         self._global_model_complete = getattr(strategy, "central_evaluation", True)
         arrays, checkpoint = ArrayRecord(template.state_dict()), None
         first_round = 1
@@ -276,10 +281,12 @@ class Federation:
         """Train, aggregate, evaluate (federated and central); the new global arrays and headline metrics."""
         scenario = self.scenario
         config = ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
+        if self._server_privacy is not None:
+            self._server_privacy.configure(config)
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         done = self._phase(grid, cohort, server_round, "train", messages)
         reasons = [r.error.reason for r in done.replies if r.has_error()]
-        spent = [reason for reason in reasons if reason.startswith(BUDGET_EXHAUSTED)]
+        spent = [reason for reason in reasons if reason.startswith(privacy.BUDGET_ERRORS)]
         if spent and scenario.privacy.params.get("on_exhausted") == "stop-run":
             self._record(server_round, "train", cohort, done, None)  # who ran out, before the run ends
             raise BudgetSpent(f"round {server_round}: a client's privacy budget is spent (on_exhausted: stop-run)")
@@ -295,10 +302,10 @@ class Federation:
                 f"strategy.min_clients is {scenario.strategy.min_clients}{detail}"
             )
         arrays = new_arrays
+        if self._server_privacy is not None:
+            arrays = self._server_privacy.after_aggregate(arrays, server_round)
         self._record(server_round, "train", cohort, done, train_metrics)
-        headline = {"train loss": _metric(train_metrics, "loss")}
-        if self._epsilons:
-            headline["ε"] = max(self._epsilons.values())
+        headline = {"train loss": _metric(train_metrics, "loss"), "ε": self._run_epsilon()}
 
         if server_round % scenario.strategy.evaluate_every == 0 or server_round == scenario.strategy.rounds:
             messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(dict(config)), grid))
@@ -329,9 +336,7 @@ class Federation:
                 clients: dict[str, dict[str, Any]] | None = None) -> None:
         """Append one ``metrics.jsonl`` record (DESIGN.md §6); ``clients`` defaults to the replies' metrics.
 
-        ``epsilon`` is the privacy spent so far by the weakest site: the largest ε any
-        site has reported (a site keeps its last value in rounds it is not sampled);
-        ``None`` without differential privacy.
+        ``epsilon`` is :meth:`_run_epsilon`.
         """
         record = {
             "round": server_round,
@@ -343,8 +348,16 @@ class Federation:
             "seconds": round(done.seconds, 4),
         }
         self._note_epsilons(record)
-        record["epsilon"] = max(self._epsilons.values()) if self._epsilons else None
+        record["epsilon"] = self._run_epsilon()
         self.run_dir.append_metrics(record)
+
+    def _run_epsilon(self) -> float | None:
+        """The run's ε: the mechanism's server half's (NbAFL: the ε its formulas guarantee at the end), else
+        the privacy spent so far by the weakest site, the largest ε any site has reported (a site keeps its
+        last value in rounds it is not sampled); ``None`` without differential privacy."""
+        if self._server_privacy is not None and self._server_privacy.epsilon is not None:
+            return self._server_privacy.epsilon
+        return max(self._epsilons.values()) if self._epsilons else None
 
     def _note_epsilons(self, record: dict[str, Any]) -> None:
         """Remember each site's latest ε from a train record's client metrics."""
@@ -435,9 +448,11 @@ class Federation:
         return summary
 
     def _privacy_summary(self) -> dict[str, Any]:
-        """The mechanism, its settings and each site's final ε (``summary.json``)."""
-        privacy = self.scenario.privacy
-        summary: dict[str, Any] = {"mechanism": privacy.mechanism, **privacy.params}
+        """The mechanism, its settings, its server half's report and each site's final ε (``summary.json``)."""
+        section = self.scenario.privacy
+        summary: dict[str, Any] = {"mechanism": section.mechanism, **section.params}
+        if self._server_privacy is not None:
+            summary.update(self._server_privacy.report())
         if self._epsilons:
             summary["epsilon"] = max(self._epsilons.values())
             summary["epsilon_per_client"] = dict(sorted(self._epsilons.items(), key=lambda item: int(item[0])))

@@ -49,6 +49,11 @@ def dpsgd(**params: object) -> dict:
     return {"mechanism": "dpsgd", "params": params}
 
 
+def nbafl(**params: object) -> dict:
+    """A ``privacy`` section for NbAFL with C = 1, ε = 10 and ``params``."""
+    return {"mechanism": "nbafl", "params": {"clip": 1.0, "epsilon": 10.0, **params}}
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
 def test_every_shipped_scenario_is_valid(path: Path) -> None:
     scenario = scenario_module.load(path)
@@ -105,7 +110,7 @@ MALFORMED = {
     "unknown_task_param": (_with(task__params__depth=3), "task.params.depth: unknown key 'depth' (allowed: channels, focal_gamma"),
     "bad_optimizer": (_with(local={"optimizer": "lbfgs"}), "local.optimizer: Input should be 'sgd', 'adam' or 'adamw'"),
     "unknown_privacy_mechanism": (_with(privacy={"mechanism": "magic"}),
-                                  "privacy.mechanism: Input should be 'none' or 'dpsgd'"),
+                                  "privacy.mechanism: Input should be 'none', 'dpsgd' or 'nbafl'"),
     "privacy_params_without_mechanism": (_with(privacy={"params": {"noise_multiplier": 1.0}}),
                                          "privacy.params: mechanism 'none' takes no params (got noise_multiplier)"),
     "unknown_dpsgd_param": (_with(task__params__norm="group", privacy=dpsgd(noise_multiplier=1, clip=1)),
@@ -126,6 +131,23 @@ MALFORMED = {
     "scaffold_variate_one_with_dpsgd": (_with(task__params__norm="group", strategy__name="scaffold",
                                               strategy__params={"variate": "I"}, privacy=dpsgd(noise_multiplier=1)),
                                         "strategy scaffold with variate I and privacy.mechanism dpsgd"),
+    "scaffold_with_nbafl": (_with(task__params__norm="group", strategy__name="scaffold", local={"optimizer": "sgd"},
+                                  privacy=nbafl()),
+                            "strategy scaffold with privacy.mechanism nbafl: SCAFFOLD's control-variate update"),
+    "fedsgd_with_nbafl": (_with(task__params__norm="group", strategy__name="fedsgd", privacy=nbafl()),
+                          "strategy fedsgd with privacy.mechanism nbafl: FedSGD uploads gradients, not weights"),
+    "fedmedian_with_nbafl": (_with(task__params__norm="group", strategy__name="fedmedian", privacy=nbafl()),
+                             "strategy fedmedian with privacy.mechanism nbafl: it aggregates with a robust rule"),
+    "unknown_nbafl_param": (_with(task__params__norm="group", privacy=nbafl(max_grad_norm=1)),
+                            "privacy.params.max_grad_norm: unknown key 'max_grad_norm' (allowed: clip, delta, "
+                            "epsilon, exposures, on_exhausted)"),
+    "nbafl_without_epsilon": (_with(task__params__norm="group", privacy={"mechanism": "nbafl", "params": {"clip": 1}}),
+                              "privacy.params.epsilon: required key is missing"),
+    "nbafl_exposures_above_rounds": (_with(task__params__norm="group", privacy=nbafl(exposures=2)),
+                                     "privacy.params.exposures 2 exceeds strategy.rounds 1"),
+    "nbafl_uploading_batchnorm_statistics": (_with(privacy=nbafl()),
+                                             "privacy.mechanism nbafl: the upload holds floating-point tensors that "
+                                             "are not trained parameters"),
 }
 
 
