@@ -13,6 +13,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "segmentation": "medtasks.segmentation:SegmentationTask",
     "ct": "medtasks.ct.task:CTReconstructionTask",
     "mil": "medtasks.mil.task:MILTask",
+    "tabular": "medtasks.tabular:TabularTask",
 }
 
 
