@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +187,11 @@ def message_grid(num_nodes: int) -> InProcessGrid:
     from client.app import app
 
     return InProcessGrid(app, num_nodes)
+
+
+def single_torch_thread() -> Iterator[None]:
+    """Run with one torch thread, then restore the previous count (wrap with ``pytest.fixture``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

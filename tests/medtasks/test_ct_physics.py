@@ -25,19 +25,11 @@ from medtasks.ct import (
     torso_phantom,
     transmission,
 )
+from tests.helpers import single_torch_thread
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Runs this module single-threaded, like a federated worker given one core (DESIGN §9).
-
-    With two threads on a busy 2-core machine, each MKL sparse matmul can wait a whole scheduler
-    time slice (~8 ms) for its second thread, which makes gradcheck's thousands of tiny calls slow.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One thread, like a federated worker given one core: gradcheck's thousands of tiny sparse matmuls
+# would each wait for a second MKL thread on a busy 2-core machine.
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -28,15 +28,9 @@ from medtasks.ct.task import (
     simulate,
 )
 from medtasks.registry import get_task_class
+from tests.helpers import single_torch_thread
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Runs this module single-threaded: two MKL threads stall each sparse matmul on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)  # a 2nd MKL thread stalls sparse matmuls
 
 
 def _task(kind: str = "iid", *, clients: int = 3, n: int = 8, server: int = 0, seed: int = 0, model=None, **params):

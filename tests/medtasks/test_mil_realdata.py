@@ -19,14 +19,10 @@ from medtasks.mil.folder import fixed_size_bags, load_slide_folder
 from medtasks.mil.metrics import roc_auc
 from medtasks.mil.stains import deconvolve
 from medtasks.mil.task import _generate, _read_folder
+from tests.helpers import single_torch_thread
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_torch_thread)  # small models: threads only add overhead
 
 
 def _one_line_error(excinfo: pytest.ExceptionInfo, *words: str) -> None:

@@ -15,16 +15,12 @@ from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.mil import MILParams, MILTask
 from medtasks.mil.task import _generate
 from server import scenario as scenario_module
+from tests.helpers import single_torch_thread
 
 EVAL_KEYS = {"loss", "auc", "accuracy", "balanced_accuracy", "balanced_accuracy_cv", "attention_auc"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_torch_thread)  # small models: threads only add overhead
 
 
 def _task(kind: str = "iid", clients: int = 4, *, partition_params: dict | None = None, model: str | None = None,

@@ -15,17 +15,13 @@ from medtasks.registry import get_task_class
 from medtasks.tabular import TabularParams, TabularTask, confusion_matrix
 from server.scenario import Scenario, ScenarioError, validate
 from tests.helpers import ONE_SGD_EPOCH, run, toy_scenario
+from tests.helpers import single_torch_thread
 
 TASK = "tabular"
 FEATURES, CLASSES = 12, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(autouse=True)(single_torch_thread)  # small models: threads only add overhead
 
 
 def _task(kind: str = "iid", clients: int = 4, *, partition_params: dict | None = None, model: str | None = None,
