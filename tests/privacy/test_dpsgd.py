@@ -378,3 +378,12 @@ def test_gradient_edits_before_the_step_are_discarded_and_after_noise_ones_apply
     private = run(False, None)
     assert torch.equal(run(True, None), private)  # DPOptimizer rebuilt p.grad from grad_sample
     assert torch.allclose(run(False, add_one), private - lr, atol=1e-6)
+
+
+@pytest.mark.parametrize("history", [[(1.1, 0.2, 150)], [(1.1, 0.2, 150), (1.3, 0.25, 40)], [(0.7, 0.02, 3), (2.0, 1.0, 1)]])
+def test_rdp_epsilon_from_cached_per_step_curves_equals_opacus_accountant(history) -> None:
+    from privacy.dpsgd import make_accountant
+
+    reference = float(make_accountant(history, "rdp").get_epsilon(delta=1e-5))
+    assert epsilon(history, 1e-5, "rdp") == reference  # RDP is linear in steps: the same number exactly
+    assert epsilon(history, 1e-5, "rdp") == reference  # and again from the per-process cache
