@@ -7,7 +7,8 @@
   strategy asks for and the training metrics (under DP-SGD also the node's ε so
   far and σ; a spent budget is an error reply ``PrivacyBudgetExhausted: ...``).
   A mechanism with a client half on the upload (NbAFL: clipping and noise, at
-  most L uploads, else ``ExposureLimitReached: ...``) transforms the reply.
+  most L uploads, else ``ExposureLimitReached: ...``; central DP: the update
+  clipped to S) transforms the reply.
 * ``evaluate``: evaluate the received (or personalised) model on the local
   validation split.
 * ``query.export_state`` / ``query.import_state``: copy this node's persistent
@@ -138,7 +139,7 @@ def train(message: Message, context: Context) -> Message:
         records = rule.reply(model, context.state, steps=result.steps)
         privacy_metrics = _spend_privacy(private, context) if private is not None else {}
     if upload is not None:
-        records, upload_metrics = upload.protect(records, model, message.content[CONFIG_KEY], context.state)
+        records, upload_metrics = upload.protect(records, model, message.content, context.state)
         privacy_metrics.update(upload_metrics)
     metrics = MetricRecord(
         {

@@ -8,7 +8,14 @@ A scenario's ``privacy.mechanism`` names one of :data:`MECHANISMS`:
   :class:`~privacy.dpsgd.DPSGDParams`;
 * ``"nbafl"``: NbAFL, the lecture's DP-FedAvg (:mod:`privacy.nbafl`): clipped and
   perturbed uploads, noise on the broadcast; ``privacy.params`` is a
-  :class:`~privacy.nbafl.NbAFLParams`.
+  :class:`~privacy.nbafl.NbAFLParams`;
+* ``"central"``: client-level central DP, DP-FedAvg of McMahan et al. 2018
+  (:mod:`privacy.central`): clipped updates, noise on the aggregate, a
+  per-round accountant on the server; ``privacy.params`` is a
+  :class:`~privacy.central.CentralDPParams`.
+
+Shared pieces: :mod:`privacy.accounting` (ε of a history of Gaussian steps, RDP
+or PRV) and :mod:`privacy.gaussian` (clipping and seeded noise).
 
 Besides acting inside local training (DP-SGD), a mechanism can hook into the
 round loop and the reply. Its server half is a :class:`ServerPrivacy`
@@ -24,12 +31,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from pydantic import BaseModel
 
     from server.scenario import Scenario
+    from strategies.base import Cohort
 
-MECHANISMS = ("none", "dpsgd", "nbafl")
+MECHANISMS = ("none", "dpsgd", "nbafl", "central")
 """Allowed values of ``privacy.mechanism``."""
 
 BUDGET_ERRORS = ("PrivacyBudgetExhausted:", "ExposureLimitReached:")
@@ -49,8 +57,18 @@ class ServerPrivacy(Protocol):
         """Log the mechanism's settings at the start of the run."""
         ...
 
-    def configure(self, config: "ConfigRecord") -> None:
-        """Add what the clients need to a round's train config (before ``configure_train``)."""
+    def configure(self, config: "ConfigRecord", server_round: int) -> None:
+        """Add what the clients need to a round's train config (before ``configure_train``).
+
+        Raises:
+            privacy.accounting.PrivacyBudgetExhausted: the round would overspend the run's budget.
+        """
+        ...
+
+    def before_aggregate(self, replies: "list[Message]", sent: "ArrayRecord", server_round: int,
+                         cohort: "Cohort") -> None:
+        """Transform the round's train replies in place before ``aggregate_train`` (``sent``: the arrays the
+        round started from)."""
         ...
 
     def after_aggregate(self, arrays: "ArrayRecord", server_round: int) -> "ArrayRecord":
@@ -69,9 +87,10 @@ class UploadPrivacy(Protocol):
         """Raise (one line) if this site may not train this round; called before training."""
         ...
 
-    def protect(self, records: Mapping[str, Any], model: "torch.nn.Module", config: "ConfigRecord",
+    def protect(self, records: Mapping[str, Any], model: "torch.nn.Module", received: "RecordDict",
                 state: "RecordDict") -> tuple[dict[str, Any], dict[str, float]]:
-        """The records to send instead of ``records``, and train metrics to add to the reply."""
+        """The records to send instead of ``records`` (``received``: the train message's content, the arrays
+        and config the site started from), and train metrics to add to the reply."""
         ...
 
 
@@ -91,6 +110,10 @@ def params_schema(mechanism: str) -> "type[BaseModel] | None":
         from privacy.nbafl import NbAFLParams
 
         return NbAFLParams
+    if mechanism == "central":
+        from privacy.central import CentralDPParams
+
+        return CentralDPParams
     raise ValueError(f"unknown privacy mechanism '{mechanism}' (allowed: {', '.join(MECHANISMS)})")
 
 
@@ -115,6 +138,10 @@ def check_compatible(scenario: "Scenario") -> None:
         from privacy.nbafl import check_combination as check_nbafl
 
         check_nbafl(scenario)
+    elif scenario.privacy.mechanism == "central":
+        from privacy.central import check_combination as check_central
+
+        check_central(scenario)
 
 
 def server_privacy(scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]]) -> ServerPrivacy | None:
@@ -127,6 +154,10 @@ def server_privacy(scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]])
         from privacy.nbafl import NbAFLServer
 
         return NbAFLServer.from_discovery(scenario, stats)
+    if scenario.privacy.mechanism == "central":
+        from privacy.central import CentralDPServer
+
+        return CentralDPServer.from_scenario(scenario)
     return None
 
 
@@ -137,4 +168,8 @@ def upload_privacy(scenario: "Scenario", server_round: int, partition_id: int,
         from privacy.nbafl import NbAFLClient
 
         return NbAFLClient.for_round(scenario, server_round, partition_id, train_size)
+    if scenario.privacy.mechanism == "central":
+        from privacy.central import CentralDPClient
+
+        return CentralDPClient.for_scenario(scenario)
     return None

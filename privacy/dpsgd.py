@@ -14,21 +14,13 @@ is added to their sum:
 (``q·n_k`` is Opacus's expected batch size, rounded down). The wrapped optimiser
 (SGD, Adam, ...) then steps with g̃. One step is the Poisson-subsampled Gaussian
 mechanism with noise multiplier σ and sampling rate q; its privacy loss is
-counted by an accountant over the whole history [(σ, q, steps), ...] of the
-node, across rounds:
-
-* ``"rdp"``: Rényi DP (Mironov 2017, arXiv:1702.07476; subsampled Gaussian of
-  Mironov, Talwar & Zhang 2019, arXiv:1908.10530). RDP of order α adds up over
-  steps, ε(δ) = min_α [RDP_α + log(1/δ)/(α − 1)]: conservative and fast.
-* ``"prv"``: privacy loss random variables composed numerically by FFT (Gopi,
-  Lee & Wutschitz 2021, arXiv:2106.02848): a tighter upper bound, slower.
+computed by an accountant (:mod:`privacy.accounting`: RDP or PRV) over the whole
+history [(σ, q, steps), ...] of the node, across rounds.
 
 The history is plain data: it is kept in the node's ``context.state`` (a
 ConfigRecord under :data:`ACCOUNTANT_KEY`), so it survives between rounds and
-``--resume`` (DESIGN.md §4), and ε is recomputed from it by a fresh Opacus
-accountant (:func:`epsilon`). Consecutive entries with the same (σ, q) are merged
-exactly as Opacus's accountants merge their own steps, so the stored history and
-an accountant that saw every step live hold the same list and give the same ε.
+``--resume`` (DESIGN.md §4), and ε is recomputed from it
+(:func:`privacy.accounting.epsilon`, the same number as a live Opacus accountant).
 
 Privacy holds for what leaves the node (the trained weights and anything
 computed from them). A client rule that sends anything computed from the raw
@@ -38,19 +30,27 @@ noise) breaks it: see :func:`check_combination` and :class:`DPSGDClient`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from privacy.accounting import (  # noqa: F401 - re-exported: DP-SGD's accounting API
+    Entry,
+    PrivacyBudgetExhausted,
+    budget_left,
+    calibrate_noise,
+    check_budget,
+    epsilon,
+    make_accountant,
+    merge_history,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
-    from opacus.accountants import IAccountant
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
     from torch.utils.data import DataLoader
@@ -60,8 +60,6 @@ log = logging.getLogger("medfed")
 ACCOUNTANT_KEY = "dpsgd-accountant"
 """Name of the ConfigRecord in ``context.state`` that holds the accountant history."""
 
-Entry = tuple[float, float, int]
-"""One accountant entry: (noise multiplier σ, sampling rate q, number of steps)."""
 
 NORM_KEY = "task.params.norm"
 
@@ -121,41 +119,7 @@ class DPSGDParams(BaseModel):
         return self
 
 
-class PrivacyBudgetExhausted(RuntimeError):
-    """The next round would take this node's ε past ``target_epsilon``.
-
-    Attributes:
-        spent: ε of the history so far.
-        next_epsilon: ε the history would have after the next round.
-        target: the budget.
-    """
-
-    def __init__(self, spent: float, next_epsilon: float, target: float, delta: float) -> None:
-        self.spent, self.next_epsilon, self.target = spent, next_epsilon, target
-        super().__init__(
-            f"privacy budget spent: ε = {spent:.4g} so far, the next round would reach "
-            f"{next_epsilon:.4g} > target_epsilon {target:g} (δ = {delta:g})"
-        )
-
-
 # --- the history and its accountants --------------------------------------------------------
-def merge_history(history: Sequence[Entry], entries: Sequence[Entry]) -> list[Entry]:
-    """``history`` followed by ``entries``, merging consecutive entries of equal (σ, q).
-
-    Opacus's accountants merge their own steps the same way, so a history built
-    round by round equals the one an accountant that saw every step would hold.
-    """
-    merged = [(float(s), float(q), int(n)) for s, q, n in history]
-    for sigma, rate, steps in entries:
-        if steps <= 0:
-            continue
-        if merged and merged[-1][0] == float(sigma) and merged[-1][1] == float(rate):
-            merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + int(steps))
-        else:
-            merged.append((float(sigma), float(rate), int(steps)))
-    return merged
-
-
 def save_history(state: RecordDict, history: Sequence[Entry]) -> None:
     """Store ``history`` in a node's ``context.state`` as a ConfigRecord of three lists."""
     state[ACCOUNTANT_KEY] = ConfigRecord(
@@ -184,86 +148,6 @@ def append_history(state: RecordDict, entries: Sequence[Entry]) -> list[Entry]:
     history = merge_history(load_history(state), entries)
     save_history(state, history)
     return history
-
-
-def make_accountant(history: Sequence[Entry], accountant: Literal["rdp", "prv"]) -> "IAccountant":
-    """A fresh Opacus accountant (``RDPAccountant`` or ``PRVAccountant``) holding ``history``."""
-    from opacus.accountants import create_accountant
-
-    fresh = create_accountant(mechanism=accountant)
-    fresh.history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
-    return fresh
-
-
-def epsilon(history: Sequence[Entry], delta: float, accountant: Literal["rdp", "prv"] = "rdp") -> float:
-    """ε(δ) of the composition of every step in ``history`` (0 when empty, ∞ if some σ = 0).
-
-    RDP composes additively and linearly in the number of steps (Mironov 2017,
-    Prop. 1): ε_RDP(α) = Σ_entries steps · ε_step(α; σ, q). The per-step curve of a
-    (σ, q) pair is computed once per process (:func:`_rdp_per_step`), which is what
-    Opacus's ``RDPAccountant`` computes for every entry on every call; the result is
-    the same number, without recomputing the series each round for every site.
-    """
-    steps = [entry for entry in history if entry[2] > 0]
-    if not steps:
-        return 0.0
-    if any(sigma == 0.0 for sigma, _, _ in steps):
-        return math.inf
-    if accountant == "rdp":
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-
-        rdp = sum(np.asarray(_rdp_per_step(float(s), float(q))) * int(n) for s, q, n in steps)
-        return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
-    return float(make_accountant(steps, accountant).get_epsilon(delta=delta))
-
-
-@functools.lru_cache(maxsize=256)
-def _rdp_per_step(sigma: float, sample_rate: float) -> tuple[float, ...]:
-    """ε_RDP(α) of one subsampled Gaussian step at Opacus's default orders α."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    return tuple(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
-
-
-def budget_left(history: Sequence[Entry], delta: float, accountant: Literal["rdp", "prv"],
-                target_epsilon: float) -> float:
-    """``target_epsilon − ε(history)`` (negative once the budget is overspent)."""
-    return target_epsilon - epsilon(history, delta, accountant)
-
-
-def check_budget(history: Sequence[Entry], next_round: Sequence[Entry], *, delta: float,
-                 accountant: Literal["rdp", "prv"], target_epsilon: float) -> float:
-    """ε after ``next_round`` if it stays within ``target_epsilon``.
-
-    Raises:
-        PrivacyBudgetExhausted: if ε(history + next_round) > target_epsilon.
-    """
-    after = epsilon(merge_history(history, next_round), delta, accountant)
-    if after > target_epsilon:
-        raise PrivacyBudgetExhausted(epsilon(history, delta, accountant), after, target_epsilon, delta)
-    return after
-
-
-@functools.lru_cache(maxsize=64)
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: Literal["rdp", "prv"] = "rdp") -> float:
-    """The σ for which ``steps`` steps at sampling rate q give ε ≤ ``target_epsilon``.
-
-    Opacus's binary search (``get_noise_multiplier``, tolerance 0.01 in ε); the
-    result is the upper end of the bracket, so ε(σ) ≤ target. Cached per process:
-    every round of a node asks for the same σ (PRV searches take seconds).
-
-    Raises:
-        ValueError: if no σ ≤ 10⁶ reaches the target.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    with warnings.catch_warnings():  # the search probes huge σ, whose best RDP order is the largest one
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
 # --- models and scenario combinations ---------------------------------------------------------
@@ -357,18 +241,12 @@ def check_combination(strategy: str, strategy_params: Mapping[str, Any], norm: s
     Raises:
         ValueError: (one line) FedBN (it exists to keep BatchNorm local); SCAFFOLD
             option I (its control variate ∇F_k(w_t) is computed from the raw data and
-            sent to the server without noise); FedProx with μ > 0 (its proximal
-            gradient reaches ``p.grad`` but not the per-sample gradients, so the
-            private optimiser would silently drop it); a BatchNorm model.
+            sent to the server without noise); a BatchNorm model. (FedProx is fine:
+            its proximal gradient is added after the noise, see
+            :meth:`strategies.fedavg.FedAvgClient.after_backward`.)
     """
     if strategy == "fedbn":
         raise ValueError(FEDBN_DPSGD_MESSAGE)
-    if float(strategy_params.get("proximal_mu") or 0.0) > 0.0:
-        raise ValueError(
-            f"strategy.params.proximal_mu {strategy_params['proximal_mu']:g} with privacy.mechanism dpsgd: "
-            "the proximal gradient μ(w − w_t) is not part of the per-sample gradients and DP-SGD would drop it; "
-            "set it to 0"
-        )
     if strategy == "scaffold" and strategy_params.get("variate") == "I":
         raise ValueError(
             "strategy scaffold with variate I and privacy.mechanism dpsgd: c_k = ∇F_k(w_t) is computed from the "
@@ -404,7 +282,7 @@ class DPSGDClient:
     ignores ``p.grad`` as left by ``backward()``: it replaces it by g̃ (module
     docstring) before stepping. Hence anything that edits ``p.grad`` between
     ``backward()`` and ``optimizer.step()`` is discarded (SCAFFOLD's correction,
-    FedProx's proximal gradient). Terms that do not depend on the data belong in
+    FedProx's proximal gradient, if they did it there). Terms that do not depend on the data belong in
     ``after_noise``, which runs after g̃ is in ``p.grad`` and before the wrapped
     optimiser steps; such post-processing keeps the guarantee.
 

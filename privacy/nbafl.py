@@ -85,11 +85,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from medtasks.seeding import torch_generator
-from strategies.base import ARRAYS_KEY, Cohort, trainable_parameters
+from privacy.gaussian import add_gaussian_noise, protected_names
+from privacy.gaussian import clip_to_norm as clip_weights  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
+from strategies.base import ARRAYS_KEY, CONFIG_KEY, Cohort, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.scenario import Scenario
@@ -295,51 +297,6 @@ class NbAFLCalibration:
         )
 
 
-# --- mechanisms (Algorithm 1) ------------------------------------------------------------------
-def _check_floating(tensors: Mapping[str, torch.Tensor], caller: str) -> None:
-    for name, tensor in tensors.items():
-        if not torch.is_floating_point(tensor):
-            raise ValueError(f"{caller}: tensor {name!r} has dtype {tensor.dtype}; only floating-point tensors")
-
-
-def clip_weights(tensors: Mapping[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
-    """w ← w / max(1, ‖w‖₂ / C), the clipping step of Algorithm 1 (the lecture's step 3).
-
-    w is the concatenation of all given tensors: one L2 norm over every entry of every tensor (computed
-    in float64), one common factor for all. Returns new tensors of the input dtypes, unchanged copies
-    when ‖w‖₂ ≤ C. Pass exactly the tensors the sensitivity is meant to cover.
-    """
-    clip = _positive("clip", clip)
-    _check_floating(tensors, "clip_weights")
-    squared = sum(float(t.detach().double().pow(2).sum()) for t in tensors.values())
-    norm = math.sqrt(squared)
-    if norm <= clip:
-        return {name: t.detach().clone() for name, t in tensors.items()}
-    factor = clip / norm
-    return {name: (t.detach().double() * factor).to(t.dtype) for name, t in tensors.items()}
-
-
-def add_gaussian_noise(
-    tensors: Mapping[str, torch.Tensor], sigma: float, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """w̃ = w + n with n ~ N(0, σ² I) on every entry: the noise of Algorithm 1 (uplink σ_U, broadcast σ_D).
-
-    The noise is drawn in float64 from ``generator`` on the generator's device, tensor by tensor in the
-    mapping's order (so a seed gives the same noise on any device), and the sum is cast back to each
-    input's dtype. σ = 0 returns copies and draws nothing.
-    """
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    _check_floating(tensors, "add_gaussian_noise")
-    if sigma == 0:
-        return {name: t.detach().clone() for name, t in tensors.items()}
-    noisy: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device)
-        noisy[name] = (t.detach().double() + float(sigma) * noise.to(t.device)).to(t.dtype)
-    return noisy
-
-
 # --- the mechanism: settings and the scenarios it can protect --------------------------------------
 SIGMA_UP_KEY = "nbafl-sigma-up"
 """Train-config key of σ_U: the server computes it from every site's size, so no site needs the others'."""
@@ -407,28 +364,6 @@ class ExposureLimitReached(RuntimeError):
         )
 
 
-def protected_names(tensors: Mapping[str, torch.Tensor], trainable: Collection[str]) -> list[str]:
-    """The names of w in ``tensors``: the floating-point ones, which must all be in ``trainable``.
-
-    Integer tensors are left out: they cost no privacy (module docstring).
-
-    Raises:
-        ValueError: (one line) naming floating-point tensors that are not trained parameters (BatchNorm
-            running statistics): computed from the data, they would leave the site unprotected.
-    """
-    floating = [name for name, tensor in tensors.items() if torch.is_floating_point(tensor)]
-    stray = [name for name in floating if name not in trainable]
-    if stray:
-        shown = ", ".join(stray[:2]) + (f" and {len(stray) - 2} more" if len(stray) > 2 else "")
-        raise ValueError(
-            f"privacy.mechanism nbafl: the upload holds floating-point tensors that are not trained parameters "
-            f"({shown}); computed from the data (BatchNorm running statistics), they would leave the site "
-            "unprotected: use a model without BatchNorm (e.g. task.params.norm: group) or strategy fedbn, which "
-            "keeps BatchNorm local"
-        )
-    return floating
-
-
 def check_combination(scenario: "Scenario") -> None:
     """Refuse scenarios NbAFL cannot protect, with a one-line ``ValueError``.
 
@@ -451,7 +386,7 @@ def check_combination(scenario: "Scenario") -> None:
             "(a site uploads at most once a round)"
         )
     model, upload = _template_upload(scenario)
-    protected_names(upload, trainable_parameters(model))
+    protected_names(upload, trainable_parameters(model), "nbafl")
 
 
 def _template_upload(scenario: "Scenario") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -542,9 +477,12 @@ class NbAFLServer:
             log.warning("NbAFL: L = %d exposures is below the %.3g uploads a site makes on average (T K/N); a site "
                         "refuses to train once it has uploaded L times", cal.exposures, uploads)
 
-    def configure(self, config: ConfigRecord) -> None:
+    def configure(self, config: ConfigRecord, server_round: int) -> None:
         """Put σ_U into a round's train config (:data:`SIGMA_UP_KEY`)."""
         config[SIGMA_UP_KEY] = self.calibration.sigma_up
+
+    def before_aggregate(self, replies: list[Message], sent: ArrayRecord, server_round: int, cohort: Cohort) -> None:
+        """Nothing: the sites perturbed their uploads themselves."""
 
     def after_aggregate(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         """w̃ = w + n_D on the aggregate's floating-point tensors (step 7), ``arrays`` itself when σ_D = 0."""
@@ -604,7 +542,7 @@ class NbAFLClient:
         if uploads >= self.exposures:
             raise ExposureLimitReached(uploads, self.exposures, self.params.epsilon)
 
-    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, config: ConfigRecord,
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
                 state: RecordDict) -> tuple[dict[str, Any], dict[str, float]]:
         """Steps 3-4 on the reply: w ← w / max(1, ‖w‖₂/C), then w̃ = w + n_U with n_U ~ N(0, σ_U² I).
 
@@ -613,16 +551,16 @@ class NbAFLClient:
         ``sigma-up``.
 
         Raises:
-            ValueError: (one line) σ_U missing from ``config`` or below what this site needs; another array
+            ValueError: (one line) σ_U missing from the received config or below what this site needs; another array
                 record in the reply (it would travel unperturbed); floating-point tensors that are not trained.
         """
-        sigma = self._sigma_up(config)
+        sigma = self._sigma_up(received[CONFIG_KEY])
         others = sorted(name for name, record in records.items() if isinstance(record, ArrayRecord)
                         and name != ARRAYS_KEY)
         if others:
             raise ValueError(f"privacy.mechanism nbafl: the reply also sends {others}, which NbAFL does not perturb")
         tensors = records[ARRAYS_KEY].to_torch_state_dict()
-        names = protected_names(tensors, trainable_parameters(model))
+        names = protected_names(tensors, trainable_parameters(model), "nbafl")
         clipped = clip_weights({name: tensors[name] for name in names}, self.params.clip)
         noisy = add_gaussian_noise(clipped, sigma, self.generator)
         uploads = exposures_so_far(state) + 1

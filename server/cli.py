@@ -190,7 +190,8 @@ def _print_summary(summary: dict, path: Path) -> None:
             parts.append(f"{phase}: {shown}")
     privacy = summary.get("privacy") or {}
     if privacy.get("epsilon") is not None:
-        basis = "weakest site" if "epsilon_per_client" in privacy else f"{privacy.get('mechanism')} calibration"
+        basis = privacy.get("basis") or (
+            "weakest site" if "epsilon_per_client" in privacy else f"{privacy.get('mechanism')} calibration")
         parts.append(f"privacy: ε {privacy['epsilon']:.3g} (δ {privacy.get('delta', '?')}, {basis})")
     print(f"done in {summary.get('seconds', 0):.1f} s | " + " | ".join(parts))
     print(f"results: {path}")

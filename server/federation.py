@@ -31,6 +31,7 @@ from client.cache import task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, from_plain, to_plain
 from medtasks.base import Task
 from medtasks.seeding import seed_everything
+from privacy.accounting import PrivacyBudgetExhausted
 from server.progress import Progress
 from server.results import Checkpoint, RunDirectory, build_summary
 from server.scenario import Scenario
@@ -282,7 +283,10 @@ class Federation:
         scenario = self.scenario
         config = ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
         if self._server_privacy is not None:
-            self._server_privacy.configure(config)
+            try:
+                self._server_privacy.configure(config, server_round)
+            except PrivacyBudgetExhausted as spent:
+                raise BudgetSpent(f"round {server_round}: {spent}") from None
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         done = self._phase(grid, cohort, server_round, "train", messages)
         reasons = [r.error.reason for r in done.replies if r.has_error()]
@@ -290,6 +294,8 @@ class Federation:
         if spent and scenario.privacy.params.get("on_exhausted") == "stop-run":
             self._record(server_round, "train", cohort, done, None)  # who ran out, before the run ends
             raise BudgetSpent(f"round {server_round}: a client's privacy budget is spent (on_exhausted: stop-run)")
+        if self._server_privacy is not None:
+            self._server_privacy.before_aggregate(done.replies, arrays, server_round, cohort)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, done.replies)
         succeeded = sum(1 for reply in done.replies if reply.has_content())
         if new_arrays is None or succeeded < scenario.strategy.min_clients:

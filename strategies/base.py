@@ -3,7 +3,8 @@ deterministic cohorts and reply bookkeeping.
 
 Record keys exchanged between the two halves (Flower's conventions):
 ``"arrays"`` (ArrayRecord, model tensors), ``"config"`` (ConfigRecord),
-``"metrics"`` (MetricRecord with the weight ``"num-examples"``).
+``"metrics"`` (MetricRecord with the weight ``"num-examples"``, which a privacy
+mechanism may override with ``"aggregation-weight"``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+AGGREGATION_WEIGHT_KEY = "aggregation-weight"  # optional train metric: a site's weight in the average, if not n_k
 SCENARIO_KEY = "scenario"
 ROUND_KEY = "server-round"
 
@@ -209,7 +211,7 @@ def aggregate_metrics(replies: list[Message]) -> MetricRecord:
         record = reply.content[METRICS_KEY]
         weight = float(record[NUM_EXAMPLES_KEY])
         for key, value in record.items():
-            if key == NUM_EXAMPLES_KEY or isinstance(value, list) or math.isnan(float(value)):
+            if key in (NUM_EXAMPLES_KEY, AGGREGATION_WEIGHT_KEY) or isinstance(value, list) or math.isnan(float(value)):
                 continue
             if key in WORST_CASE_METRICS:
                 worst[key] = max(worst.get(key, -math.inf), float(value))
@@ -220,6 +222,13 @@ def aggregate_metrics(replies: list[Message]) -> MetricRecord:
     aggregated.update(worst)
     aggregated[NUM_EXAMPLES_KEY] = int(sum(float(r.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for r in replies))
     return aggregated
+
+
+def aggregation_weight(reply: Message) -> float:
+    """A train reply's weight in a weighted average: n_k (``num-examples``), unless a privacy mechanism set
+    ``aggregation-weight`` (client-level DP weighs every site 1, so one site's influence is bounded)."""
+    metrics = reply.content[METRICS_KEY]
+    return float(metrics[AGGREGATION_WEIGHT_KEY] if AGGREGATION_WEIGHT_KEY in metrics else metrics[NUM_EXAMPLES_KEY])
 
 
 def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

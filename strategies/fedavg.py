@@ -39,13 +39,13 @@ from strategies.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
-    NUM_EXAMPLES_KEY,
     Algorithm,
     ClientRule,
     Cohort,
     StrategyContext,
     StrategyParams,
     aggregate_metrics,
+    aggregation_weight,
     batchnorm_buffer_names,
     load_into,
     usable_replies,
@@ -150,7 +150,7 @@ class FedAvg(FlowerFedAvg):
         if not usable:
             return None, None
         states = [reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable]
-        weights = [float(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for reply in usable]
+        weights = [aggregation_weight(reply) for reply in usable]
         return ArrayRecord(weighted_average(states, weights)), aggregate_metrics(usable)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -171,13 +171,20 @@ class FedAvgClient(ClientRule):
         if self.params.bn_stats == "local" and LOCAL_BN_STATE_KEY in state:
             load_into(model, state[LOCAL_BN_STATE_KEY].to_torch_state_dict())
 
-    def loss(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-        """F_k(w) + μ/2 ‖w − w_t‖² (the squared norm of FedProx's Eq. 2)."""
+    def after_backward(self, model: torch.nn.Module) -> None:
+        """∇F_k(w) + μ (w − w_t): the gradient of FedProx's local objective F_k(w) + μ/2 ‖w − w_t‖² (Eq. 2).
+
+        The proximal gradient is added to the parameters' gradients rather than its term to the loss: the same
+        step, and under DP-SGD the mechanism applies this hook after the noise, where the term, which does not
+        depend on the data, is neither clipped nor noised nor dropped by the per-sample gradient machinery.
+        """
         mu = self.params.proximal_mu
         if mu == 0.0:
-            return loss
-        squared_distance = sum(((p - p0) ** 2).sum() for p, p0 in zip(model.parameters(), self._anchor))
-        return loss + 0.5 * mu * squared_distance
+            return
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), self._anchor):
+                if p.grad is not None:
+                    p.grad.add_(p - p0, alpha=mu)
 
     def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, ArrayRecord]:
         """All tensors; with ``bn_stats: local`` also remember the running statistics."""

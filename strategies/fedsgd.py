@@ -58,13 +58,13 @@ from pydantic import Field
 from strategies.base import (
     ARRAYS_KEY,
     METRICS_KEY,
-    NUM_EXAMPLES_KEY,
     Algorithm,
     ClientRule,
     Cohort,
     StrategyContext,
     StrategyParams,
     aggregate_metrics,
+    aggregation_weight,
     trainable_parameters,
     usable_replies,
     weighted_average,
@@ -138,7 +138,7 @@ class FedSGD(FedAvg):
         usable = usable_replies(replies, self.cohort, "train")
         if not usable:
             return None, None
-        weights = [float(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for reply in usable]
+        weights = [aggregation_weight(reply) for reply in usable]
         gradient = weighted_average([reply.content[GRADIENT_KEY].to_torch_state_dict() for reply in usable], weights)
         others = weighted_average([reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable], weights)
         updated = {}

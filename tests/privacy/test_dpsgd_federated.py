@@ -118,10 +118,12 @@ def test_each_client_reports_an_epsilon_growing_every_round_that_its_node_state_
     assert privacy["epsilon"] == records[-1]["epsilon"]
 
 
-@pytest.mark.parametrize("strategy, params", [("fedavg", {}), ("scaffold", {"variate": "II"}), ("fedsgd", {})])
+@pytest.mark.parametrize("strategy, params", [("fedavg", {}), ("fedavg", {"proximal_mu": 0.5}),
+                                              ("scaffold", {"variate": "II"}), ("fedsgd", {})])
 def test_no_noise_and_no_clipping_reproduces_the_non_private_run(strategy: str, params: dict, tmp_path: Path) -> None:
-    # Full batches: q = 1 and Opacus's mean over int(q n) examples is the plain mean. SCAFFOLD's correction and
-    # FedSGD's gradient capture reach the private gradient only through the mechanism's after-noise hook.
+    # Full batches: q = 1 and Opacus's mean over int(q n) examples is the plain mean. FedProx's proximal gradient,
+    # SCAFFOLD's correction and FedSGD's gradient capture reach the private gradient only through the mechanism's
+    # after-noise hook.
     plain = quadratic_scenario(tmp_path / "plain", strategy, rounds=3, params=params)
     private = with_dpsgd(quadratic_scenario(tmp_path / "dp", strategy, rounds=3, params=params), **NO_NOISE_NO_CLIPPING)
     plain_weight, private_run = final_weight(run(plain)), run(private)

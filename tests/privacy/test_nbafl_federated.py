@@ -101,12 +101,17 @@ def upload(model: torch.nn.Module) -> dict[str, Any]:
     return {"arrays": ArrayRecord(model.state_dict())}
 
 
+def received(config: dict[str, Any]) -> RecordDict:
+    """A train message's content as the site received it (only its config matters to NbAFL)."""
+    return RecordDict({"config": ConfigRecord(config)})
+
+
 def test_the_upload_is_clipped_then_perturbed_with_the_configs_sigma_and_counted() -> None:
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.fill_(2.0)  # ‖w‖ = sqrt(6·4 + 2 b²) > C = 1
-    config, state = ConfigRecord({SIGMA_UP_KEY: 0.5}), RecordDict()
-    records, metrics = client().protect(upload(model), model, config, state)
+    state = RecordDict()
+    records, metrics = client().protect(upload(model), model, received({SIGMA_UP_KEY: 0.5}), state)
     clipped = nbafl.clip_weights(dict(model.state_dict()), 1.0)
     expected = nbafl.add_gaussian_noise(clipped, 0.5, torch.Generator().manual_seed(0))
     sent = records["arrays"].to_torch_state_dict()
@@ -118,7 +123,7 @@ def test_the_upload_is_clipped_then_perturbed_with_the_configs_sigma_and_counted
 def test_integer_tensors_travel_unchanged_and_outside_the_norm() -> None:
     model = torch.nn.Linear(3, 1)
     tensors = {**model.state_dict(), "steps": torch.tensor(10**6)}  # a huge integer would dominate the norm
-    records, _ = client().protect({"arrays": ArrayRecord(tensors)}, model, ConfigRecord({SIGMA_UP_KEY: 0.5}),
+    records, _ = client().protect({"arrays": ArrayRecord(tensors)}, model, received({SIGMA_UP_KEY: 0.5}),
                                   RecordDict())
     sent = records["arrays"].to_torch_state_dict()
     assert sent["steps"].item() == 10**6 and sent["steps"].dtype == torch.int64
@@ -132,7 +137,7 @@ def test_a_site_refuses_after_l_uploads() -> None:
     site = client(exposures=2)
     for _ in range(2):
         site.admit(state)
-        site.protect(upload(model), model, ConfigRecord({SIGMA_UP_KEY: 0.5}), state)
+        site.protect(upload(model), model, received({SIGMA_UP_KEY: 0.5}), state)
     with pytest.raises(ExposureLimitReached, match=r"uploaded its weights 2 times, the L = 2 exposures"):
         site.admit(state)
 
@@ -147,14 +152,14 @@ def test_a_site_refuses_after_l_uploads() -> None:
 def test_uploads_nbafl_cannot_protect_are_refused(config: dict, records: dict, message: str) -> None:
     model, state = torch.nn.Linear(2, 1), RecordDict()
     with pytest.raises(ValueError, match=message):
-        client().protect({**upload(model), **records}, model, ConfigRecord(config), state)
+        client().protect({**upload(model), **records}, model, received(config), state)
     assert EXPOSURES_KEY not in state  # nothing sent, nothing counted
 
 
 def test_batchnorm_running_statistics_are_refused() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     with pytest.raises(ValueError, match=r"not trained parameters \(1.running_mean, 1.running_var\)"):
-        client().protect(upload(model), model, ConfigRecord({SIGMA_UP_KEY: 0.5}), RecordDict())
+        client().protect(upload(model), model, received({SIGMA_UP_KEY: 0.5}), RecordDict())
 
 
 def test_the_client_half_imports_without_opacus() -> None:

@@ -109,14 +109,19 @@ def test_bn_stats_local_keeps_each_sites_running_statistics_across_rounds() -> N
     assert torch.equal(model.state_dict()["1.running_mean"], next_global["1.running_mean"])
 
 
-def test_fedprox_adds_half_mu_squared_distance() -> None:
+def test_fedprox_adds_the_gradient_of_half_mu_squared_distance() -> None:
     model = torch.nn.Linear(3, 1)
     rule = FedAvgClient(FedAvgParams(proximal_mu=0.4))
     rule.receive(model, RecordDict({"arrays": ArrayRecord(model.state_dict())}), RecordDict())
     with torch.no_grad():
         model.weight += torch.tensor([[1.0, 2.0, 0.0]])
         model.bias -= 2.0
-    task_loss = torch.tensor(1.5)
-    expected = 1.5 + 0.5 * 0.4 * (1 + 4 + 0 + 4)
-    assert abs(rule.loss(model, task_loss).item() - expected) < 1e-6
-    assert FedAvgClient(FedAvgParams()).loss(model, task_loss) is task_loss
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    rule.after_backward(model)  # ∇ = 1 + μ (w − w_t)
+    assert torch.allclose(model.weight.grad, torch.tensor([[1.4, 1.8, 1.0]]))
+    assert torch.allclose(model.bias.grad, torch.tensor([0.2]))
+    plain = FedAvgClient(FedAvgParams())
+    plain.receive(model, RecordDict({"arrays": ArrayRecord(model.state_dict())}), RecordDict())
+    plain.after_backward(model)
+    assert torch.allclose(model.bias.grad, torch.tensor([0.2]))  # μ = 0 leaves the gradient alone

@@ -16,7 +16,7 @@ Both plug into a scenario as ``task: {name: "tests.strategies.toy_tasks:Quadrati
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -93,10 +93,11 @@ class BlobsParams(TaskParams):
     classes: int = Field(4, ge=2)
     classes_per_client: int = Field(2, ge=1)
     feature_shift: float = Field(3.0, ge=0.0, description="spread of each site's input offset")
+    norm: Literal["batch", "none"] = Field("batch", description="BatchNorm after the hidden layer, or nothing")
 
 
 class BlobsTask:
-    """Gaussian blobs, an MLP with BatchNorm; label skew and per-site feature shift."""
+    """Gaussian blobs, an MLP with BatchNorm (or without: ``norm: none``); label skew and per-site feature shift."""
 
     name: ClassVar[str] = "blobs"
     Params: ClassVar[type[TaskParams]] = BlobsParams
@@ -128,9 +129,8 @@ class BlobsTask:
     def build_model(self) -> torch.nn.Module:
         torch.manual_seed(self.ctx.seed)
         p = self.params
-        return torch.nn.Sequential(
-            torch.nn.Linear(p.dim, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, p.classes)
-        )
+        norm = [torch.nn.BatchNorm1d(16)] if p.norm == "batch" else []
+        return torch.nn.Sequential(torch.nn.Linear(p.dim, 16), *norm, torch.nn.ReLU(), torch.nn.Linear(16, p.classes))
 
     def client_data(self, partition_id: int) -> ClientData:
         train, val = self.sites[partition_id]

@@ -1,0 +1,92 @@
+"""The Gaussian mechanism's two primitives on a model's tensors: L2 clipping and seeded noise.
+
+Shared by the mechanisms that perturb what a site uploads or what the server
+broadcasts (:mod:`privacy.nbafl`, :mod:`privacy.central`):
+
+    x ← x / max(1, ‖x‖₂ / C)                  clip_to_norm  (one norm over all tensors)
+    x̃ = x + n,   n ~ N(0, σ² I)               add_gaussian_noise
+
+and :func:`protected_names`, which says which tensors of an upload a mechanism
+covers: the floating-point ones, which must all be trained parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Collection, Mapping
+
+import torch
+
+
+def _check_floating(tensors: Mapping[str, torch.Tensor], caller: str) -> None:
+    for name, tensor in tensors.items():
+        if not torch.is_floating_point(tensor):
+            raise ValueError(f"{caller}: tensor {name!r} has dtype {tensor.dtype}; only floating-point tensors")
+
+
+def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """‖x‖₂ of the concatenation of all given tensors, computed in float64."""
+    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors.values()))
+
+
+def clip_to_norm(tensors: Mapping[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """x ← x / max(1, ‖x‖₂ / C): NbAFL's weight clipping, DP-FedAvg's update clipping.
+
+    x is the concatenation of all given tensors: one L2 norm over every entry of every tensor (computed
+    in float64), one common factor for all. Returns new tensors of the input dtypes, unchanged copies
+    when ‖x‖₂ ≤ C. Pass exactly the tensors the sensitivity is meant to cover.
+    """
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0:
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    _check_floating(tensors, "clip_to_norm")
+    norm = l2_norm(tensors)
+    if norm <= clip:
+        return {name: t.detach().clone() for name, t in tensors.items()}
+    factor = clip / norm
+    return {name: (t.detach().double() * factor).to(t.dtype) for name, t in tensors.items()}
+
+
+def add_gaussian_noise(
+    tensors: Mapping[str, torch.Tensor], sigma: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """x̃ = x + n with n ~ N(0, σ² I) on every entry (NbAFL's σ_U and σ_D, DP-FedAvg's z S / n).
+
+    The noise is drawn in float64 from ``generator`` on the generator's device, tensor by tensor in the
+    mapping's order (so a seed gives the same noise on any device), and the sum is cast back to each
+    input's dtype. σ = 0 returns copies and draws nothing.
+    """
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    _check_floating(tensors, "add_gaussian_noise")
+    if sigma == 0:
+        return {name: t.detach().clone() for name, t in tensors.items()}
+    noisy: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64, device=generator.device)
+        noisy[name] = (t.detach().double() + float(sigma) * noise.to(t.device)).to(t.dtype)
+    return noisy
+
+
+def protected_names(tensors: Mapping[str, torch.Tensor], trainable: Collection[str], mechanism: str) -> list[str]:
+    """The names of x in ``tensors``: the floating-point ones, which must all be in ``trainable``.
+
+    Integer tensors (``num_batches_tracked``) are left out: they count local steps, a function of |D_i|,
+    the batch size and the epochs only, equal for neighbouring data sets, so they cost no privacy.
+
+    Raises:
+        ValueError: (one line, naming ``mechanism``) for floating-point tensors that are not trained
+            parameters (BatchNorm running statistics): computed from the data, they would leave the site
+            unprotected.
+    """
+    floating = [name for name, tensor in tensors.items() if torch.is_floating_point(tensor)]
+    stray = [name for name in floating if name not in trainable]
+    if stray:
+        shown = ", ".join(stray[:2]) + (f" and {len(stray) - 2} more" if len(stray) > 2 else "")
+        raise ValueError(
+            f"privacy.mechanism {mechanism}: the upload holds floating-point tensors that are not trained parameters "
+            f"({shown}); computed from the data (BatchNorm running statistics), they would leave the site "
+            "unprotected: use a model without BatchNorm (e.g. task.params.norm: group) or strategy fedbn, which "
+            "keeps BatchNorm local"
+        )
+    return floating
