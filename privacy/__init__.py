@@ -94,6 +94,17 @@ class UploadPrivacy(Protocol):
         ...
 
 
+def accounting_fields(scenario: "Scenario") -> dict[str, Any]:
+    """What the ε of every ``metrics.jsonl`` record means: ``{"delta": δ, "accountant": name}``, or ``{}``
+    without differential privacy. The accountant is ``rdp`` or ``prv`` (DP-SGD, central DP), or
+    ``nbafl-formula`` (NbAFL's calibration; its RDP-accounted ε is in ``summary.json``)."""
+    section = scenario.privacy
+    if section.mechanism == "none":
+        return {}
+    accountant = "nbafl-formula" if section.mechanism == "nbafl" else section.params.get("accountant", "rdp")
+    return {"delta": section.params.get("delta"), "accountant": accountant}
+
+
 def params_schema(mechanism: str) -> "type[BaseModel] | None":
     """The pydantic schema of ``privacy.params`` for ``mechanism`` (``None``: it takes no params).
 

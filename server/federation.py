@@ -219,6 +219,7 @@ class Federation:
         self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
         self._epsilons: dict[str, float] = {}  # partition id → its latest reported ε (DP runs)
         self._server_privacy: privacy.ServerPrivacy | None = None  # the mechanism's server half, if it has one
+        self._accounting = privacy.accounting_fields(scenario)  # δ and accountant beside every record's ε
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -342,7 +343,8 @@ class Federation:
                 clients: dict[str, dict[str, Any]] | None = None) -> None:
         """Append one ``metrics.jsonl`` record (DESIGN.md §6); ``clients`` defaults to the replies' metrics.
 
-        ``epsilon`` is :meth:`_run_epsilon`.
+        ``epsilon`` is :meth:`_run_epsilon`; with differential privacy ``delta`` and ``accountant`` say what it
+        means (:func:`privacy.accounting_fields`).
         """
         record = {
             "round": server_round,
@@ -355,6 +357,7 @@ class Federation:
         }
         self._note_epsilons(record)
         record["epsilon"] = self._run_epsilon()
+        record.update(self._accounting)
         self.run_dir.append_metrics(record)
 
     def _run_epsilon(self) -> float | None:

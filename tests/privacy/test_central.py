@@ -188,6 +188,7 @@ def test_every_record_reports_the_epsilon_spent_so_far_and_the_summary_the_final
     half = server(tmp_path, clients=3, rounds=3, clip=0.5, noise_multiplier=0.8)
     assert [r["epsilon"] for r in records_of(central_run, "train")] == [
         pytest.approx(half.epsilon_after(t), rel=1e-12) for t in (1, 2, 3)]
+    assert all(r["delta"] == 1e-5 and r["accountant"] == "rdp" for r in central_run.read_metrics())
     privacy = summary(central_run)["privacy"]
     assert privacy["mechanism"] == "central" and privacy["accountant"] == "rdp" and privacy["delta"] == 1e-5
     assert privacy["epsilon"] == pytest.approx(half.epsilon_after(3)) and privacy["rounds_spent"] == 3

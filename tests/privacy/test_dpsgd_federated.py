@@ -112,6 +112,7 @@ def test_each_client_reports_an_epsilon_growing_every_round_that_its_node_state_
     for record in records:  # the run's ε is the weakest site's, in the record and in the aggregate (never a mean)
         worst = max(m["epsilon"] for m in record["clients"].values())
         assert record["epsilon"] == record["aggregate"]["epsilon"] == worst
+    assert all(r["delta"] == DELTA and r["accountant"] == "rdp" for r in run_dir.read_metrics())
     privacy = json.loads((run_dir.path / "summary.json").read_text())["privacy"]
     assert privacy["mechanism"] == "dpsgd" and privacy["delta"] == DELTA
     assert privacy["epsilon_per_client"] == {pid: records[-1]["clients"][pid]["epsilon"] for pid in ("0", "1", "2")}

@@ -220,6 +220,7 @@ def test_every_record_reports_the_formula_epsilon_and_the_summary_both_epsilons(
     records = nbafl_run.read_metrics()
     assert {r["phase"] for r in records} == {"train", "evaluate", "central"}
     assert {r["epsilon"] for r in records} == {30.0}
+    assert {(r["delta"], r["accountant"]) for r in records} == {(1e-5, "nbafl-formula")}
     assert [r["clients"]["1"]["exposures"] for r in train_records(nbafl_run)] == [1, 2, 3]
     privacy = summary(nbafl_run)["privacy"]
     assert privacy["mechanism"] == "nbafl" and privacy["epsilon"] == 30.0 and privacy["delta"] == 1e-5
