@@ -7,7 +7,6 @@ in-process, a few rounds of 10 full-batch gradient steps each.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,7 +19,7 @@ from flwr.app import ArrayRecord, RecordDict
 from privacy.accounting import make_accountant
 from privacy.central import CentralDPClient, CentralDPParams, CentralDPServer, clipped_upload
 from server.results import RunDirectory
-from server.scenario import Scenario, validate
+from server.scenario import Scenario
 from strategies import get_algorithm
 from strategies.base import AGGREGATION_WEIGHT_KEY, Cohort, StrategyContext
 from tests.helpers import (
@@ -32,25 +31,12 @@ from tests.helpers import (
     run,
     without_timing,
 )
+from tests.privacy.common import phase_records, run_summary, total_norm, with_privacy
 
 
 def with_central(scenario: Scenario, **params: Any) -> Scenario:
     """``scenario`` with ``privacy: {mechanism: central, params: params}``, validated again."""
-    raw = json.loads(scenario.to_json())
-    raw["privacy"] = {"mechanism": "central", "params": params}
-    return validate(raw)
-
-
-def records_of(run_dir: RunDirectory, phase: str) -> list[dict]:
-    return [record for record in run_dir.read_metrics() if record["phase"] == phase]
-
-
-def summary(run_dir: RunDirectory) -> dict:
-    return json.loads((run_dir.path / "summary.json").read_text())
-
-
-def norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+    return with_privacy(scenario, "central", **params)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +68,7 @@ def test_an_update_above_s_is_clipped_to_s_and_one_below_is_sent_unchanged() -> 
 def test_an_update_upload_is_clipped_itself_and_a_non_finite_one_is_left_for_the_strategy() -> None:
     delta = {"w": torch.full((100,), 1.0)}  # ‖Δ‖ = 10
     clipped, before = clipped_upload(delta, None, 1.0)
-    assert before == pytest.approx(10.0) and norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    assert before == pytest.approx(10.0) and total_norm(clipped) == pytest.approx(1.0, rel=1e-6)
     broken = {"w": torch.tensor([float("nan"), 1.0])}
     left, before = clipped_upload(broken, None, 1.0)
     assert math.isnan(before) and left["w"] is broken["w"]
@@ -121,7 +107,7 @@ def test_the_server_reclips_weighs_every_site_equally_and_noises_the_mean_with_z
         half.before_aggregate(replies, ArrayRecord({"w": start}), 1, cohort)
     assert "arrived unclipped; the server clipped it" in caplog.text
     sent = [reply.content["arrays"].to_torch_state_dict()["w"] for reply in replies]
-    assert norm({"w": sent[0]}) == pytest.approx(0.4472, rel=1e-3) and norm({"w": sent[1]}) == pytest.approx(1.0)
+    assert total_norm({"w": sent[0]}) == pytest.approx(0.4472, rel=1e-3) and total_norm({"w": sent[1]}) == pytest.approx(1.0)
     assert [reply.content["metrics"][AGGREGATION_WEIGHT_KEY] for reply in replies] == [1.0, 1.0]
     assert [reply.content["metrics"]["num-examples"] for reply in replies] == [10, 20]  # still reported
     mean = ArrayRecord({"w": torch.zeros(200_000), "count": torch.tensor(5)})
@@ -186,13 +172,13 @@ def test_params_need_noise_or_a_budget() -> None:
 def test_every_record_reports_the_epsilon_spent_so_far_and_the_summary_the_final_budget(
         central_run: RunDirectory, tmp_path: Path) -> None:
     half = server(tmp_path, clients=3, rounds=3, clip=0.5, noise_multiplier=0.8)
-    assert [r["epsilon"] for r in records_of(central_run, "train")] == [
+    assert [r["epsilon"] for r in phase_records(central_run, "train")] == [
         pytest.approx(half.epsilon_after(t), rel=1e-12) for t in (1, 2, 3)]
     assert all(r["delta"] == 1e-5 and r["accountant"] == "rdp" for r in central_run.read_metrics())
-    privacy = summary(central_run)["privacy"]
+    privacy = run_summary(central_run)["privacy"]
     assert privacy["mechanism"] == "central" and privacy["accountant"] == "rdp" and privacy["delta"] == 1e-5
     assert privacy["epsilon"] == pytest.approx(half.epsilon_after(3)) and privacy["rounds_spent"] == 3
-    for record in records_of(central_run, "train"):
+    for record in phase_records(central_run, "train"):
         assert all(m[AGGREGATION_WEIGHT_KEY] == 1.0 and m["update-norm"] > 0 for m in record["clients"].values())
 
 
@@ -201,12 +187,12 @@ def test_clip_and_no_noise_reproduce_fedavg_with_equal_sites(tmp_path: Path) -> 
     private = run(with_central(blobs_scenario("fedbn", rounds=2), clip=1e6, noise_multiplier=0.0), tmp_path / "dp")
     plain_arrays, private_arrays = plain.load_checkpoint().arrays, private.load_checkpoint().arrays
     assert all(torch.allclose(private_arrays[name], plain_arrays[name], atol=1e-6, rtol=0) for name in plain_arrays)
-    assert summary(private)["privacy"]["epsilon"] is None  # ε = ∞ (no noise), written as null
+    assert run_summary(private)["privacy"]["epsilon"] is None  # ε = ∞ (no noise), written as null
 
 
 def test_large_noise_measurably_degrades_the_model(plain_run: RunDirectory, tmp_path: Path) -> None:
     noisy = run(with_central(quadratic_scenario(tmp_path, "fedavg", rounds=3), clip=1.0, noise_multiplier=20.0))
-    final_loss = [records_of(r, "central")[-1]["aggregate"]["loss"] for r in (noisy, plain_run)]
+    final_loss = [phase_records(r, "central")[-1]["aggregate"]["loss"] for r in (noisy, plain_run)]
     assert final_loss[0] > 2 * final_loss[1]
 
 
@@ -222,8 +208,8 @@ def test_a_budget_with_a_given_z_stops_the_run_before_it_is_overspent(tmp_path: 
     half = server(tmp_path, clients=3, rounds=6, clip=0.5, noise_multiplier=1.0)
     target = (half.epsilon_after(3) + half.epsilon_after(4)) / 2  # room for 3 rounds, not 4
     run_dir = run(with_central(scenario, clip=0.5, noise_multiplier=1.0, target_epsilon=target))
-    assert summary(run_dir)["rounds_completed"] == 3
-    spent = summary(run_dir)["privacy"]["epsilon"]
+    assert run_summary(run_dir)["rounds_completed"] == 3
+    spent = run_summary(run_dir)["privacy"]["epsilon"]
     assert spent == pytest.approx(half.epsilon_after(3)) and spent <= target
 
 
@@ -231,15 +217,15 @@ def test_resume_continues_the_accounting(tmp_path: Path) -> None:
     scenario = with_central(quadratic_scenario(tmp_path, "fedavg", rounds=4), clip=0.5, noise_multiplier=1.0)
     resumed, uninterrupted = interrupted_and_resumed(scenario, after=2)
     assert without_timing(resumed.read_metrics()) == without_timing(uninterrupted.read_metrics())
-    assert summary(resumed)["privacy"]["epsilon"] == summary(uninterrupted)["privacy"]["epsilon"]
+    assert run_summary(resumed)["privacy"]["epsilon"] == run_summary(uninterrupted)["privacy"]["epsilon"]
 
 
 def test_pfedhn_runs_with_noisy_updates_and_its_sites_still_learn(tmp_path: Path) -> None:
     scenario = quadratic_scenario(tmp_path, "pfedhn", rounds=3)
     run_dir = run(with_central(scenario, clip=5.0, noise_multiplier=0.01))
-    losses = [r["aggregate"]["loss"] for r in records_of(run_dir, "train")]
+    losses = [r["aggregate"]["loss"] for r in phase_records(run_dir, "train")]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    assert summary(run_dir)["privacy"]["epsilon"] > 0
+    assert run_summary(run_dir)["privacy"]["epsilon"] > 0
 
 
 # --- scenarios ---------------------------------------------------------------------------------------------

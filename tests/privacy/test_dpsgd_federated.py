@@ -18,9 +18,10 @@ from client.state import from_plain
 from client.trainer import fit
 from privacy.dpsgd import DPSGDClient, DPSGDParams, epsilon, load_history
 from server.results import RunDirectory
-from server.scenario import LocalSection, Scenario, validate
+from server.scenario import LocalSection, Scenario
 from strategies.base import ClientRule, StrategyParams
 from tests.helpers import final_weight, interrupted_and_resumed, quadratic_scenario, run, without_timing
+from tests.privacy.common import final_central_loss, phase_records, with_privacy
 
 DELTA = 1e-5
 MINI_BATCHES = {"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.1}  # q = 1/3, 1/3, 1/4 at the 3 sites
@@ -29,17 +30,7 @@ NO_NOISE_NO_CLIPPING = {"noise_multiplier": 0.0, "max_grad_norm": 1e6, "poisson_
 
 def with_dpsgd(scenario: Scenario, **params: Any) -> Scenario:
     """``scenario`` with ``privacy: {mechanism: dpsgd, params: params}``, validated again."""
-    raw = json.loads(scenario.to_json())
-    raw["privacy"] = {"mechanism": "dpsgd", "params": params}
-    return validate(raw)
-
-
-def train_records(run_dir: RunDirectory) -> list[dict]:
-    return [record for record in run_dir.read_metrics() if record["phase"] == "train"]
-
-
-def final_central_loss(run_dir: RunDirectory) -> float:
-    return [r for r in run_dir.read_metrics() if r["phase"] == "central"][-1]["aggregate"]["loss"]
+    return with_privacy(scenario, "dpsgd", **params)
 
 
 def node_history(run_dir: RunDirectory, pid: str) -> list[tuple[float, float, int]]:
@@ -99,7 +90,7 @@ def test_empty_poisson_batches_take_counted_noise_steps_and_the_rule_edits_after
 def test_each_client_reports_an_epsilon_growing_every_round_that_its_node_state_reproduces(tmp_path: Path) -> None:
     scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=3, local=MINI_BATCHES), noise_multiplier=1.0)
     run_dir = run(scenario)
-    records = train_records(run_dir)
+    records = phase_records(run_dir)
     assert [r["round"] for r in records] == [1, 2, 3]
     for pid in ("0", "1", "2"):
         spent = [r["clients"][pid]["epsilon"] for r in records]
@@ -130,7 +121,7 @@ def test_no_noise_and_no_clipping_reproduces_the_non_private_run(strategy: str, 
     plain_weight, private_run = final_weight(run(plain)), run(private)
     assert not torch.allclose(plain_weight, torch.zeros_like(plain_weight), atol=1e-3)
     assert torch.allclose(final_weight(private_run), plain_weight, atol=1e-5)
-    assert train_records(private_run)[-1]["clients"]["0"]["epsilon"] is None  # ε = ∞ is written as null
+    assert phase_records(private_run)[-1]["clients"]["0"]["epsilon"] is None  # ε = ∞ is written as null
 
 
 def test_large_noise_measurably_degrades_the_final_loss(plain_run: RunDirectory, tmp_path: Path) -> None:
@@ -144,7 +135,7 @@ def test_a_spent_budget_stops_the_client_and_the_error_is_recorded(tmp_path: Pat
     scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=2, local=MINI_BATCHES),
                           noise_multiplier=1.0, target_epsilon=6.5)
     run_dir = run(scenario)
-    first, second = (r["clients"] for r in train_records(run_dir))
+    first, second = (r["clients"] for r in phase_records(run_dir))
     assert all("error" not in first[pid] for pid in first)
     for pid in ("0", "1"):
         error = second[pid]["error"]
@@ -158,7 +149,7 @@ def test_resume_restores_the_accountant_history_so_epsilon_continues(tmp_path: P
     scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=3, local=MINI_BATCHES), noise_multiplier=1.0)
     resumed, uninterrupted = interrupted_and_resumed(scenario, after=2)
     assert without_timing(resumed.read_metrics()) == without_timing(uninterrupted.read_metrics())
-    spent = [r["clients"]["0"]["epsilon"] for r in train_records(resumed)]
+    spent = [r["clients"]["0"]["epsilon"] for r in phase_records(resumed)]
     assert spent[0] < spent[1] < spent[2] and epsilon(node_history(resumed, "0"), DELTA) == pytest.approx(spent[2])
 
 
@@ -166,7 +157,7 @@ def test_stop_run_ends_the_run_cleanly_at_the_first_spent_budget(tmp_path: Path)
     scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=3, local=MINI_BATCHES),
                           noise_multiplier=1.0, target_epsilon=6.5, on_exhausted="stop-run")
     run_dir = run(scenario)
-    first, second = train_records(run_dir)  # round 2's training is not used; its record says who ran out
+    first, second = phase_records(run_dir)  # round 2's training is not used; its record says who ran out
     assert second["round"] == 2 and second["aggregate"] == {}
     assert second["clients"]["0"]["error"].startswith("PrivacyBudgetExhausted:") and "error" not in second["clients"]["2"]
     assert run_dir.load_checkpoint().round == 1
@@ -178,7 +169,7 @@ def test_when_every_site_has_spent_its_budget_the_run_ends_without_an_error(tmp_
     scenario = with_dpsgd(quadratic_scenario(tmp_path, "fedavg", rounds=4, local=MINI_BATCHES),
                           noise_multiplier=1.0, target_epsilon=6.0)  # every site spends it after one round
     run_dir = run(scenario)
-    records = train_records(run_dir)
+    records = phase_records(run_dir)
     assert [r["round"] for r in records] == [1, 2]
     assert all(m["error"].startswith("PrivacyBudgetExhausted:") for m in records[1]["clients"].values())
     assert json.loads((run_dir.path / "summary.json").read_text())["rounds_completed"] == 1

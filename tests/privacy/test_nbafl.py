@@ -22,14 +22,10 @@ from privacy.nbafl import (
     uplink_sensitivity,
     uplink_sigma,
 )
+from tests.privacy.common import total_norm
 
 # c(0.01) = sqrt(2 ln(1.25/0.01)) = sqrt(2 ln 125) = sqrt(2 * 4.828314) = sqrt(9.656627) = 3.107511
 C_001 = 3.107511
-
-
-def total_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
-
 
 # --- calibration -------------------------------------------------------------------------------
 def test_gaussian_constant_of_delta_001_is_3_1075() -> None:

@@ -7,8 +7,6 @@ site k, so m = 20), in-process, a few rounds of 10 full-batch gradient steps eac
 
 from __future__ import annotations
 
-import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +31,7 @@ from privacy.nbafl import (
     exposures_so_far,
 )
 from server.results import RunDirectory
-from server.scenario import Scenario, validate
+from server.scenario import Scenario
 from strategies.base import batchnorm_tensor_names
 from strategies.fedper import template_model
 from tests.helpers import (
@@ -44,6 +42,7 @@ from tests.helpers import (
     run,
     without_timing,
 )
+from tests.privacy.common import final_central_loss, phase_records, run_summary, total_norm, with_privacy
 
 C_1E5 = 4.844805  # the Gaussian constant at δ = 1e-5: sqrt(2 ln(1.25e5)) = sqrt(23.472139)
 SIZES = {0: 20, 1: 23, 2: 26}  # n_train of the quadratic task's three sites
@@ -51,30 +50,12 @@ SIZES = {0: 20, 1: 23, 2: 26}  # n_train of the quadratic task's three sites
 
 def with_nbafl(scenario: Scenario, **params: Any) -> Scenario:
     """``scenario`` with ``privacy: {mechanism: nbafl, params: params}``, validated again."""
-    raw = json.loads(scenario.to_json())
-    raw["privacy"] = {"mechanism": "nbafl", "params": params}
-    return validate(raw)
-
-
-def train_records(run_dir: RunDirectory) -> list[dict]:
-    return [record for record in run_dir.read_metrics() if record["phase"] == "train"]
-
-
-def final_central_loss(run_dir: RunDirectory) -> float:
-    return [r for r in run_dir.read_metrics() if r["phase"] == "central"][-1]["aggregate"]["loss"]
-
-
-def summary(run_dir: RunDirectory) -> dict:
-    return json.loads((run_dir.path / "summary.json").read_text())
+    return with_privacy(scenario, "nbafl", **params)
 
 
 def node_exposures(run_dir: RunDirectory, pid: str) -> int:
     """Site ``pid``'s upload count as exported into the last checkpoint."""
     return exposures_so_far(from_plain(run_dir.load_checkpoint().extra["node_states"][pid]))
-
-
-def total_norm(tensors: dict[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +191,9 @@ def test_sites_without_their_size_cannot_be_calibrated(tmp_path: Path) -> None:
 
 # --- federated runs ------------------------------------------------------------------------------------
 def test_sigma_up_sent_to_every_site_is_the_hand_calibration_from_the_smallest_site(nbafl_run: RunDirectory) -> None:
-    sent = [m["sigma-up"] for record in train_records(nbafl_run) for m in record["clients"].values()]
+    sent = [m["sigma-up"] for record in phase_records(nbafl_run) for m in record["clients"].values()]
     assert len(sent) == 3 * len(SIZES) and all(sigma == pytest.approx(0.0968961, abs=1e-7) for sigma in sent)
-    privacy = summary(nbafl_run)["privacy"]
+    privacy = run_summary(nbafl_run)["privacy"]
     assert privacy["min_samples"] == min(SIZES.values()) and privacy["sigma_up"] == pytest.approx(0.0968961, abs=1e-7)
 
 
@@ -221,8 +202,8 @@ def test_every_record_reports_the_formula_epsilon_and_the_summary_both_epsilons(
     assert {r["phase"] for r in records} == {"train", "evaluate", "central"}
     assert {r["epsilon"] for r in records} == {30.0}
     assert {(r["delta"], r["accountant"]) for r in records} == {(1e-5, "nbafl-formula")}
-    assert [r["clients"]["1"]["exposures"] for r in train_records(nbafl_run)] == [1, 2, 3]
-    privacy = summary(nbafl_run)["privacy"]
+    assert [r["clients"]["1"]["exposures"] for r in phase_records(nbafl_run)] == [1, 2, 3]
+    privacy = run_summary(nbafl_run)["privacy"]
     assert privacy["mechanism"] == "nbafl" and privacy["epsilon"] == 30.0 and privacy["delta"] == 1e-5
     assert privacy["exposures"] == 3 and privacy["sigma_down"] == 0.0  # L = T by default; T = 3 ≤ L√N
     assert 0 < privacy["epsilon_rdp_uplink"] < 30.0 and 0 < privacy["epsilon_rdp_broadcast"] < 30.0
@@ -254,7 +235,7 @@ def test_uploads_are_clipped_to_c_before_the_noise(tmp_path: Path, monkeypatch: 
 
 def test_huge_epsilon_and_clip_reproduce_the_non_private_run(plain_run: RunDirectory, tmp_path: Path) -> None:
     private = run(with_nbafl(quadratic_scenario(tmp_path, "fedavg", rounds=3), clip=1e6, epsilon=1e15))
-    assert summary(private)["privacy"]["sigma_up"] < 1e-8
+    assert run_summary(private)["privacy"]["sigma_up"] < 1e-8
     plain_weight = final_weight(plain_run)
     assert plain_weight.norm() > 1.0 and torch.allclose(final_weight(private), plain_weight, atol=1e-6, rtol=0)
 
@@ -282,12 +263,12 @@ def test_fedbn_clips_what_it_sends_and_nothing_of_batchnorm(monkeypatch: pytest.
 
 def test_a_site_asked_beyond_l_exposures_refuses_and_the_run_ends_cleanly(tmp_path: Path) -> None:
     run_dir = run(with_nbafl(quadratic_scenario(tmp_path, "fedavg", rounds=3), clip=2.0, epsilon=30.0, exposures=2))
-    last = train_records(run_dir)[-1]
+    last = phase_records(run_dir)[-1]
     assert last["round"] == 3 and last["aggregate"] == {}
     for error in (m["error"] for m in last["clients"].values()):
         assert error.startswith("ExposureLimitReached: NbAFL: this site has uploaded its weights 2 times")
         assert "\n" not in error
-    assert summary(run_dir)["rounds_completed"] == 2 and node_exposures(run_dir, "0") == 2
+    assert run_summary(run_dir)["rounds_completed"] == 2 and node_exposures(run_dir, "0") == 2
 
 
 def test_resume_restores_the_exposure_counts(tmp_path: Path) -> None:
@@ -295,8 +276,8 @@ def test_resume_restores_the_exposure_counts(tmp_path: Path) -> None:
     scenario = with_nbafl(quadratic_scenario(tmp_path, "fedavg", rounds=4), clip=2.0, epsilon=30.0, exposures=3)
     resumed, uninterrupted = interrupted_and_resumed(scenario, after=2)
     assert without_timing(resumed.read_metrics()) == without_timing(uninterrupted.read_metrics())
-    assert all("error" in m for m in train_records(resumed)[-1]["clients"].values())
-    assert node_exposures(resumed, "2") == 3 and summary(resumed)["rounds_completed"] == 3
+    assert all("error" in m for m in phase_records(resumed)[-1]["clients"].values())
+    assert node_exposures(resumed, "2") == 3 and run_summary(resumed)["rounds_completed"] == 3
 
 
 # --- scenarios ------------------------------------------------------------------------------------------
