@@ -102,9 +102,8 @@ class InProcessGrid(Grid):
         for message in messages:
             if message.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"message for unknown node {message.metadata.dst_node_id}")
-            message = copy.deepcopy(message)
-            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self._pending[message.metadata.message_id] = message
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids: the id is set in place
+            self._pending[message.metadata.message_id] = copy.deepcopy(message)
             ids.append(message.metadata.message_id)
         return ids
 

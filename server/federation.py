@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 import privacy
@@ -91,9 +92,21 @@ def record_nbytes(content: RecordDict) -> int:
     return total
 
 
+NO_REPLY_CODE = 900  # Error code of the reply :func:`exchange` records for a node that did not answer in time
+LOST_CODES = frozenset({ErrorCode.NODE_UNAVAILABLE, NO_REPLY_CODE})
+"""Error codes that mean the node itself was lost (not a failure of its ClientApp)."""
+
+
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
              on_reply: Callable[[Message], None] | None = None, stop: threading.Event | None = None) -> Exchange:
     """Push ``messages``, pull replies as they arrive (calling ``on_reply``) until all are in or ``timeout``.
+
+    Every message gets exactly one reply, attributed to the node it was sent to:
+
+    * an error reply the SuperLink made for a node that stopped heartbeating (``Node Unavailable``, sent
+      from the SuperLink's own node id) is re-addressed as coming from that node;
+    * a node that has not answered when ``timeout`` passes, or whose message could not be pushed, gets an
+      error reply with :data:`NO_REPLY_CODE`.
 
     Raises:
         RunInterrupted: as soon as ``stop`` is set.
@@ -101,24 +114,54 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
     started = time.perf_counter()
     messages = list(messages)
     result = Exchange(bytes_down=sum(record_nbytes(m.content) for m in messages))
-    pending = dict.fromkeys(grid.push_messages(messages))  # an ordered set: in-process runs go in partition order
+    pushed = set(grid.push_messages(messages))  # Flower's grids (and ours) also set each message's id in place
+    sent = {message.metadata.message_id: message for message in messages}
+    pending = dict.fromkeys(mid for mid in sent if mid in pushed)  # ordered: in-process runs go in partition order
     deadline = time.monotonic() + timeout
+
+    def receive(reply: Message) -> None:
+        result.replies.append(reply)
+        if reply.has_content():
+            result.bytes_up += record_nbytes(reply.content)
+        if on_reply is not None:
+            on_reply(reply)
+
+    for message_id, message in sent.items():
+        if message_id not in pushed:
+            receive(Message(Error(code=NO_REPLY_CODE, reason="the message could not be pushed to the node"),
+                            reply_to=message))
     while pending and time.monotonic() < deadline:
         _check(stop)
         replies = list(grid.pull_messages(list(pending)))
         for reply in replies:
-            pending.pop(reply.metadata.reply_to_message_id, None)
-            result.replies.append(reply)
-            if reply.has_content():
-                result.bytes_up += record_nbytes(reply.content)
-            if on_reply is not None:
-                on_reply(reply)
+            message_id = reply.metadata.reply_to_message_id
+            if message_id not in pending:
+                continue
+            del pending[message_id]
+            receive(_from_destination(reply, sent[message_id]))
         if pending and not replies:
             time.sleep(POLL_INTERVAL)
+    for message_id in pending:
+        receive(Message(Error(code=NO_REPLY_CODE, reason=f"no reply within {timeout:.0f} s"),
+                        reply_to=sent[message_id]))
     if pending:
         log.warning("%d client(s) did not reply within %.0f s", len(pending), timeout)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _from_destination(reply: Message, message: Message) -> Message:
+    """``reply`` as coming from ``message``'s destination: the SuperLink answers for a node it lost."""
+    if reply.metadata.src_node_id == message.metadata.dst_node_id:
+        return reply
+    error = reply.error if reply.has_error() else Error(code=ErrorCode.UNKNOWN, reason="reply from another node")
+    log.warning("node %d: %s", message.metadata.dst_node_id, error.reason.strip().splitlines()[0])
+    return Message(error, reply_to=message)
+
+
+def is_lost(reply: Message) -> bool:
+    """Whether ``reply`` says its node was lost (unavailable, or silent until the timeout)."""
+    return reply.has_error() and reply.error.code in LOST_CODES
 
 
 def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
@@ -151,6 +194,16 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
     if missing:
         raise FederationError(f"no client holds partition(s) {missing} (got {sorted(stats)})")
     return Cohort(node_to_partition=node_to_partition, seed=scenario.seed), dict(sorted(stats.items()))
+
+
+def _site_summary(metrics: dict[str, Any]) -> str:
+    """One site's train outcome in a few words: its error, or its loss, examples and seconds."""
+    if "error" in metrics:
+        return f"failed: {str(metrics['error']).strip().splitlines()[0]}"
+    parts = [f"loss {metrics['loss']:.4g}" if isinstance(metrics.get("loss"), (int, float)) else None,
+             f"{int(metrics['num-examples'])} examples" if "num-examples" in metrics else None,
+             f"{metrics['seconds']:.1f} s" if isinstance(metrics.get("seconds"), (int, float)) else None]
+    return "ok, " + ", ".join(part for part in parts if part)
 
 
 def per_client(replies: list[Message], cohort: Cohort) -> dict[str, dict[str, Any]]:
@@ -220,6 +273,9 @@ class Federation:
         self._epsilons: dict[str, float] = {}  # partition id → its latest reported ε (DP runs)
         self._server_privacy: privacy.ServerPrivacy | None = None  # the mechanism's server half, if it has one
         self._accounting = privacy.accounting_fields(scenario)  # δ and accountant beside every record's ε
+        self._site_lines = scenario.engine.backend == "deployment"  # one log line per site and round (operators)
+        self._lost: dict[int, int] = {}  # partition id → round its node was lost in (until it answers again)
+        self._node_states: dict[str, Any] = {}  # partition id → its latest state exported into a checkpoint
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
@@ -256,6 +312,7 @@ class Federation:
             for record in self.run_dir.read_metrics():
                 self._note_epsilons(record)
             node_states = checkpoint.extra.get("node_states")
+            self._node_states.update(node_states or {})
             if node_states:
                 import_node_states(grid, cohort, node_states, scenario.strategy.round_timeout, self.stop)
             elif scenario.output.checkpoint_node_state is False:
@@ -282,6 +339,8 @@ class Federation:
                arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
         """Train, aggregate, evaluate (federated and central); the new global arrays and headline metrics."""
         scenario = self.scenario
+        if self._lost:
+            self._welcome_back(grid, cohort, server_round)
         config = ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
         if self._server_privacy is not None:
             try:
@@ -331,13 +390,46 @@ class Federation:
 
     def _phase(self, grid: Grid, cohort: Cohort, server_round: int, phase: str, messages: list[Message]) -> Exchange:
         self.progress.phase(server_round, phase, len(messages))
-        return exchange(
+        done = exchange(
             grid,
             messages,
             self.scenario.strategy.round_timeout,
             lambda reply: self.progress.client_done(server_round, phase, cohort.partition_of(reply)),
             self.stop,
         )
+        for reply in done.replies:
+            pid = cohort.partition_of(reply)
+            if is_lost(reply) and pid not in self._lost:
+                self._lost[pid] = server_round
+                log.warning("round %d %s: site %d lost (%s); the run goes on without it until it answers again",
+                            server_round, phase, pid, reply.error.reason.strip().splitlines()[0])
+        return done
+
+    def _welcome_back(self, grid: Grid, cohort: Cohort, server_round: int) -> None:
+        """Give each lost site that is online again its state from the latest checkpoint holding it.
+
+        A node that restarted has lost its ``context.state`` (SCAFFOLD's c_k, an accountant's history, NbAFL's
+        exposure count); the checkpointed copy is the state the server's model is consistent with: what the
+        site did in the round it was lost never reached the server. Without a copy (``checkpoint_node_state``
+        off, or the site never exported) the site continues with whatever state it has.
+        """
+        online = set(grid.get_node_ids())
+        nodes = cohort.partition_to_node
+        for pid in sorted(pid for pid in self._lost if nodes[pid] in online):
+            lost_in = self._lost.pop(pid)
+            state = self._node_states.get(str(pid))
+            if state is None:
+                log.info("round %d: site %d (lost in round %d) is online; no checkpointed state to restore",
+                         server_round, pid, lost_in)
+                continue
+            try:
+                import_node_states(grid, cohort, {str(pid): state}, self.scenario.strategy.round_timeout, self.stop)
+            except FederationError as error:
+                self._lost[pid] = lost_in
+                log.warning("round %d: site %d is still unreachable (%s)", server_round, pid, error)
+                continue
+            log.info("round %d: site %d (lost in round %d) is back; its state restored from the last checkpoint",
+                     server_round, pid, lost_in)
 
     def _record(self, server_round: int, phase: str, cohort: Cohort, done: Exchange, metrics: MetricRecord | None,
                 clients: dict[str, dict[str, Any]] | None = None) -> None:
@@ -359,6 +451,9 @@ class Federation:
         record["epsilon"] = self._run_epsilon()
         record.update(self._accounting)
         self.run_dir.append_metrics(record)
+        if self._site_lines and phase == "train":
+            for pid, metrics in record["clients"].items():
+                log.info("round %d | site %s | %s", server_round, pid, _site_summary(metrics))
 
     def _run_epsilon(self) -> float | None:
         """The run's ε: the mechanism's server half's (NbAFL: the ε its formulas guarantee at the end), else
@@ -431,9 +526,11 @@ class Federation:
             extra={},
         )
         if self.scenario.output.checkpoint_node_state:
-            checkpoint.extra["node_states"] = export_node_states(
-                grid, cohort, self.scenario.strategy.round_timeout, self.stop
-            )
+            exported = export_node_states(grid, cohort, self.scenario.strategy.round_timeout, self.stop)
+            for pid in self._lost:  # a lost node that answers has restarted empty: keep its last good state
+                exported.pop(str(pid), None)
+            self._node_states.update(exported)
+            checkpoint.extra["node_states"] = dict(sorted(self._node_states.items(), key=lambda item: int(item[0])))
         return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
 
     def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float,
