@@ -15,7 +15,8 @@
   state out for a checkpoint, or back in on ``--resume`` (:mod:`client.state`).
 
 The node learns everything from the message (the resolved scenario travels in the
-``config`` record) plus its own ``node_config`` (``partition-id``). State that must
+``config`` record) plus its own ``node_config``: ``partition-id``, and optionally
+``data-path``, the hospital's own data folder (:func:`site_data`). State that must
 survive between rounds lives in ``context.state`` (kept by Flower per node).
 Any failure becomes an error reply with a one-line reason, which the server logs
 and leaves out of the aggregate.
@@ -28,6 +29,7 @@ import functools
 import json
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -44,11 +46,13 @@ from strategies import get_algorithm
 from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY, ClientRule
 
 if TYPE_CHECKING:  # pragma: no cover
+    from medtasks.base import Task
     from privacy.dpsgd import DPSGDClient
 
 log = logging.getLogger("medfed")
 
 PARTITION_ID_KEY = "partition-id"
+DATA_PATH_KEY = "data-path"  # node_config: the hospital's own data folder (deployment)
 PARTICIPATION_KEY = "medfed-participation"
 INFO_KEY = "info"
 CLIENT_ERROR_CODE = 1
@@ -94,6 +98,24 @@ def _prepare(message: Message, context: Context, purpose: str) -> tuple[Scenario
     return scenario, pid, server_round
 
 
+def site_data(scenario: Scenario, context: Context, pid: int) -> tuple["Task", int, int]:
+    """The task holding this node's data, its index in that task, and the number of sites the task has.
+
+    Normally the scenario's task and partition ``pid`` of ``partition.clients``. A hospital whose SuperNode
+    was started with ``--node-config "partition-id=K data-path=/its/data"`` trains and evaluates on its own
+    folder instead: the whole folder is this site (split into train/val by ``data.val_fraction``), read with
+    the task's folder loader; nothing but its statistics leaves the node.
+    """
+    path = context.node_config.get(DATA_PATH_KEY)
+    if not path:
+        return task_for(scenario), pid, scenario.partition.clients
+    local = scenario.model_copy(deep=True)
+    local.data.path = str(Path(str(path)).expanduser())  # before the source: a folder source needs a path
+    local.data.source, local.data.server_samples = "folder", 0
+    local.partition.clients, local.partition.kind, local.partition.params = 1, "iid", {}
+    return task_for(local), 0, 1
+
+
 def _client_rule(scenario: Scenario) -> ClientRule:
     algorithm = get_algorithm(scenario.strategy.name)
     return algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
@@ -111,7 +133,8 @@ def _count_participation(context: Context) -> int:
 def query(message: Message, context: Context) -> Message:
     """Reply with this node's partition id and its data statistics."""
     scenario, pid, _ = _prepare(message, context, "query")
-    stats = task_for(scenario).client_data(pid).stats
+    task, index, _ = site_data(scenario, context, pid)
+    stats = task.client_data(index).stats
     info = ConfigRecord({PARTITION_ID_KEY: pid, "stats": json.dumps(stats)})
     return Message(RecordDict({INFO_KEY: info}), reply_to=message)
 
@@ -122,10 +145,10 @@ def train(message: Message, context: Context) -> Message:
     """One round of local training on this site's data (with DP-SGD if the scenario asks for it)."""
     started = time.perf_counter()
     scenario, pid, server_round = _prepare(message, context, "train")
-    task = task_for(scenario)
+    task, index, sites = site_data(scenario, context, pid)
     model = task.build_model()
     rule = _client_rule(scenario)
-    dataset = rule.training_data(task, pid, scenario.partition.clients)
+    dataset = rule.training_data(task, index, sites)
     local = rule.local_section(scenario.local, len(dataset))
     rule.receive(model, message.content, context.state)
     rule.before_training(model, task, dataset, local)
@@ -196,8 +219,8 @@ def _spend_privacy(private: "DPSGDClient", context: Context) -> dict[str, float]
 def evaluate(message: Message, context: Context) -> Message:
     """Metrics of the received model (as this site's rule personalises it) on the local validation split."""
     scenario, pid, _ = _prepare(message, context, "evaluate")
-    task = task_for(scenario)
-    data = task.client_data(pid)
+    task, index, _ = site_data(scenario, context, pid)
+    data = task.client_data(index)
     model = task.build_model()
     _client_rule(scenario).receive(model, message.content, context.state)
     metrics = task.evaluate(model, data.val)

@@ -108,6 +108,25 @@ def without_timing(records: list[dict]) -> list[dict]:
     return cleaned
 
 
+def write_segmentation_folder(root: Path, count: int, *, with_masks: bool = True) -> Path:
+    """A user's data folder of ``count`` 40×40 ``.npy`` slices in ``images/`` (and label maps in ``masks/``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    if with_masks:
+        (root / "masks").mkdir()
+    for k in range(count):
+        mask = np.zeros((40, 40), dtype=np.int64)
+        mask[8 + k % 5: 25, 10:28] = 1
+        mask[14:18, 14:18] = 3 if k % 2 else 1
+        mask[30:36, 5:12] = 2
+        np.save(root / "images" / f"case{k:02d}.npy", (mask * 40 + rng.normal(0, 5, mask.shape)).astype(np.float32))
+        if with_masks:
+            np.save(root / "masks" / f"case{k:02d}.npy", mask)
+    return root
+
+
 # --- toy scenarios -------------------------------------------------------------------------------------
 def toy_scenario(task: str, strategy: str, *, rounds: int, clients: int, samples: int, local: Mapping[str, Any],
                  server_samples: int = 0, model: str | None = None, task_params: Mapping[str, Any] | None = None,

@@ -11,8 +11,15 @@ from server import scenario as scenario_module
 from server.cli import main
 from server.federation import FederationError
 from server.results import RunDirectory
-from tests.helpers import QUICKSTART, SMALL, interrupted_and_resumed, run, small_scenario, without_timing
-
+from tests.helpers import (
+    QUICKSTART,
+    SMALL,
+    interrupted_and_resumed,
+    run,
+    small_scenario,
+    without_timing,
+    write_segmentation_folder,
+)
 
 
 def test_cli_run_writes_a_complete_run_directory_and_dice_improves(tmp_path: Path, capsys) -> None:
@@ -104,26 +111,8 @@ def test_too_few_usable_clients_stop_the_run_with_one_line(tmp_path: Path, monke
     assert "round 1: 0 of 4 clients returned a usable update" in message and "RuntimeError: disk full" in message
 
 
-def _write_folder(root: Path, count: int, *, with_masks: bool = True) -> Path:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    if with_masks:
-        (root / "masks").mkdir()
-    for k in range(count):
-        mask = np.zeros((40, 40), dtype=np.int64)
-        mask[8 + k % 5: 25, 10:28] = 1
-        mask[14:18, 14:18] = 3 if k % 2 else 1
-        mask[30:36, 5:12] = 2
-        np.save(root / "images" / f"case{k:02d}.npy", (mask * 40 + rng.normal(0, 5, mask.shape)).astype(np.float32))
-        if with_masks:
-            np.save(root / "masks" / f"case{k:02d}.npy", mask)
-    return root
-
-
 def test_a_users_folder_of_npy_slices_runs_federated(tmp_path: Path) -> None:
-    folder = _write_folder(tmp_path / "data", 24)
+    folder = write_segmentation_folder(tmp_path / "data", 24)
     scenario = small_scenario(tmp_path, "strategy.rounds=1", "data.source=folder", f"data.path={folder}",
                               "data.server_samples=0", "partition.kind=label_skew", "partition.params={alpha: 5.0}")
     run_dir = run(scenario)
@@ -134,7 +123,7 @@ def test_a_users_folder_of_npy_slices_runs_federated(tmp_path: Path) -> None:
 
 
 def test_a_broken_data_folder_stops_with_one_line_and_exit_1(tmp_path: Path, capsys) -> None:
-    folder = _write_folder(tmp_path / "data", 8, with_masks=False)
+    folder = write_segmentation_folder(tmp_path / "data", 8, with_masks=False)
     overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}"]
     assert main(["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]) == 1
     err = capsys.readouterr().err
