@@ -11,6 +11,14 @@ Run-config keys (declared in ``pyproject.toml``): ``scenario`` (path of the
 scenario file, relative to the app folder unless absolute) and ``set``
 (``;``-separated overrides). The run directory goes to ``output.dir``
 (relative to the ServerApp's working directory unless absolute).
+
+``medfed run X.yaml --engine deployment --federation NAME`` (:mod:`server.deploy`)
+instead sends the scenario it validated, resolved, as JSON in the key
+``scenario-json`` (through a ``--run-config`` TOML file), so a scenario file
+outside the app folder works; it then takes precedence over ``scenario`` and
+``set``. Its ``engine.backend`` says ``deployment``. ``resume-dir`` (from
+``medfed run --resume RUN_DIR --engine deployment``) continues that run directory
+from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import scenario as scenario_module
+from server.deploy import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.federation import Federation
 from server.progress import make_progress
 from server.results import RunDirectory
@@ -34,16 +43,29 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Load the scenario named in the run config and run it on ``grid``."""
+    """Load the scenario the run config names (or carries) and run it on ``grid``."""
     log = logging.getLogger("medfed")
     if not log.handlers:  # Flower streams this process's output to `flwr run --stream` / `flwr log`
         log.addHandler(logging.StreamHandler(sys.stdout))
         log.setLevel(logging.INFO)
-    path = Path(str(context.run_config.get("scenario", "scenarios/quickstart.yaml")))
+    scenario = scenario_from_run_config(context.run_config)
+    resume = str(context.run_config.get(RESUME_KEY, ""))
+    if resume:
+        run_dir = RunDirectory.open(resume)
+    else:
+        run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+        run_dir.write_scenario(scenario.to_yaml())
+    log.info("%s%s", RUN_DIRECTORY_PREFIX, run_dir.path.resolve())
+    Federation(scenario, run_dir, make_progress(interactive=False), resume=bool(resume)).run(grid)
+
+
+def scenario_from_run_config(run_config: dict) -> scenario_module.Scenario:
+    """The resolved scenario in ``scenario-json``, else the file ``scenario`` with the ``set`` overrides."""
+    shipped = str(run_config.get(SCENARIO_JSON_KEY, ""))
+    if shipped:
+        return scenario_module.Scenario.from_json(shipped)
+    path = Path(str(run_config.get("scenario", "scenarios/quickstart.yaml")))
     if not path.is_absolute():
         path = APP_DIR / path
-    overrides = [item.strip() for item in str(context.run_config.get("set", "")).split(";") if item.strip()]
-    scenario = scenario_module.load(path, overrides)
-    run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-    run_dir.write_scenario(scenario.to_yaml())
-    Federation(scenario, run_dir, make_progress(interactive=False)).run(grid)
+    overrides = [item.strip() for item in str(run_config.get("set", "")).split(";") if item.strip()]
+    return scenario_module.load(path, overrides)

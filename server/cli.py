@@ -1,10 +1,12 @@
 """The ``medfed`` command.
 
     medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|simulation]
-    medfed run --resume RUN_DIR
+    medfed run SCENARIO.yaml [--set key.path=value ...] --engine deployment --federation NAME
+    medfed run --resume RUN_DIR [--engine deployment --federation NAME]
     medfed validate FILE ...
     medfed list [FOLDER]
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
+    medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
 
 Exit codes: 0 success, 1 a run failed (one line says why), 2 invalid input
 (scenario, option or file), 130 interrupted.
@@ -52,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", nargs="?", help="scenario YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key, e.g. --set strategy.rounds=5 (repeatable)")
-    run.add_argument("--engine", choices=["simulation", "inprocess"], help="override engine.backend")
+    run.add_argument("--engine", choices=["simulation", "inprocess", "deployment"], help="override engine.backend")
+    run.add_argument("--federation", metavar="NAME",
+                     help="with --engine deployment: the federation (medfed deploy init) to run on")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.set_defaults(handler=_run)
 
@@ -71,7 +75,31 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="compare.png", help="where to draw the curves (default: compare.png)")
     compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     compare.set_defaults(handler=_compare)
+
+    _add_deploy_parser(commands)
     return parser
+
+
+def _add_deploy_parser(commands: argparse._SubParsersAction) -> None:
+    """``medfed deploy init|commands|register|status``: set up and watch a federation (:mod:`server.deploy`)."""
+    deploy = commands.add_parser("deploy", help="set up a SuperLink and one SuperNode per hospital (TLS, registration)")
+    actions = deploy.add_subparsers(dest="deploy_action", required=True)
+    init = actions.add_parser("init", help="write a federation folder: CA, server certificate, hospital keys")
+    init.add_argument("name", help="federation name (also the Flower CLI connection name)")
+    init.add_argument("--address", action="append", default=[], metavar="HOST:PORT",
+                      help="the SuperLink's address as the hospitals reach it (repeatable: several names, one port)")
+    hospitals = init.add_mutually_exclusive_group()
+    hospitals.add_argument("--hospitals", type=int, metavar="N", help="N hospitals named hospital-0 ... hospital-N-1")
+    hospitals.add_argument("--hospital", action="append", metavar="NAME",
+                           help="one hospital (repeatable; partition ids follow the order)")
+    init.add_argument("--dir", help="federation folder (default: ~/.medfed/deploy/NAME, or $MEDFED_DEPLOY_HOME/NAME)")
+    init.add_argument("--force", action="store_true", help="replace an existing federation (new CA and keys)")
+    for action, help_text in (("commands", "print the start commands for the SuperLink and every hospital"),
+                              ("register", "register every hospital's public key at the running SuperLink"),
+                              ("status", "which hospitals are online (exit 0 only if all are)")):
+        parser = actions.add_parser(action, help=help_text)
+        parser.add_argument("name", help="federation name, or the path of a federation folder")
+    deploy.set_defaults(handler=_deploy)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -125,6 +153,10 @@ def _run(args: argparse.Namespace) -> int:
     from server import scenario as scenario_module
     from server.results import RunDirectory, RunDirectoryError
 
+    if (args.engine == "deployment") != bool(args.federation):
+        return _fail("--engine deployment and --federation NAME go together", EXIT_INVALID)
+    if args.federation:
+        return _run_deployed(args)
     try:
         if args.resume:
             run_dir = RunDirectory.open(args.resume)
@@ -141,6 +173,9 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(str(error), EXIT_INVALID)
     if args.engine:
         scenario.engine.backend = args.engine
+    if scenario.engine.backend == "deployment":
+        return _fail("engine.backend 'deployment' runs with --engine deployment --federation NAME "
+                     "(or choose --engine simulation|inprocess)", EXIT_INVALID)
     from client.cache import task_for
     from medtasks.base import DataError
 
@@ -178,6 +213,63 @@ def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
         return EXIT_INTERRUPTED
     _print_summary(summary, run_dir.path)
     return EXIT_OK
+
+
+def _run_deployed(args: argparse.Namespace) -> int:
+    """``medfed run X.yaml --engine deployment --federation NAME``: validate here, run on the federation."""
+    from server import deploy
+    from server import scenario as scenario_module
+
+    from server.results import RunDirectory, RunDirectoryError
+
+    resume = None
+    try:
+        federation = deploy.find_federation(args.federation)
+        if args.resume:  # the run directory is on this machine, the coordinating site's
+            resume = RunDirectory.open(args.resume).path.resolve()
+            if args.scenario or args.overrides:
+                return _fail("--resume takes the scenario saved in the run directory; drop SCENARIO and --set",
+                             EXIT_INVALID)
+            scenario = scenario_module.load(resume / "scenario.yaml")
+        elif not args.scenario:
+            return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
+        else:
+            scenario = scenario_module.load(args.scenario, args.overrides)
+        scenario = deploy.deployed_scenario(scenario, federation)
+    except (scenario_module.ScenarioError, RunDirectoryError) as error:
+        return _fail(str(error), EXIT_INVALID)
+    except deploy.DeployError as error:
+        return _fail(str(error), error.exit_code)
+    log.info("medfed: %s | task %s | %s x %d hospitals | %s | %d rounds | federation %s (%s)",
+             scenario.name, scenario.task.name, scenario.partition.kind, scenario.partition.clients,
+             scenario.strategy.name, scenario.strategy.rounds, federation.name, federation.address)
+    if scenario.output.checkpoint_node_state:
+        log.warning("output.checkpoint_node_state is true: every round copies each hospital's node state to the "
+                    "coordinating site (set it to false to keep that state at the hospitals)")
+    try:
+        offline = [row.hospital for row in deploy.node_statuses(federation)
+                   if row.status != "online" and row.hospital != deploy.UNKNOWN_HOSPITAL]
+        if offline:
+            log.warning("not online yet: %s (the run waits for every hospital)", ", ".join(offline))
+        launched = deploy.launch(scenario, federation, resume=resume)
+    except deploy.DeployError as error:
+        return _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
+        print("medfed: interrupted; the run was stopped at the SuperLink", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    where = launched.run_directory or f"{scenario.output.dir}/{scenario.name}/<timestamp>"
+    print(f"run {launched.run_id} {launched.status}")
+    print(f"results: {where} (on the SuperLink's machine)")
+    return EXIT_OK
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from server import deploy
+
+    try:
+        return getattr(deploy, f"command_{args.deploy_action}")(args)
+    except deploy.DeployError as error:
+        return _fail(str(error), error.exit_code)
 
 
 def _print_summary(summary: dict, path: Path) -> None:

@@ -29,6 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
+from server.deploy import FLOWER_ENVIRONMENT
 from server.federation import Federation, RunInterrupted
 from server.progress import Progress
 from server.results import RunDirectory
@@ -37,9 +38,7 @@ from server.scenario import Scenario
 log = logging.getLogger("medfed")
 
 QUIET_ENVIRONMENT = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    **FLOWER_ENVIRONMENT,
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "RAY_DEDUP_LOGS": "1",
     "PYTHONWARNINGS": "ignore",

@@ -102,9 +102,15 @@ class PrivacySection(_Section):
 
 
 class EngineSection(_Section):
-    """``engine``: what runs the clients (DESIGN.md §1)."""
+    """``engine``: what runs the clients (DESIGN.md §1).
 
-    backend: Literal["simulation", "inprocess"] = "simulation"
+    ``deployment`` is a run on real SuperNodes (``medfed run --engine deployment --federation NAME``); a run
+    directory's scenario.yaml records it, ``workers`` is then unused.
+    """
+
+    backend: Literal["simulation", "inprocess", "deployment"] = Field(
+        "simulation", description="simulation (Ray), inprocess, or deployment (SuperNodes, needs --federation)"
+    )
     workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
     cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
 
