@@ -3,7 +3,8 @@
 A **federation folder** (default ``~/.medfed/deploy/NAME``, or ``$MEDFED_DEPLOY_HOME/NAME``) holds everything
 the coordinating site needs:
 
-* ``ca.crt`` / ``ca.key``: the federation's own certificate authority (ECDSA P-384);
+* ``ca.crt`` / ``ca.key``: the federation's own certificate authority (ECDSA P-384; :mod:`server.credentials`
+  makes the certificates and keys);
 * ``server.pem`` / ``server.key``: the SuperLink's TLS certificate, signed by that CA, whose subject alternative
   names are every address the hospitals dial plus 127.0.0.1 (the SuperLink's own SuperExec dials it);
 * ``hospital-K`` / ``hospital-K.pub``: one SuperNode authentication key pair per hospital (ECDSA P-384, OpenSSH
@@ -26,8 +27,6 @@ starts its helper processes by name).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import ipaddress
 import json
 import os
 import re
@@ -38,21 +37,28 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover
-    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+from server.credentials import (
+    certificate_pem,
+    is_ip,
+    make_ca,
+    make_server_certificate,
+    private_key_pem,
+    write_file,
+    write_hospital_key,
+)
 
+if TYPE_CHECKING:  # pragma: no cover
     from server.scenario import Scenario
 
 MANIFEST, CA_CERT, CA_KEY = "federation.json", "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY, DATABASE = "server.pem", "server.key", "superlink.db"
 LOOPBACK = "127.0.0.1"  # the SuperLink's SuperExec dials it when the SuperLink binds 0.0.0.0
 RUNTIME_PORT = 9094  # a SuperNode's local Runtime API (plain HTTP on 127.0.0.1, never leaves the machine)
-CERTIFICATE_VALIDITY = dt.timedelta(days=3 * 365)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # also a bare TOML key and a file name
 SCENARIO_JSON_KEY = "scenario-json"  # run-config key of the resolved scenario ([tool.flwr.app.config])
 RESUME_KEY = "resume-dir"  # run-config key: the run directory a resumed run continues ([tool.flwr.app.config])
@@ -162,17 +168,9 @@ def split_address(address: str) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise DeployError(f"--address {address}: expected HOST:PORT, e.g. superlink.hospital.org:9093")
-    if not _is_ip(host) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+    if not is_ip(host) and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
         raise DeployError(f"--address {address}: '{host}' is neither an IP address nor a DNS name")
     return host, int(port)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _check_name(name: str, what: str) -> str:
@@ -250,102 +248,6 @@ def _write_credentials(federation: Federation, hosts: Sequence[str]) -> None:
     write_file(federation.path(SERVER_CERT), certificate_pem(server_cert))
     for hospital in federation.hospitals:
         write_hospital_key(federation.private_key(hospital), hospital.name)
-
-
-def make_ca(common_name: str) -> tuple[EllipticCurvePrivateKey, Any]:
-    """A self-signed CA (ECDSA P-384, may sign end-entity certificates only): (key, certificate)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False)
-    certificate = (
-        _certificate_builder(name, name, key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, certificate
-
-
-def make_server_certificate(ca_key: EllipticCurvePrivateKey, ca_cert: Any,
-                            hosts: Iterable[str]) -> tuple[EllipticCurvePrivateKey, Any]:
-    """A TLS server certificate for ``hosts`` (IP addresses and DNS names), signed by the CA: (key, certificate)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    hosts = list(dict.fromkeys(hosts))
-    names = [x509.IPAddress(ipaddress.ip_address(host)) if _is_ip(host) else x509.DNSName(host) for host in hosts]
-    key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
-    certificate = (
-        _certificate_builder(subject, ca_cert.subject, key.public_key())
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, certificate
-
-
-def _new_key() -> EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP384R1())
-
-
-def _certificate_builder(subject: Any, issuer: Any, public_key: Any) -> Any:
-    """A certificate builder valid from five minutes ago (clock skew) for :data:`CERTIFICATE_VALIDITY`."""
-    from cryptography import x509
-
-    now = dt.datetime.now(dt.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + CERTIFICATE_VALIDITY))
-
-
-def write_hospital_key(path: Path, comment: str) -> None:
-    """A SuperNode key pair at ``path`` (OpenSSH private key, mode 0600) and ``path.pub`` (OpenSSH public key),
-    the format of ``ssh-keygen -t ecdsa -b 384``."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = _new_key()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    write_file(path, private, private=True)
-    write_file(path.with_name(f"{path.name}.pub"), public + f" {comment}\n".encode())
-
-
-def private_key_pem(key: EllipticCurvePrivateKey) -> bytes:
-    """Unencrypted PKCS#8 PEM (what the SuperLink reads)."""
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def certificate_pem(certificate: Any) -> bytes:
-    """The certificate as PEM."""
-    from cryptography.hazmat.primitives import serialization
-
-    return certificate.public_bytes(serialization.Encoding.PEM)
-
-
-def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data``; a private file is created with mode 0600 (never readable by others, not even briefly)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(descriptor, "wb") as file:
-        if private:
-            os.fchmod(file.fileno(), 0o600)
-        file.write(data)
 
 
 def flower_home() -> Path:
