@@ -389,6 +389,7 @@ def _tail(text: str, lines: int = 5) -> str:
 # --- runs on a federation --------------------------------------------------------------------------------------
 TWO_SMALL_ROUNDS = [  # the quickstart shrunk (tests.helpers.SMALL), 2 hospitals, 2 rounds, node state kept at the sites
     *SMALL, "local.epochs=1", "partition.clients=2", "strategy.rounds=2", "output.checkpoint_node_state=false",
+    "strategy.evaluate_every=2",  # evaluate in even rounds and the last: each phase costs a message round trip
 ]
 
 

@@ -99,5 +99,5 @@ def test_a_run_whose_serverapp_died_is_resumed_from_its_last_checkpoint(
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     records = run_dir.read_metrics()
     assert [r["round"] for r in records if r["phase"] == "train"] == [1, 2]
-    assert records[:3] == before[:3]  # round 1 as first written, once
+    assert records[:len(before)] == before  # round 1 as first written, once
     assert yaml.safe_load((run_dir.path / "summary.json").read_text())["rounds_completed"] == 2
