@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from server.scenario import Scenario
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEPLOYED_ROUND_TIMEOUT_HINT = 600  # seconds: above it, a deployed run is told a hung hospital would stall it
 
 log = logging.getLogger("medfed")
 
@@ -246,6 +247,10 @@ def _run_deployed(args: argparse.Namespace) -> int:
     if scenario.output.checkpoint_node_state:
         log.warning("output.checkpoint_node_state is true: every round copies each hospital's node state to the "
                     "coordinating site (set it to false to keep that state at the hospitals)")
+    if scenario.strategy.round_timeout > DEPLOYED_ROUND_TIMEOUT_HINT:
+        log.warning("strategy.round_timeout is %.0f s: a hospital that hangs (alive, not answering) holds every "
+                    "phase that long; consider --set strategy.round_timeout=%d (a crashed node is reported within "
+                    "about a minute anyway)", scenario.strategy.round_timeout, DEPLOYED_ROUND_TIMEOUT_HINT)
     try:
         offline = [row.hospital for row in deploy.node_statuses(federation)
                    if row.status != "online" and row.hospital != deploy.UNKNOWN_HOSPITAL]

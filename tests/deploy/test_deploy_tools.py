@@ -174,3 +174,13 @@ def test_the_deployed_scenario_travels_resolved_to_the_serverapp(tmp_path: Path)
     assert deploy.RESUME_KEY not in run_config
     resumed = tomllib.loads(deploy.run_config_toml(deployed, tmp_path / "runs" / "x" / "1"))
     assert resumed[deploy.RESUME_KEY] == str(tmp_path / "runs" / "x" / "1")
+
+
+def test_a_deployed_run_with_the_simulation_round_timeout_is_warned_about(capsys: pytest.CaptureFixture) -> None:
+    assert init("--hospitals", "2") == 0
+    capsys.readouterr()
+    code = main(["run", str(QUICKSTART), "--engine", "deployment", "--federation", "net", "--set", "partition.clients=2"])
+    err = capsys.readouterr().err
+    assert code == 1  # nothing listens at the federation's address
+    assert "strategy.round_timeout is 3600 s" in err and "--set strategy.round_timeout=600" in err
+    assert "Connection to the SuperLink is unavailable" in err.strip().splitlines()[-1]
