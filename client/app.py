@@ -205,7 +205,8 @@ def _spend_privacy(private: "DPSGDClient", context: Context) -> dict[str, float]
 
     Called once the reply is built: a round that fails sends nothing, so it costs nothing.
     """
-    from privacy.dpsgd import append_history, epsilon
+    from privacy.accounting import epsilon
+    from privacy.dpsgd import append_history
 
     sigma = private.noise_multiplier
     assert sigma is not None  # set when fit attached the mechanism

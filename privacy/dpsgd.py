@@ -39,18 +39,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from privacy.accounting import (  # noqa: F401 - re-exported: DP-SGD's accounting API
-    Entry,
-    PrivacyBudgetExhausted,
-    budget_left,
-    calibrate_noise,
-    check_budget,
-    epsilon,
-    make_accountant,
-    merge_history,
-)
+from privacy.accounting import Entry, calibrate_noise, check_budget, epsilon, merge_history
 
 if TYPE_CHECKING:  # pragma: no cover
+    from opacus.accountants import IAccountant
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
     from torch.utils.data import DataLoader
@@ -82,7 +74,7 @@ class DPSGDParams(BaseModel):
         Privacy budget ε at ``delta``. Without ``noise_multiplier``, σ is calibrated
         so that ε ≤ target after the planned rounds (:func:`calibrate_noise`); in
         both cases a round that would take ε past the target is refused
-        (:class:`PrivacyBudgetExhausted`). At least one of the two is required.
+        (:class:`privacy.accounting.PrivacyBudgetExhausted`). At least one of the two is required.
     max_grad_norm : float, default 1.0
         C, the per-sample clipping bound (L2 norm over all trainable parameters).
     delta : float, default 1e-5
@@ -98,7 +90,7 @@ class DPSGDParams(BaseModel):
     on_exhausted : {"stop-client", "stop-run"}, default "stop-client"
         What a spent budget stops: the client (it replies an error and the
         federation goes on without it) or the whole run (the server ends it on
-        the first :class:`PrivacyBudgetExhausted` reply).
+        the first :class:`privacy.accounting.PrivacyBudgetExhausted` reply).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -17,22 +17,24 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.state import from_plain, to_plain
 from client.trainer import fit, make_loader
+from privacy.accounting import (
+    PrivacyBudgetExhausted,
+    budget_left,
+    calibrate_noise,
+    check_budget,
+    epsilon,
+    make_accountant,
+    merge_history,
+)
 from privacy.dpsgd import (
     ACCOUNTANT_KEY,
     FEDBN_DPSGD_MESSAGE,
     DPSGDClient,
     DPSGDParams,
-    PrivacyBudgetExhausted,
     append_history,
-    budget_left,
-    calibrate_noise,
-    check_budget,
     check_combination,
     check_model,
-    epsilon,
     load_history,
-    make_accountant,
-    merge_history,
     save_history,
 )
 from server.scenario import LocalSection
@@ -382,7 +384,6 @@ def test_gradient_edits_before_the_step_are_discarded_and_after_noise_ones_apply
 
 @pytest.mark.parametrize("history", [[(1.1, 0.2, 150)], [(1.1, 0.2, 150), (1.3, 0.25, 40)], [(0.7, 0.02, 3), (2.0, 1.0, 1)]])
 def test_rdp_epsilon_from_cached_per_step_curves_equals_opacus_accountant(history) -> None:
-    from privacy.dpsgd import make_accountant
 
     reference = float(make_accountant(history, "rdp").get_epsilon(delta=1e-5))
     assert epsilon(history, 1e-5, "rdp") == reference  # RDP is linear in steps: the same number exactly

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 
 from client.state import from_plain
 from client.trainer import fit
-from privacy.dpsgd import DPSGDClient, DPSGDParams, epsilon, load_history
+from privacy.accounting import epsilon
+from privacy.dpsgd import DPSGDClient, DPSGDParams, load_history
 from server.results import RunDirectory
 from server.scenario import LocalSection, Scenario
 from strategies.base import ClientRule, StrategyParams
