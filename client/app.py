@@ -41,7 +41,8 @@ from client.cache import scenario_from_json, task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import fit
 from medtasks.seeding import seed_everything, torch_generator
-from server.scenario import LocalSection, Scenario
+from privacy.accounting import BUDGET_EXHAUSTED_CODE, BudgetExhausted
+from medtasks.scenario import LocalSection, Scenario
 from strategies import get_algorithm
 from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY, ClientRule
 
@@ -82,7 +83,8 @@ def _replying_errors(handler: Callable[[Message, Context], Message]) -> Callable
         except Exception as error:  # noqa: BLE001 - every failure must reach the server as a reply
             log.debug("client handler %s failed", handler.__name__, exc_info=True)
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            return Message(Error(code=CLIENT_ERROR_CODE, reason=reason), reply_to=message)
+            code = BUDGET_EXHAUSTED_CODE if isinstance(error, BudgetExhausted) else CLIENT_ERROR_CODE
+            return Message(Error(code=code, reason=reason), reply_to=message)
 
     return wrapper
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from medtasks.base import Task
 from medtasks.registry import get_task_class
-from server.scenario import Scenario
+from medtasks.scenario import Scenario
 
 _MAX_TASKS = 4
 _tasks: OrderedDict[str, Task] = OrderedDict()

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medtasks.base import Task
-from server.scenario import LocalSection
+from medtasks.base import PooledSites, Task
+from medtasks.scenario import LocalSection
 from strategies.base import ClientRule
 
 
@@ -34,21 +34,6 @@ class FitResult:
     loss: float  # mean task loss (before rule terms) over the steps that saw examples (0 if none did)
     steps: int  # optimiser steps actually taken, noise-only DP steps included (K in SCAFFOLD's option II)
     num_examples: int  # |P_k|, the aggregation weight n_k
-
-
-class PooledSites(ConcatDataset):
-    """Several sites' datasets trained on as one (the centralized baseline).
-
-    Mini-batches mix sites like any shuffled dataset, unless ``by_site``: then every
-    mini-batch holds samples of one site only, for tasks whose batches must share
-    something that differs by site (a CT scanner's geometry). Each epoch then
-    shuffles every site's samples, cuts them into batches and shuffles the order of
-    all batches, so an epoch still visits each pooled sample exactly once.
-    """
-
-    def __init__(self, sites: list[Dataset], *, by_site: bool = False) -> None:
-        super().__init__(sites)
-        self.by_site = by_site
 
 
 class _SiteBatches(Sampler[list[int]]):

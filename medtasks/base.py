@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 
 class TaskParams(BaseModel):
@@ -150,3 +150,18 @@ class Task(Protocol):
 
     def plot_examples(self, model: torch.nn.Module, dataset: Dataset, path: Path) -> None:
         """Save a PNG picture of the model's output on a few samples of ``dataset``."""
+
+
+class PooledSites(ConcatDataset):
+    """Several sites' datasets trained on as one (the centralized baseline).
+
+    Mini-batches mix sites like any shuffled dataset, unless ``by_site``: then every
+    mini-batch holds samples of one site only, for tasks whose batches must share
+    something that differs by site (a CT scanner's geometry). Each epoch then
+    shuffles every site's samples, cuts them into batches and shuffles the order of
+    all batches, so an epoch still visits each pooled sample exactly once.
+    """
+
+    def __init__(self, sites: list[Dataset], *, by_site: bool = False) -> None:
+        super().__init__(sites)
+        self.by_site = by_site

@@ -27,17 +27,19 @@ Opacus takes seconds to import.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, get_args
+
+from medtasks.scenario import MechanismName
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from pydantic import BaseModel
 
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
     from strategies.base import Cohort
 
-MECHANISMS = ("none", "dpsgd", "nbafl", "central")
+MECHANISMS: tuple[str, ...] = get_args(MechanismName)
 """Allowed values of ``privacy.mechanism``."""
 
 BUDGET_ERRORS = ("PrivacyBudgetExhausted:", "ExposureLimitReached:")

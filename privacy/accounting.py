@@ -39,7 +39,17 @@ Entry = tuple[float, float, int]
 """One accountant entry: (noise multiplier σ, sampling rate q, number of steps)."""
 
 
-class PrivacyBudgetExhausted(RuntimeError):
+BUDGET_EXHAUSTED_CODE = 901
+"""Error code of a site's train reply that refuses to train because its privacy budget is spent (any
+:class:`BudgetExhausted`); the round loop tells it from other failures by this code, not by its text."""
+
+
+class BudgetExhausted(RuntimeError):
+    """A privacy budget (a site's or the run's) does not allow another round: the typed outcome every
+    mechanism raises, whatever its analysis."""
+
+
+class PrivacyBudgetExhausted(BudgetExhausted):
     """The next round would take ε (a node's, or the run's) past ``target_epsilon``.
 
     Attributes:

@@ -72,7 +72,7 @@ from privacy.gaussian import add_gaussian_noise, clip_to_norm, l2_norm, protecte
 from strategies.base import AGGREGATION_WEIGHT_KEY, ARRAYS_KEY, METRICS_KEY, Cohort, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
 
 log = logging.getLogger("medfed")
 

@@ -89,12 +89,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from medtasks.seeding import torch_generator
+from privacy.accounting import BudgetExhausted
 from privacy.gaussian import add_gaussian_noise, protected_names
 from privacy.gaussian import clip_to_norm as clip_weights  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
 from strategies.base import ARRAYS_KEY, CONFIG_KEY, Cohort, trainable_parameters
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
 
 log = logging.getLogger("medfed")
 
@@ -354,7 +355,7 @@ class NbAFLParams(BaseModel):
         return rounds if self.exposures is None else self.exposures
 
 
-class ExposureLimitReached(RuntimeError):
+class ExposureLimitReached(BudgetExhausted):
     """A site asked to upload more often than the L exposures its noise was calibrated for."""
 
     def __init__(self, uploads: int, exposures: int, epsilon: float) -> None:

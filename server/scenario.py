@@ -1,8 +1,7 @@
-"""Scenario files: the pydantic schema, loading, overrides and error messages.
+"""Scenario files: loading, overrides, validation against the registries, and error messages.
 
-A scenario (YAML) describes one experiment: task, data, non-IID partition,
-strategy, local training, privacy, attack, engine and output (DESIGN.md §5).
-:func:`load` validates a file, applies ``--set a.b=value`` overrides, validates
+The schema itself (:class:`~medtasks.scenario.Scenario` and its sections) lives in
+:mod:`medtasks.scenario`, below every package that reads it. :func:`load` validates a file, applies ``--set a.b=value`` overrides, validates
 the sections that depend on a name (``task.params`` against the task's schema,
 ``strategy.params`` against the algorithm's, ``partition.params`` against the
 partition kind's, ``privacy.params`` against the mechanism's), refuses the
@@ -17,173 +16,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
 import privacy
-from medtasks.base import DataSpec, PartitionSpec, TaskContext
-from medtasks.partition import KINDS, PARAMS_MODELS as PARTITION_PARAMS
+from medtasks.partition import PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
+from medtasks.scenario import (
+    DataSection,
+    DefenseSection,
+    EngineSection,
+    LocalSection,
+    OutputSection,
+    PartitionSection,
+    PrivacySection,
+    Scenario,
+    StrategySection,
+    TaskSection,
+)
+
+__all__ = [
+    "DataSection", "DefenseSection", "EngineSection", "LocalSection", "OutputSection", "PartitionSection",
+    "PrivacySection", "Scenario", "ScenarioError", "StrategySection", "TaskSection", "load", "validate",
+]
 
 
 class ScenarioError(ValueError):
     """An invalid scenario; ``str(error)`` is a single line naming file and key path."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TaskSection(_Section):
-    """``task``: which medical task, which model, and the task's own parameters."""
-
-    name: str = Field(description="built-in task name or 'pkg.module:Class'")
-    model: str | None = Field(None, description="model name (None = the task's default)")
-    params: dict[str, Any] = Field(default_factory=dict, description="validated by the task's Params schema")
-
-
-class DataSection(_Section):
-    """``data``: the source of each site's samples."""
-
-    source: Literal["synthetic", "folder"] = "synthetic"
-    path: str | None = Field(None, description="data folder, required for source: folder")
-    samples_per_client: int = Field(64, ge=2, le=1_000_000)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    server_samples: int = Field(0, ge=0, le=1_000_000, description="central test set size (0 = none)")
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _folder_needs_path(self) -> "DataSection":
-        if self.source == "folder" and not self.path:
-            raise ValueError("source 'folder' needs data.path")
-        return self
-
-
-class PartitionSection(_Section):
-    """``partition``: how many sites and which non-IID kind (DESIGN.md §5b)."""
-
-    clients: int = Field(ge=1, le=1000)
-    kind: Literal[KINDS] = "iid"  # type: ignore[valid-type]
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class StrategySection(_Section):
-    """``strategy``: the federated algorithm and its round schedule."""
-
-    name: str = "fedavg"
-    rounds: int = Field(ge=1, le=100_000)
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
-    min_clients: int = Field(1, ge=1, description="fewest successful clients a round needs")
-    evaluate_every: int = Field(1, ge=1, description="federated/central evaluation every k rounds (and the last)")
-    round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class LocalSection(_Section):
-    """``local``: each client's local training between two communications."""
-
-    epochs: int = Field(1, ge=1, le=10_000)
-    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per round")
-    batch_size: int = Field(16, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-
-
-class PrivacySection(_Section):
-    """``privacy``: the differential-privacy mechanism and its settings (:mod:`privacy`)."""
-
-    mechanism: Literal[privacy.MECHANISMS] = "none"  # type: ignore[valid-type]
-    params: dict[str, Any] = Field(default_factory=dict, description="validated by the mechanism's Params schema")
-
-
-class EngineSection(_Section):
-    """``engine``: what runs the clients (DESIGN.md §1).
-
-    ``deployment`` is a run on real SuperNodes (``medfed run --engine deployment --federation NAME``); a run
-    directory's scenario.yaml records it, ``workers`` is then unused.
-    """
-
-    backend: Literal["simulation", "inprocess", "deployment"] = Field(
-        "simulation", description="simulation (Ray), inprocess, or deployment (SuperNodes, needs --federation)"
-    )
-    workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
-    cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
-
-
-class OutputSection(_Section):
-    """``output``: where the run directory goes and what it keeps."""
-
-    dir: str = "runs"
-    checkpoint_every: int = Field(1, ge=1)
-    checkpoint_node_state: bool = Field(
-        True, description="copy each node's persistent state into checkpoints so --resume restores it"
-    )
-    plots: bool = True
-    examples_every: int | None = Field(
-        None, ge=1, description="also draw the model's output on a few test images every k rounds (plots/examples/)"
-    )
-
-
-class Scenario(_Section):
-    """One experiment. The schema in code is the authority (DESIGN.md §5 sketches it)."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    description: str = ""
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    task: TaskSection
-    data: DataSection = Field(default_factory=DataSection)
-    partition: PartitionSection
-    strategy: StrategySection
-    local: LocalSection = Field(default_factory=LocalSection)
-    privacy: PrivacySection = Field(default_factory=PrivacySection)
-    attack: Any = Field(None, description="attack experiment (none are available in this version)")
-    engine: EngineSection = Field(default_factory=EngineSection)
-    output: OutputSection = Field(default_factory=OutputSection)
-
-    @field_validator("attack")
-    @classmethod
-    def _no_attacks_yet(cls, value: Any) -> None:
-        if value is not None:
-            raise ValueError("attacks are not available in this version (allowed: null)")
-        return None
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "Scenario":
-        if self.strategy.min_clients > self.partition.clients:
-            raise ValueError(
-                f"strategy.min_clients ({self.strategy.min_clients}) exceeds partition.clients ({self.partition.clients})"
-            )
-        return self
-
-    # --- derived views -----------------------------------------------------------------
-    def task_context(self) -> TaskContext:
-        """The :class:`TaskContext` a task is built from."""
-        task_class = get_task_class(self.task.name)
-        return TaskContext(
-            params=task_class.Params.model_validate(self.task.params),
-            model=self.task.model,
-            data=DataSpec(**self.data.model_dump()),
-            partition=PartitionSpec(**self.partition.model_dump()),
-            seed=self.seed,
-        )
-
-    def to_json(self) -> str:
-        """Compact JSON (what travels to clients in messages)."""
-        return self.model_dump_json()
-
-    @classmethod
-    def from_json(cls, text: str) -> "Scenario":
-        """Inverse of :meth:`to_json` (the text was validated when it was produced)."""
-        return cls.model_validate_json(text)
-
-    def to_yaml(self) -> str:
-        """Resolved scenario as YAML (every default filled in)."""
-        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
 
 
 # --- loading ------------------------------------------------------------------------------

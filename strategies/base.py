@@ -12,7 +12,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Iterable,
+    Literal,
+    Mapping,
+    Protocol,
+    runtime_checkable,
+)
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -25,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.utils.data import Dataset
 
     from medtasks.base import Task
-    from server.scenario import LocalSection, Scenario
+    from medtasks.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
 
@@ -36,6 +45,43 @@ NUM_EXAMPLES_KEY = "num-examples"
 AGGREGATION_WEIGHT_KEY = "aggregation-weight"  # optional train metric: a site's weight in the average, if not n_k
 SCENARIO_KEY = "scenario"
 ROUND_KEY = "server-round"
+
+
+UploadKind = Literal["weights", "update", "gradient", "variate-update", "statistics"]
+"""What a record of a train reply holds: the site's trained weights w_k, its update Δw_k = w_k − w_t, a
+gradient g_k, a control-variate update Δc_k (SCAFFOLD), or buffers computed from data (BatchNorm running
+statistics sent beside something else)."""
+
+Combine = Literal["average", "per-site", "none", "pooled"]
+"""How the server half uses the sites' uploads: a (weighted) average into one model, each site's upload on its
+own (pFedHN's hypernetwork steps), not at all (each site alone), or one node trains on the pooled data."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One record of a train reply, as the algorithm that sends it declares it.
+
+    The server checks every train reply against these declarations before the strategy sees it (names,
+    shapes and dtypes against the tensors of the same names in the train message's ``reference`` record),
+    and the privacy mechanisms decide from them what they can protect (:mod:`privacy.compatibility`).
+
+    Attributes
+    ----------
+    kind : UploadKind
+        What the record holds.
+    names : frozenset of str
+        The tensor names the record holds, for the task's model.
+    reference : str
+        The record of the train message whose tensors of the same names give shape and dtype.
+    from_data : bool
+        Computed from the raw local data directly rather than from the trained weights (SCAFFOLD's option I
+        Δc_k = ∇F_k(w_t) − c_k): sample-level DP of the training steps does not cover it.
+    """
+
+    kind: UploadKind
+    names: frozenset[str]
+    reference: str = ARRAYS_KEY
+    from_data: bool = False
 
 
 class StrategyParams(BaseModel):
@@ -94,6 +140,14 @@ class ClientRule:
     def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, Any]:
         """Records to send back after training, keyed by record name (default: all tensors)."""
         return {ARRAYS_KEY: ArrayRecord(model.state_dict())}
+
+    def uploads(self, model: torch.nn.Module) -> dict[str, Upload]:
+        """What :meth:`reply` sends for ``model``'s layout, record by record (default: every tensor's weights).
+
+        A rule that overrides :meth:`reply` overrides this too; the server drops a train reply that does not
+        match it, and the privacy mechanisms read it to decide what they can protect.
+        """
+        return {ARRAYS_KEY: Upload("weights", frozenset(model.state_dict()))}
 
 
 def load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -296,6 +350,8 @@ class Algorithm:
         client_rule: client half, a :class:`ClientRule` built from the validated params.
         check_compatible: raises ``ValueError`` (one line, naming the key) for scenario
             combinations the algorithm does not support.
+        combine: how the server half uses the uploads the client half declares
+            (:meth:`ClientRule.uploads`): see :data:`Combine`.
     """
 
     name: str
@@ -303,3 +359,4 @@ class Algorithm:
     build_strategy: Callable[[StrategyContext], "Strategy"]
     client_rule: Callable[[StrategyParams], ClientRule]
     check_compatible: Callable[["Scenario"], None] = field(default=lambda scenario: None)
+    combine: Combine = "average"

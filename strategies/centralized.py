@@ -13,7 +13,7 @@ same round loop as a federated run so its results are directly comparable:
   A task whose batches must share something that differs by site (the CT
   scanner's geometry) sets ``batches_within_site = True``: its mini-batches then
   each come from one site, in an order shuffled across sites, so an epoch still
-  visits every pooled sample once (:class:`client.trainer.PooledSites`).
+  visits every pooled sample once (:class:`medtasks.base.PooledSites`).
   ``local.max_steps``, when set, is multiplied by
   the number of sites, so a round does as many gradient steps as one federated
   round in which every site trains.
@@ -32,9 +32,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
 from torch.utils.data import Dataset
 
-from client.trainer import PooledSites
-from medtasks.base import Task
-from server.scenario import LocalSection, Scenario
+from medtasks.base import PooledSites, Task
+from medtasks.scenario import LocalSection, Scenario
 from strategies.base import Algorithm, ClientRule, StrategyContext, StrategyParams
 from strategies.fedavg import FedAvg, sampling_options
 
@@ -88,4 +87,4 @@ def check_compatible(scenario: Scenario) -> None:
 
 
 ALGORITHM = Algorithm(name="centralized", Params=CentralizedParams, build_strategy=build_strategy,
-                      client_rule=CentralizedClient, check_compatible=check_compatible)
+                      client_rule=CentralizedClient, check_compatible=check_compatible, combine="pooled")

@@ -30,7 +30,14 @@ import logging
 from typing import Iterable, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from pydantic import Field
@@ -38,7 +45,6 @@ from pydantic import Field
 from strategies.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    METRICS_KEY,
     Algorithm,
     ClientRule,
     Cohort,

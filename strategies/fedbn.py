@@ -23,11 +23,21 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from strategies.base import Algorithm, StrategyContext, StrategyParams, batchnorm_tensor_names
-from strategies.fedper import FedPer, FedPerClient, build_partial_strategy, template_model
+from strategies.base import (
+    Algorithm,
+    StrategyContext,
+    StrategyParams,
+    batchnorm_tensor_names,
+)
+from strategies.fedper import (
+    FedPer,
+    FedPerClient,
+    build_partial_strategy,
+    template_model,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
 
 LOCAL_BN_STATE_KEY = "fedbn-local-bn"
 

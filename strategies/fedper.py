@@ -43,12 +43,13 @@ from strategies.base import (
     Cohort,
     StrategyContext,
     StrategyParams,
+    Upload,
     load_into,
 )
 from strategies.fedavg import FedAvg, sampling_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
 
 log = logging.getLogger("medfed")
 
@@ -198,6 +199,11 @@ class FedPerClient(ClientRule):
         tensors, local = model.state_dict(), self.local_names(model)
         state[self.state_key] = ArrayRecord({name: t for name, t in tensors.items() if name in local})
         return {ARRAYS_KEY: ArrayRecord({name: t for name, t in tensors.items() if name not in local})}
+
+    def uploads(self, model: torch.nn.Module) -> dict[str, Upload]:
+        """The shared weights W_B,k."""
+        local = self.local_names(model)
+        return {ARRAYS_KEY: Upload("weights", frozenset(name for name in model.state_dict() if name not in local))}
 
 
 def build_strategy(context: StrategyContext) -> FedPer:

@@ -57,12 +57,12 @@ from pydantic import Field
 
 from strategies.base import (
     ARRAYS_KEY,
-    METRICS_KEY,
     Algorithm,
     ClientRule,
     Cohort,
     StrategyContext,
     StrategyParams,
+    Upload,
     aggregate_metrics,
     aggregation_weight,
     trainable_parameters,
@@ -75,7 +75,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.utils.data import Dataset
 
     from medtasks.base import Task
-    from server.scenario import LocalSection, Scenario
+    from medtasks.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
 
@@ -189,6 +189,14 @@ class FedSGDClient(ClientRule):
             raise ValueError("fedsgd: no gradient was computed (this site has no training examples)")
         others = {name: tensor for name, tensor in model.state_dict().items() if name not in self._gradient}
         return {GRADIENT_KEY: ArrayRecord(self._gradient), ARRAYS_KEY: ArrayRecord(others)}
+
+    def uploads(self, model: torch.nn.Module) -> dict[str, Upload]:
+        """g_k over the trainable parameters, and every other tensor (running statistics of the batch)."""
+        trainable = frozenset(trainable_parameters(model))
+        return {
+            GRADIENT_KEY: Upload("gradient", trainable),
+            ARRAYS_KEY: Upload("statistics", frozenset(name for name in model.state_dict() if name not in trainable)),
+        }
 
 
 def check_compatible(scenario: "Scenario") -> None:

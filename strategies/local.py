@@ -25,7 +25,14 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -138,4 +145,5 @@ def build_strategy(context: StrategyContext) -> LocalOnly:
     )
 
 
-ALGORITHM = Algorithm(name="local", Params=LocalOnlyParams, build_strategy=build_strategy, client_rule=ClientRule)
+ALGORITHM = Algorithm(name="local", Params=LocalOnlyParams, build_strategy=build_strategy, client_rule=ClientRule,
+                      combine="none")

@@ -53,7 +53,14 @@ import logging
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from pydantic import Field
 from torch import Tensor, nn
@@ -67,6 +74,7 @@ from strategies.base import (
     Cohort,
     StrategyContext,
     StrategyParams,
+    Upload,
     aggregate_metrics,
     usable_replies,
     weighted_average,
@@ -356,6 +364,14 @@ class PFedHNClient(ClientRule):
             records[BUFFERS_KEY] = ArrayRecord(buffers)
         return records
 
+    def uploads(self, model: nn.Module) -> dict[str, Upload]:
+        """Δw_k over every parameter, and the buffers if the model has any."""
+        records = {DELTA_KEY: Upload("update", frozenset(name for name, _ in model.named_parameters()))}
+        buffers = frozenset(buffer_names(model))
+        if buffers:
+            records[BUFFERS_KEY] = Upload("statistics", buffers)
+        return records
+
 
 def build_strategy(context: StrategyContext) -> PFedHN:
     """Server half from a scenario."""
@@ -363,4 +379,5 @@ def build_strategy(context: StrategyContext) -> PFedHN:
                   seed=context.scenario.seed, **sampling_options(context))
 
 
-ALGORITHM = Algorithm(name="pfedhn", Params=PFedHNParams, build_strategy=build_strategy, client_rule=PFedHNClient)
+ALGORITHM = Algorithm(name="pfedhn", Params=PFedHNParams, build_strategy=build_strategy, client_rule=PFedHNClient,
+                      combine="per-site")

@@ -47,7 +47,7 @@ from strategies.base import (
 from strategies.fedavg import FedAvg, FedAvgClient, FedAvgParams, sampling_options
 
 if TYPE_CHECKING:  # pragma: no cover
-    from server.scenario import Scenario
+    from medtasks.scenario import Scenario
 
 log = logging.getLogger("medfed")
 

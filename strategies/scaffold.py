@@ -71,6 +71,7 @@ from strategies.base import (
     Cohort,
     StrategyContext,
     StrategyParams,
+    Upload,
     aggregate_metrics,
     trainable_parameters,
     usable_replies,
@@ -82,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch.utils.data import Dataset
 
     from medtasks.base import Task
-    from server.scenario import LocalSection, Scenario
+    from medtasks.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
 
@@ -289,6 +290,15 @@ class ScaffoldClient(ClientRule):
         delta = {name: updated[name] - self._local[name] for name in updated}
         state[LOCAL_VARIATE_KEY] = ArrayRecord(updated)
         return {ARRAYS_KEY: ArrayRecord(model_state), VARIATE_DELTA_KEY: ArrayRecord(delta)}
+
+    def uploads(self, model: torch.nn.Module) -> dict[str, Upload]:
+        """w_k, and Δc_k over the trainable parameters, shaped like the c the server sent (option I computes it
+        from the raw local data)."""
+        return {
+            ARRAYS_KEY: Upload("weights", frozenset(model.state_dict())),
+            VARIATE_DELTA_KEY: Upload("variate-update", frozenset(trainable_parameters(model)),
+                                      reference=SERVER_VARIATE_KEY, from_data=self.params.variate == "I"),
+        }
 
 
 def check_compatible(scenario: "Scenario") -> None:

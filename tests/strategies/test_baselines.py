@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from client.cache import task_for
-from client.trainer import PooledSites, make_loader
+from client.trainer import make_loader
+from medtasks.base import PooledSites
 from server.scenario import ScenarioError, validate
 from tests.helpers import final_weight, interrupted_and_resumed, quadratic_scenario, run, without_timing
 

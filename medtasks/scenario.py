@@ -1,0 +1,225 @@
+"""The scenario schema: the plain description of one experiment that every layer reads.
+
+A scenario (YAML in ``scenarios/``) names the task, the data, the non-IID partition,
+the strategy and its round schedule, local training, privacy, defenses, attack,
+engine and output. This module holds only the pydantic sections and their own
+checks. The sections whose content depends on a name (``task.params``,
+``strategy.params``, ``partition.params``, ``privacy.params``, ``defense.params``)
+are plain mappings here; the registries of tasks, strategies, partitions,
+mechanisms and aggregation rules validate them when a scenario is loaded
+(:mod:`server.scenario`), so this module imports no layer above the tasks and
+every package can depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medtasks.base import DataSpec, PartitionSpec, TaskContext
+from medtasks.partition import KINDS
+from medtasks.registry import get_task_class
+
+MechanismName = Literal["none", "dpsgd", "nbafl", "central"]
+"""Allowed values of ``privacy.mechanism`` (each one's module is registered in :mod:`privacy`)."""
+
+AggregationName = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
+"""Allowed values of ``defense.aggregation`` (the rules of :mod:`strategies.aggregation`)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskSection(_Section):
+    """``task``: which medical task, which model, and the task's own parameters."""
+
+    name: str = Field(description="built-in task name or 'pkg.module:Class'")
+    model: str | None = Field(None, description="model name (None = the task's default)")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the task's Params schema")
+
+
+class DataSection(_Section):
+    """``data``: the source of each site's samples."""
+
+    source: Literal["synthetic", "folder"] = "synthetic"
+    path: str | None = Field(None, description="data folder, required for source: folder")
+    samples_per_client: int = Field(64, ge=2, le=1_000_000)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    server_samples: int = Field(0, ge=0, le=1_000_000, description="central test set size (0 = none)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> "DataSection":
+        if self.source == "folder" and not self.path:
+            raise ValueError("source 'folder' needs data.path")
+        return self
+
+
+class PartitionSection(_Section):
+    """``partition``: how many sites and which non-IID kind (:mod:`medtasks.partition`)."""
+
+    clients: int = Field(ge=1, le=1000)
+    kind: Literal[KINDS] = "iid"  # type: ignore[valid-type]
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StrategySection(_Section):
+    """``strategy``: the federated algorithm and its round schedule."""
+
+    name: str = "fedavg"
+    rounds: int = Field(ge=1, le=100_000)
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    min_clients: int = Field(1, ge=1, description="fewest successful clients a round needs")
+    evaluate_every: int = Field(1, ge=1, description="federated/central evaluation every k rounds (and the last)")
+    round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
+    example_counts: Literal["bounded", "reported"] = Field(
+        "bounded",
+        description="bounded: a reply's num-examples may not exceed the site's size learned at discovery; "
+                    "reported: trust each reply's count",
+    )
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class LocalSection(_Section):
+    """``local``: each client's local training between two communications."""
+
+    epochs: int = Field(1, ge=1, le=10_000)
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per round")
+    batch_size: int = Field(16, ge=1, le=65_536)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class PrivacySection(_Section):
+    """``privacy``: the differential-privacy mechanism and its settings (:mod:`privacy`)."""
+
+    mechanism: MechanismName = "none"
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the mechanism's Params schema")
+
+
+class DefenseSection(_Section):
+    """``defense``: how the server combines the sites' uploads, for every strategy that averages them.
+
+    ``aggregation`` replaces the (weighted) mean of the sites' weights or updates by a Byzantine-robust
+    rule; ``norm_bound`` clips each site's update Δ_k = w_k − w_t to that L2 norm before aggregation.
+    Both act on what the strategy averages (FedAvg's and FedProx's weights, SCAFFOLD's Δw, FedBN's and
+    FedPer's shared tensors). The rules and their ``params`` are in :mod:`strategies.aggregation`.
+    """
+
+    aggregation: AggregationName = "mean"
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the rule's Params schema")
+    norm_bound: float | None = Field(None, gt=0.0, allow_inf_nan=False,
+                                     description="clip each site's update to this L2 norm (null = no bound)")
+
+
+class EngineSection(_Section):
+    """``engine``: what runs the clients (:mod:`server.engines`).
+
+    ``deployment`` is a run on real SuperNodes (``medfed run --engine deployment --federation NAME``); a run
+    directory's scenario.yaml records it, ``workers`` is then unused.
+    """
+
+    backend: Literal["simulation", "inprocess", "deployment"] = Field(
+        "simulation", description="simulation (Ray), inprocess, or deployment (SuperNodes, needs --federation)"
+    )
+    workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
+    cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
+
+
+class OutputSection(_Section):
+    """``output``: where the run directory goes and what it keeps."""
+
+    dir: str = "runs"
+    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_node_state: bool = Field(
+        True, description="copy each node's persistent state into checkpoints so --resume restores it"
+    )
+    plots: bool = True
+    examples_every: int | None = Field(
+        None, ge=1, description="also draw the model's output on a few test images every k rounds (plots/examples/)"
+    )
+
+
+class Scenario(_Section):
+    """One experiment: every key of a scenario file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    task: TaskSection
+    data: DataSection = Field(default_factory=DataSection)
+    partition: PartitionSection
+    strategy: StrategySection
+    local: LocalSection = Field(default_factory=LocalSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+    defense: DefenseSection = Field(default_factory=DefenseSection)
+    attack: Any = Field(None, description="attack experiment (none are available in this version)")
+    engine: EngineSection = Field(default_factory=EngineSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @field_validator("attack")
+    @classmethod
+    def _no_attacks_yet(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("attacks are not available in this version (allowed: null)")
+        return None
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Scenario":
+        if self.strategy.min_clients > self.partition.clients:
+            raise ValueError(
+                f"strategy.min_clients ({self.strategy.min_clients}) exceeds partition.clients ({self.partition.clients})"
+            )
+        return self
+
+    # --- derived views -----------------------------------------------------------------
+    def task_context(self) -> TaskContext:
+        """The :class:`TaskContext` a task is built from."""
+        task_class = get_task_class(self.task.name)
+        return TaskContext(
+            params=task_class.Params.model_validate(self.task.params),
+            model=self.task.model,
+            data=DataSpec(**self.data.model_dump()),
+            partition=PartitionSpec(**self.partition.model_dump()),
+            seed=self.seed,
+        )
+
+    def to_json(self) -> str:
+        """Compact JSON (what travels to clients in messages).
+
+        Settings added after the first release (:data:`LATER_DEFAULTS`) travel only when they differ from
+        their default, so a scenario that does not use them sends the same bytes as before they existed
+        (``bytes_down`` in ``metrics.jsonl`` counts the scenario in every message). :meth:`from_json` fills
+        the defaults back in.
+        """
+        exclude: dict[str, Any] = {}
+        for section, key in LATER_DEFAULTS:
+            if key is None and getattr(self, section) == type(getattr(self, section))():
+                exclude[section] = True
+            elif key is not None:
+                field = type(getattr(self, section)).model_fields[key]
+                if getattr(getattr(self, section), key) == field.default:
+                    exclude.setdefault(section, set()).add(key)
+        return self.model_dump_json(exclude=exclude or None)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Scenario":
+        """Inverse of :meth:`to_json` (the text was validated when it was produced)."""
+        return cls.model_validate_json(text)
+
+    def to_yaml(self) -> str:
+        """Resolved scenario as YAML (every default filled in)."""
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (("defense", None), ("strategy", "example_counts"))
+"""(section, key) of the settings :meth:`Scenario.to_json` leaves out at their default (``None``: the whole
+section)."""
+
