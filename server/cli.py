@@ -220,7 +220,6 @@ def _run_deployed(args: argparse.Namespace) -> int:
     """``medfed run X.yaml --engine deployment --federation NAME``: validate here, run on the federation."""
     from server import deploy
     from server import scenario as scenario_module
-
     from server.results import RunDirectory, RunDirectoryError
 
     resume = None
@@ -336,7 +335,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from server.compare import CompareError, comparison_rows, load_runs, markdown_table, plot_comparison
+    from server.compare import (
+        CompareError,
+        comparison_rows,
+        load_runs,
+        markdown_table,
+        plot_comparison,
+    )
 
     try:
         runs = load_runs(args.runs)

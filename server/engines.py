@@ -64,7 +64,9 @@ class InProcessGrid(Grid):
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        from flwr.supercore.task_identity import TaskIdentity  # private: Message() needs it outside a runtime
+        from flwr.supercore.task_identity import (
+            TaskIdentity,  # private: Message() needs it outside a runtime
+        )
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self._client_app = client_app

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, IO, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import torch
 

@@ -94,7 +94,7 @@ def test_a_node_lost_mid_round_is_recorded_the_run_goes_on_and_it_rejoins_with_i
     assert [clients["1"].get("participations") for clients in rounds] == [1, None, 2]
     assert [clients["0"]["participations"] for clients in rounds] == [1, 2, 3]
     assert "round 2 train: site 1 lost" in caplog.text
-    assert "round 3: site 1 (lost in round 2) is back; its state restored from the last checkpoint" in caplog.text
+    assert "round 3: site 1 (lost in round 2) is back; its state restored from the server's copy" in caplog.text
     assert RunDirectory.open(run_dir.path).load_checkpoint().round == 3
 
 
