@@ -5,8 +5,11 @@ Units: images hold μ in 1/cm (water = :data:`MU_WATER` = 0.2 /cm). Sinograms ar
 step of one pixel. The physical line integral is ``Δ · A μ`` with pixel size ``Δ = 25.6 cm / N``
 (see :mod:`medtasks.ct.physics`).
 
-On top of it: image-quality metrics (:mod:`.metrics`), reconstruction networks (:mod:`.models`) and
-the federated task (:mod:`.task`, registered as ``"ct"``).
+On top of it: image-quality metrics (:mod:`.metrics`), reconstruction networks (:mod:`.models`),
+real CT slices that installed packages ship (:mod:`.realdata`) and the federated task
+(:mod:`.task`, registered as ``"ct"``) with its parameters (:mod:`.params`), per-site scanners
+(:mod:`.scanner`), anatomy labels (:mod:`.anatomy`), data sources (:mod:`.synthetic`,
+:mod:`.folder`) and pictures (:mod:`.plots`).
 """
 
 from medtasks.ct.metrics import psnr, rmse_hu, ssim
@@ -19,6 +22,7 @@ from medtasks.ct.operator import (
     get_operator,
     ramp_filter,
 )
+from medtasks.ct.params import CTParams
 from medtasks.ct.phantoms import (
     random_ellipses,
     rasterize_ellipses,
@@ -36,18 +40,19 @@ from medtasks.ct.physics import (
     to_hu,
     transmission,
 )
-from medtasks.ct.task import CTParams, CTReconstructionTask
+from medtasks.ct.task import CTReconstructionTask
 
 __all__ = [
+    "FIELD_OF_VIEW_CM",
+    "MU_WATER",
     "CTParams",
     "CTReconstructionTask",
     "FBPConvNet",
-    "FIELD_OF_VIEW_CM",
-    "MU_WATER",
-    "ProximalCNN",
     "FilterName",
     "Geometry",
+    "ProximalCNN",
     "RadonOperator",
+    "UnrolledProximalGradient",
     "detector_blur",
     "fourier_filter",
     "from_hu",
@@ -65,5 +70,4 @@ __all__ = [
     "to_hu",
     "torso_phantom",
     "transmission",
-    "UnrolledProximalGradient",
 ]

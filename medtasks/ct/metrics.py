@@ -43,12 +43,18 @@ def _mse(x: Tensor, ref: Tensor) -> Tensor:
 def psnr(x: Tensor, ref: Tensor, data_range: float) -> Tensor:
     """Peak signal-to-noise ratio ``10 · log10(R² / MSE)`` in dB, per image.
 
-    Args:
-        x: reconstructions ``[B, 1, H, W]`` or ``[B, H, W]``.
-        ref: references of the same shape.
-        data_range: ``R``, the span of the intensity scale (1 for images normalised to ``[0, 1]``).
+    Parameters
+    ----------
+    x : Tensor
+        Reconstructions ``[B, 1, H, W]`` or ``[B, H, W]``.
+    ref : Tensor
+        References of the same shape.
+    data_range : float
+        ``R``, the span of the intensity scale (1 for images normalised to ``[0, 1]``).
 
-    Returns:
+    Returns
+    -------
+    Tensor
         ``[B]`` PSNR in dB; ``+inf`` where ``x == ref``.
     """
     return 10.0 * torch.log10(data_range**2 / _mse(x, ref))
@@ -59,13 +65,19 @@ def rmse_hu(x: Tensor, ref: Tensor, mu_water: float = MU_WATER) -> Tensor:
 
     ``h(μ) = 1000 (μ − μ_water) / μ_water`` (:func:`~medtasks.ct.physics.to_hu`).
 
-    Args:
-        x: reconstructions ``[B, 1, H, W]`` or ``[B, H, W]`` in the units of ``mu_water``.
-        ref: references of the same shape.
-        mu_water: water's value in those units (0.2 for 1/cm; 0.5 for the CT task's images,
-            which are ``μ / (2 μ_water)``).
+    Parameters
+    ----------
+    x : Tensor
+        Reconstructions ``[B, 1, H, W]`` or ``[B, H, W]`` in the units of ``mu_water``.
+    ref : Tensor
+        References of the same shape.
+    mu_water : float, optional
+        Water's value in those units (0.2 for 1/cm; 0.5 for the CT task's images,
+        which are ``μ / (2 μ_water)``).
 
-    Returns:
+    Returns
+    -------
+    Tensor
         ``[B]`` RMSE in HU.
     """
     return _mse(to_hu(x, mu_water), to_hu(ref, mu_water)).sqrt()
@@ -94,12 +106,18 @@ def ssim(x: Tensor, ref: Tensor, data_range: float) -> Tensor:
     ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, data_range=R)``.
 
-    Args:
-        x: reconstructions ``[B, 1, H, W]`` or ``[B, H, W]``, ``H, W >= 11``.
-        ref: references of the same shape.
-        data_range: ``R``, the span of the intensity scale.
+    Parameters
+    ----------
+    x : Tensor
+        Reconstructions ``[B, 1, H, W]`` or ``[B, H, W]``, ``H, W >= 11``.
+    ref : Tensor
+        References of the same shape.
+    data_range : float
+        ``R``, the span of the intensity scale.
 
-    Returns:
+    Returns
+    -------
+    Tensor
         ``[B]`` mean SSIM in ``[−1, 1]``.
     """
     x, ref = _images(x, ref)

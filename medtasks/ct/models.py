@@ -26,7 +26,7 @@ Models:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +51,17 @@ class FBPConvNet(nn.Module):
     output features and ``W_{1×1}`` a zero-initialised 1 × 1 convolution, so a fresh network is
     exactly the FBP and training only learns the correction (the artefacts and noise).
 
-    Args:
-        channels: U-Net widths, one per level; the image side must be a multiple of
-            ``2 ** (len(channels) - 1)``.
-        norm: ``"batch"``, ``"instance"`` or ``"group"``.
-        num_groups: groups of ``GroupNorm`` (``norm == "group"``); divides every width.
-        seed: scenario seed; the same seed gives the same weights, the global RNG is untouched.
+    Parameters
+    ----------
+    channels : Sequence[int], optional
+        U-Net widths, one per level; the image side must be a multiple of
+        ``2 ** (len(channels) - 1)``.
+    norm : NormName, optional
+        ``"batch"``, ``"instance"`` or ``"group"``.
+    num_groups : int, optional
+        Groups of ``GroupNorm`` (``norm == "group"``); divides every width.
+    seed : int, optional
+        Scenario seed; the same seed gives the same weights, the global RNG is untouched.
     """
 
     def __init__(
@@ -84,8 +89,10 @@ class ProximalCNN(nn.Module):
     (per-sample gradients stay exact for DP-SGD). The last convolution starts at zero, so a fresh
     proximal step is the identity.
 
-    Args:
-        width: hidden channels ``c``.
+    Parameters
+    ----------
+    width : int, optional
+        Hidden channels ``c``.
     """
 
     def __init__(self, width: int = 32) -> None:
@@ -121,11 +128,16 @@ class UnrolledProximalGradient(nn.Module):
     (more views ⇒ larger ``‖A‖``). ``‖A‖`` is estimated by
     :meth:`~medtasks.ct.operator.RadonOperator.operator_norm` (cached per operator).
 
-    Args:
-        iterations: ``K``.
-        width: hidden channels of every proximal CNN.
-        shared_weights: one proximal CNN for all iterations (the step sizes stay per iteration).
-        seed: scenario seed; the same seed gives the same weights, the global RNG is untouched.
+    Parameters
+    ----------
+    iterations : int, optional
+        ``K``.
+    width : int, optional
+        Hidden channels of every proximal CNN.
+    shared_weights : bool, optional
+        One proximal CNN for all iterations (the step sizes stay per iteration).
+    seed : int, optional
+        Scenario seed; the same seed gives the same weights, the global RNG is untouched.
     """
 
     def __init__(self, iterations: int = 5, width: int = 32, shared_weights: bool = False, seed: int = 0) -> None:
@@ -146,12 +158,18 @@ class UnrolledProximalGradient(nn.Module):
     def forward(self, fbp: Tensor, sinogram: Tensor, operator: RadonOperator) -> Tensor:
         """Runs the ``K`` iterations from ``x_0 = fbp``.
 
-        Args:
-            fbp: ``[B, 1, N, N]``.
-            sinogram: ``y``, ``[B, 1, A, N]``.
-            operator: ``A`` of the batch's geometry.
+        Parameters
+        ----------
+        fbp : Tensor
+            ``[B, 1, N, N]``.
+        sinogram : Tensor
+            ``y``, ``[B, 1, A, N]``.
+        operator : RadonOperator
+            ``A`` of the batch's geometry.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             ``x_K``, ``[B, 1, N, N]``.
         """
         eta = self.step_sizes(operator).to(fbp.dtype)

@@ -7,8 +7,9 @@ Conventions (identical to ``skimage.transform.radon(circle=True)``):
   ``s = k - c`` (skimage returns the transpose, ``[N, A]``);
 * only the disk inscribed in the image (radius ``N // 2``) is seen from every angle.
 
-Following the lecture, the line ``Γ(l, θ) = {(x, y): x cosθ + y sinθ = l}`` is parametrised as
-``(x, y) = l (cosθ, sinθ) + t (−sinθ, cosθ)`` and the Radon transform is
+As for the parallel projections of Kak & Slaney, *Principles of Computerized Tomographic
+Imaging* (IEEE Press 1988; SIAM 2001), ch. 3, the line ``Γ(l, θ) = {(x, y): x cosθ + y sinθ = l}``
+is parametrised as ``(x, y) = l (cosθ, sinθ) + t (−sinθ, cosθ)`` and the Radon transform is
 
     g(l, θ) = ∫ f(l cosθ − t sinθ, l sinθ + t cosθ) dt.
 
@@ -20,8 +21,8 @@ stored in float32 CSR form together with ``Aᵀ``, so ``Aᵀ`` is the exact tran
 custom autograd function makes the backward of ``A`` equal to ``Aᵀ`` and the backward of ``Aᵀ``
 equal to ``A``.
 
-Filtered backprojection does not use ``Aᵀ``. It uses the pixel-driven backprojector of the
-lecture, ``f_b(x, y) = ∫_0^π g(x cosθ + y sinθ, θ) dθ``, which interpolates each projection
+Filtered backprojection does not use ``Aᵀ``. It uses the pixel-driven backprojection of Kak &
+Slaney (§3.3), ``f_b(x, y) = ∫_0^π g(x cosθ + y sinθ, θ) dθ``, which interpolates each projection
 linearly at the pixel centres like ``skimage.transform.iradon``. The exact adjoint of a ray-driven
 bilinear projector aliases high frequencies, so it is a poor choice for FBP.
 """
@@ -31,8 +32,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import scipy.sparse
@@ -49,9 +51,12 @@ __all__ = ["FilterName", "Geometry", "RadonOperator", "fourier_filter", "get_ope
 class Geometry:
     """Parallel-beam circle geometry. It is hashable, so one operator can be cached per geometry.
 
-    Attributes:
-        image_size: ``N``. The image is ``N × N`` and the detector has ``N`` bins.
-        angles_deg: projection angles ``θ`` in degrees (``A`` of them).
+    Attributes
+    ----------
+    image_size : int
+        ``N``. The image is ``N × N`` and the detector has ``N`` bins.
+    angles_deg : tuple[float, ...]
+        Projection angles ``θ`` in degrees (``A`` of them).
     """
 
     image_size: int
@@ -200,11 +205,16 @@ class _SparseLinearMap:
     ``Mᵀ`` is stored as its own CSR matrix, which is much faster on CPU than multiplying by a
     transposed view. Copies in float64 or on another device are made on first use and cached.
 
-    Args:
-        matrix: ``M`` of shape ``[prod(out_shape), prod(in_shape)]``.
-        in_shape: trailing shape of the inputs, e.g. ``(N, N)`` for images.
-        out_shape: trailing shape of the outputs, e.g. ``(A, N)`` for sinograms.
-        transposed: ``Mᵀ`` if it is already known. Otherwise it is computed when first needed.
+    Parameters
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        ``M`` of shape ``[prod(out_shape), prod(in_shape)]``.
+    in_shape : tuple[int, ...]
+        Trailing shape of the inputs, e.g. ``(N, N)`` for images.
+    out_shape : tuple[int, ...]
+        Trailing shape of the outputs, e.g. ``(A, N)`` for sinograms.
+    transposed : scipy.sparse.csr_matrix | None, optional
+        ``Mᵀ`` if it is already known. Otherwise it is computed when first needed.
     """
 
     def __init__(
@@ -323,11 +333,16 @@ def ramp_filter(y: Tensor, window: FilterName = "ram-lak") -> Tensor:
     The projections are zero-padded to :func:`_padded_length`, so the convolution is linear rather
     than circular.
 
-    Args:
-        y: sinogram ``[..., A, N]``.
-        window: the apodisation window of the ramp (see :func:`fourier_filter`).
+    Parameters
+    ----------
+    y : Tensor
+        Sinogram ``[..., A, N]``.
+    window : FilterName, optional
+        The apodisation window of the ramp (see :func:`fourier_filter`).
 
-    Returns:
+    Returns
+    -------
+    Tensor
         The filtered sinogram ``[..., A, N]``, same dtype. Differentiable.
     """
     n = y.shape[-1]
@@ -352,8 +367,10 @@ class RadonOperator:
     about 0.1 s at ``N = 64``, 60 angles. The backprojector is built separately on the first
     FBP. All methods accept float32 or float64 tensors with any leading dims.
 
-    Args:
-        geometry: image size and projection angles.
+    Parameters
+    ----------
+    geometry : Geometry
+        Image size and projection angles.
     """
 
     def __init__(self, geometry: Geometry) -> None:
@@ -394,10 +411,14 @@ class RadonOperator:
     def forward(self, x: Tensor) -> Tensor:
         """Forward projection ``p = A x``, i.e. ``p(θ, s) = ∫ μ(s cosθ − t sinθ, s sinθ + t cosθ) dt``.
 
-        Args:
-            x: image ``[..., N, N]`` (pixel size 1, so ``p`` is in image units × pixels).
+        Parameters
+        ----------
+        x : Tensor
+            Image ``[..., N, N]`` (pixel size 1, so ``p`` is in image units × pixels).
 
-        Returns:
+        Returns
+        -------
+        Tensor
             Sinogram ``[..., A, N]``. Its gradient is ``Aᵀ`` applied to the upstream gradient.
         """
         return self._projector(x, transpose=False)
@@ -407,10 +428,14 @@ class RadonOperator:
     def adjoint(self, y: Tensor) -> Tensor:
         """The exact adjoint ``x = Aᵀ y``: the same sparse matrix, transposed, so ``⟨Ax, y⟩ = ⟨x, Aᵀy⟩``.
 
-        Args:
-            y: sinogram ``[..., A, N]``.
+        Parameters
+        ----------
+        y : Tensor
+            Sinogram ``[..., A, N]``.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             Image ``[..., N, N]``. Its gradient is ``A`` applied to the upstream gradient.
         """
         return self._projector(y, transpose=True)
@@ -418,10 +443,14 @@ class RadonOperator:
     def normal(self, x: Tensor) -> Tensor:
         """The normal operator ``AᵀA x`` (image ``[..., N, N]`` to image), e.g. for gradient steps on ``½‖Ax − y‖²``.
 
-        Args:
-            x: image ``[..., N, N]``.
+        Parameters
+        ----------
+        x : Tensor
+            Image ``[..., N, N]``.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             Image ``[..., N, N]``. Differentiable.
         """
         return self.adjoint(self.forward(x))
@@ -433,10 +462,14 @@ class RadonOperator:
         :meth:`adjoint`, not its transpose. It interpolates each projection linearly at every pixel
         centre, as ``skimage.transform.iradon`` does, and reads zero beyond the detector.
 
-        Args:
-            y: sinogram ``[..., A, N]``.
+        Parameters
+        ----------
+        y : Tensor
+            Sinogram ``[..., A, N]``.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             Image ``[..., N, N]``. Differentiable (its backward is the exact transpose of the backprojector).
         """
         return self._backprojector(self._widen(y), transpose=False)
@@ -444,18 +477,25 @@ class RadonOperator:
     def fbp(self, y: Tensor, filter: FilterName = "ram-lak", circle_mask: bool = True) -> Tensor:
         """Filtered backprojection ``f = (π / 2A) · B (h * p)``, scaled like ``skimage.transform.iradon``.
 
-        This discretises the lecture's inversion formula
+        This discretises the filtered-backprojection inversion formula for parallel projections
+        (Kak & Slaney, *Principles of Computerized Tomographic Imaging*, §3.3)
         ``f(x, y) = ∫_0^π ∫ G(ρ, θ) |ρ| e^{i2πρ(x cosθ + y sinθ)} dρ dθ``. The inner integral is
         :func:`ramp_filter` (``|ρ|`` times the chosen window). The outer integral is
         :meth:`backproject` with ``dθ = π / A``, and the ``1/2`` undoes the filter's factor of 2.
         The same scale is right for ``A`` angles over 360°, because each line is measured twice.
 
-        Args:
-            y: sinogram ``[..., A, N]``.
-            filter: ``"ram-lak"`` (plain ramp), ``"shepp-logan"``, ``"cosine"``, ``"hann"`` or ``"hamming"``.
-            circle_mask: zero the pixels outside the reconstruction circle (skimage's ``circle=True``).
+        Parameters
+        ----------
+        y : Tensor
+            Sinogram ``[..., A, N]``.
+        filter : FilterName, optional
+            ``"ram-lak"`` (plain ramp), ``"shepp-logan"``, ``"cosine"``, ``"hann"`` or ``"hamming"``.
+        circle_mask : bool, optional
+            Zero the pixels outside the reconstruction circle (skimage's ``circle=True``).
 
-        Returns:
+        Returns
+        -------
+        Tensor
             Image ``[..., N, N]`` in the units of the image that produced ``y``. Differentiable.
         """
         filtered = ramp_filter(self._widen(y), filter)  # h * p is defined beyond the object's shadow too
@@ -490,9 +530,9 @@ class RadonOperator:
 
 @functools.lru_cache(maxsize=8)
 def get_operator(geometry: Geometry) -> RadonOperator:
-    """Returns the shared :class:`RadonOperator` for ``geometry``; it is cached per process (DESIGN §9).
+    """Returns the shared :class:`RadonOperator` for ``geometry``; it is cached per process.
 
     Equal geometries (same size and angles) get the same object, so each system matrix is built
-    only once per process.
+    only once per process, as each task is (``client/cache.py``).
     """
     return RadonOperator(geometry)

@@ -26,7 +26,7 @@ import numpy as np
 
 from medtasks.ct.physics import MU_WATER
 
-__all__ = ["rasterize_ellipses", "random_ellipses", "shepp_logan", "shepp_logan_mu", "torso_phantom"]
+__all__ = ["random_ellipses", "rasterize_ellipses", "shepp_logan", "shepp_logan_mu", "torso_phantom"]
 
 # Columns: semi-axis a, semi-axis b, centre x0, centre y0, rotation φ (degrees, counter-clockwise).
 _SHEPP_LOGAN_GEOMETRY = np.array(
@@ -60,15 +60,23 @@ def rasterize_ellipses(
     A point is inside ellipse ``(v, a, b, x0, y0, φ)`` when
     ``((x' cosφ + y' sinφ)/a)² + ((−x' sinφ + y' cosφ)/b)² ≤ 1``, with ``x' = x − x0`` and ``y' = y − y0``.
 
-    Args:
-        ellipses: ``[K, 6]`` rows ``(value, a, b, x0, y0, φ_deg)`` in normalised coordinates.
-        n: output size ``N``.
-        mode: ``"add"`` sums the values of overlapping ellipses (Shepp–Logan style). ``"paint"``
-            lets later ellipses overwrite earlier ones, so each region has its own value.
-        supersample: sub-samples per pixel along each axis. The output is their mean.
-        dtype: output dtype.
+    Parameters
+    ----------
+    ellipses : np.ndarray
+        ``[K, 6]`` rows ``(value, a, b, x0, y0, φ_deg)`` in normalised coordinates.
+    n : int
+        Output size ``N``.
+    mode : {"add", "paint"}, optional
+        ``"add"`` sums the values of overlapping ellipses (Shepp–Logan style). ``"paint"``
+        lets later ellipses overwrite earlier ones, so each region has its own value.
+    supersample : int, optional
+        Sub-samples per pixel along each axis. The output is their mean.
+    dtype : np.dtype | type, optional
+        Output dtype.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         Image ``[N, N]``.
     """
     ellipses = np.asarray(ellipses, dtype=np.float64).reshape(-1, 6)
@@ -94,12 +102,17 @@ def shepp_logan(
 ) -> np.ndarray:
     """Returns the Shepp–Logan head phantom ``[N, N]``.
 
-    Args:
-        n: image size ``N``.
-        modified: True gives the contrast-enhanced table in ``[0, 1]`` (scikit-image's phantom).
-            False gives the original table in units of water (``μ/μ_water``).
-        supersample: sub-samples per pixel along each axis.
-        dtype: output dtype.
+    Parameters
+    ----------
+    n : int
+        Image size ``N``.
+    modified : bool, optional
+        True gives the contrast-enhanced table in ``[0, 1]`` (scikit-image's phantom).
+        False gives the original table in units of water (``μ/μ_water``).
+    supersample : int, optional
+        Sub-samples per pixel along each axis.
+    dtype : np.dtype | type, optional
+        Output dtype.
     """
     values = _SHEPP_LOGAN_MODIFIED if modified else _SHEPP_LOGAN_ORIGINAL
     table = np.column_stack([values, _SHEPP_LOGAN_GEOMETRY])
@@ -156,13 +169,20 @@ def random_ellipses(
     Between ``num_ellipses[0]`` and ``num_ellipses[1]`` inclusions (inclusive), with HU drawn
     uniformly from ``hu_range``, are painted inside it.
 
-    Args:
-        n: image size ``N``.
-        rng: the numpy generator that all randomness comes from.
-        num_ellipses: inclusive range for the number of inclusions.
-        hu_range: inclusion values in HU.
-        mu_water: water's ``μ``. This sets the output units (0.2 means 1/cm, 1.0 means normalised).
-        supersample: sub-samples per pixel along each axis.
+    Parameters
+    ----------
+    n : int
+        Image size ``N``.
+    rng : np.random.Generator
+        The numpy generator that all randomness comes from.
+    num_ellipses : tuple[int, int], optional
+        Inclusive range for the number of inclusions.
+    hu_range : tuple[float, float], optional
+        Inclusion values in HU.
+    mu_water : float, optional
+        Water's ``μ``. This sets the output units (0.2 means 1/cm, 1.0 means normalised).
+    supersample : int, optional
+        Sub-samples per pixel along each axis.
     """
     a, b = rng.uniform(0.6, 0.9, 2)
     phi = rng.uniform(0.0, 180.0)
@@ -187,11 +207,16 @@ def torso_phantom(
     * a vertebra (cortical ring of +1000 HU around +300 HU bone) near the back;
     * 1–3 low-contrast lesions (soft tissue ± 20–80 HU), the targets a reconstruction must keep.
 
-    Args:
-        n: image size ``N``.
-        rng: the numpy generator that all randomness comes from.
-        mu_water: water's ``μ``. This sets the output units (0.2 means 1/cm, 1.0 means normalised).
-        supersample: sub-samples per pixel along each axis.
+    Parameters
+    ----------
+    n : int
+        Image size ``N``.
+    rng : np.random.Generator
+        The numpy generator that all randomness comes from.
+    mu_water : float, optional
+        Water's ``μ``. This sets the output units (0.2 means 1/cm, 1.0 means normalised).
+    supersample : int, optional
+        Sub-samples per pixel along each axis.
     """
     rows: list[tuple[float, ...]] = []
 

@@ -6,8 +6,9 @@ Units used throughout ``medtasks.ct``:
   :data:`MU_WATER` ``= 0.2 /cm``, a round value for the ≈ 60–70 keV effective energy of a 120 kVp
   spectrum (NIST gives 0.206 /cm at 60 keV and 0.193 /cm at 70 keV). Air is 0.
 * :class:`~medtasks.ct.operator.RadonOperator` integrates with a step of one pixel, so a
-  sinogram ``A μ`` is in ``(1/cm) · pixels``. The dimensionless line integral of the lecture,
-  ``g = ∫_Γ μ ds``, is ``p = Δ · A μ`` with the pixel size ``Δ`` in cm.
+  sinogram ``A μ`` is in ``(1/cm) · pixels``. The dimensionless line integral ``g = ∫_Γ μ ds``
+  that an X-ray measurement gives (Kak & Slaney, *Principles of Computerized Tomographic
+  Imaging*, ch. 4) is ``p = Δ · A μ`` with the pixel size ``Δ`` in cm.
 * By default the image spans a field of view of :data:`FIELD_OF_VIEW_CM` ``= 25.6 cm`` (a head or
   a small abdomen), whatever ``N`` is: ``Δ = 25.6 / N``, i.e. 0.4 cm at ``N = 64`` and 0.2 cm at
   ``N = 128``. Line integrals, and so the noise at a given dose, then do not depend on the
@@ -62,14 +63,22 @@ def _pixel_size(sinogram: Tensor, pixel_size: float | None) -> float:
 def transmission(sinogram: Tensor, i0: float, *, pixel_size_cm: float | None = None) -> Tensor:
     """Returns the expected photon counts from Beer–Lambert, ``I = I0 · exp(−∫_Γ μ ds) = I0 · exp(−Δ · A μ)``.
 
-    This is the lecture's monoenergetic model ``I_d = I0 exp(−∫_{Γ_d} μ(s, Ē) ds)`` (no beam hardening).
+    This is the monoenergetic Beer–Lambert law ``I_d = I0 exp(−∫_{Γ_d} μ(s, Ē) ds)`` at the
+    effective energy ``Ē``, without beam hardening (Buzug, *Computed Tomography: From Photon
+    Statistics to Modern Cone-Beam CT*, Springer 2008; Kak & Slaney, ch. 4).
 
-    Args:
-        sinogram: ``A μ`` in operator units, ``[..., A, N]``.
-        i0: unattenuated photons per detector bin (the dose), e.g. 1e3 (very low) to 1e6.
-        pixel_size_cm: ``Δ`` in cm. None uses ``FIELD_OF_VIEW_CM / N``.
+    Parameters
+    ----------
+    sinogram : Tensor
+        ``A μ`` in operator units, ``[..., A, N]``.
+    i0 : float
+        Unattenuated photons per detector bin (the dose), e.g. 1e3 (very low) to 1e6.
+    pixel_size_cm : float | None, optional
+        ``Δ`` in cm. None uses ``FIELD_OF_VIEW_CM / N``.
 
-    Returns:
+    Returns
+    -------
+    Tensor
         Expected counts ``[..., A, N]``.
     """
     return i0 * torch.exp(-_pixel_size(sinogram, pixel_size_cm) * sinogram)
@@ -90,18 +99,27 @@ def noisy_measurement(
     1. ``Ī = blur(I0 · exp(−Δ · A μ))``: expected counts, blurred along the detector by
        ``blur_sigma`` bins (the detector acts on intensities, before the log).
     2. ``n ~ Poisson(Ī)``: photon counting noise.
-    3. ``y = −ln(max(n, 1) / I0) / Δ``: the lecture's ``g_d = −ln(I_d / I0)``, converted back to
-       operator units. Zero counts (photon starvation) are clamped to one, so ``log 0`` never
-       happens. This caps ``y`` at ``ln(I0)/Δ``.
+    3. ``y = −ln(max(n, 1) / I0) / Δ``: the Beer–Lambert law solved for the line integral,
+       ``g_d = −ln(I_d / I0)`` (Buzug, *Computed Tomography*), converted back to operator units.
+       Zero counts (photon starvation) are clamped to one, so ``log 0`` never happens. This caps
+       ``y`` at ``ln(I0)/Δ``.
 
-    Args:
-        sinogram: noiseless ``A μ`` in operator units, ``[..., A, N]``.
-        i0: unattenuated photons per bin. The noise std of ``Δ·y`` is about ``1/sqrt(Ī)``.
-        generator: torch generator for the Poisson draw. The same seeded generator gives the same noise.
-        pixel_size_cm: ``Δ`` in cm. None uses ``FIELD_OF_VIEW_CM / N``.
-        blur_sigma: Gaussian detector blur in bins (0 = none).
+    Parameters
+    ----------
+    sinogram : Tensor
+        Noiseless ``A μ`` in operator units, ``[..., A, N]``.
+    i0 : float
+        Unattenuated photons per bin. The noise std of ``Δ·y`` is about ``1/sqrt(Ī)``.
+    generator : torch.Generator | None, optional
+        Torch generator for the Poisson draw. The same seeded generator gives the same noise.
+    pixel_size_cm : float | None, optional
+        ``Δ`` in cm. None uses ``FIELD_OF_VIEW_CM / N``.
+    blur_sigma : float, optional
+        Gaussian detector blur in bins (0 = none).
 
-    Returns:
+    Returns
+    -------
+    Tensor
         Noisy sinogram ``[..., A, N]`` in operator units and in the input dtype. No gradient flows through it.
     """
     delta = _pixel_size(sinogram, pixel_size_cm)
@@ -123,11 +141,16 @@ def detector_blur(sinogram: Tensor, sigma: float) -> Tensor:
 
     The edges are replicated, so flat signals stay flat. The kernel sums to one, so total counts are kept.
 
-    Args:
-        sinogram: ``[..., A, N]``.
-        sigma: standard deviation in detector bins. ``0`` returns the input unchanged.
+    Parameters
+    ----------
+    sinogram : Tensor
+        ``[..., A, N]``.
+    sigma : float
+        Standard deviation in detector bins. ``0`` returns the input unchanged.
 
-    Returns:
+    Returns
+    -------
+    Tensor
         Blurred sinogram ``[..., A, N]``. Differentiable.
     """
     if sigma < 0:

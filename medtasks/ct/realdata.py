@@ -51,10 +51,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 from scipy import ndimage
@@ -69,10 +70,10 @@ if TYPE_CHECKING:
 __all__ = [
     "AIR_HU",
     "HELD_OUT_FRACTION",
-    "Package",
     "PACKAGED_SLICES",
-    "PackagedSlice",
     "PACKAGES",
+    "Package",
+    "PackagedSlice",
     "Patch",
     "PatchSource",
     "RealSlice",
@@ -102,12 +103,18 @@ _ANATOMY_ORDER: tuple[str, ...] = ("head", "thorax", "abdomen")
 class PackagedSlice:
     """One catalogue entry: where a real CT slice lies in an installed distribution.
 
-    Attributes:
-        name: short name (the file stem, plus ``/frame`` for a multi-frame file).
-        package: the distribution that installs the file.
-        path: the file's path inside the distribution's installed files.
-        anatomy: body region, the label used for label skew.
-        frame: frame index of a multi-frame file, or None for a single image.
+    Attributes
+    ----------
+    name : str
+        Short name (the file stem, plus ``/frame`` for a multi-frame file).
+    package : Package
+        The distribution that installs the file.
+    path : str
+        The file's path inside the distribution's installed files.
+    anatomy : str
+        Body region, the label used for label skew.
+    frame : int | None
+        Frame index of a multi-frame file, or None for a single image.
     """
 
     name: str
@@ -134,10 +141,14 @@ PACKAGED_SLICES: tuple[PackagedSlice, ...] = (
 class RealSlice:
     """A loaded real slice.
 
-    Attributes:
-        entry: its catalogue entry.
-        hu: ``[H, W]`` float64 Hounsfield units as stored (not clipped).
-        pixel_spacing_mm: ``(row, column)`` spacing, or None if the file does not say.
+    Attributes
+    ----------
+    entry : PackagedSlice
+        Its catalogue entry.
+    hu : np.ndarray
+        ``[H, W]`` float64 Hounsfield units as stored (not clipped).
+    pixel_spacing_mm : tuple[float, float] | None
+        ``(row, column)`` spacing, or None if the file does not say.
     """
 
     entry: PackagedSlice
@@ -171,9 +182,11 @@ def anatomies(packages: Sequence[str]) -> tuple[str, ...]:
 def locate(entry: PackagedSlice) -> Path:
     """The installed file of ``entry``.
 
-    Raises:
-        DataError: the distribution is not installed, or it does not hold the file (another
-            version of it).
+    Raises
+    ------
+    DataError
+        The distribution is not installed, or it does not hold the file (another
+        version of it).
     """
     try:
         distribution = metadata.distribution(entry.package)
@@ -204,15 +217,22 @@ def _spacing(dataset: Dataset) -> tuple[float, float] | None:
 def read_hu(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
     """One CT image of a DICOM file in HU, and its pixel spacing.
 
-    Args:
-        path: DICOM file.
-        frame: frame of a multi-frame file (None: the file must hold one image).
+    Parameters
+    ----------
+    path : str | Path
+        DICOM file.
+    frame : int | None, optional
+        Frame of a multi-frame file (None: the file must hold one image).
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, tuple[float, float] | None]
         ``(hu [H, W] float64, (row, column) spacing in mm or None)``.
 
-    Raises:
-        DataError: unreadable file, a missing frame, or not a 2D image.
+    Raises
+    ------
+    DataError
+        Unreadable file, a missing frame, or not a 2D image.
     """
     import pydicom
 
@@ -235,8 +255,10 @@ def read_hu(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, tup
 def load_slices(packages: tuple[str, ...]) -> tuple[RealSlice, ...]:
     """Every catalogued slice of ``packages`` in HU (cached per process).
 
-    Raises:
-        DataError: a distribution or file is missing, or a file cannot be decoded.
+    Raises
+    ------
+    DataError
+        A distribution or file is missing, or a file cannot be decoded.
     """
     return tuple(RealSlice(entry, *read_hu(locate(entry), entry.frame)) for entry in selection(packages))
 
@@ -281,13 +303,20 @@ class Patch:
 
     with ``u = ±((j + ½)/N − ½) s`` (minus when ``flip``) and ``v = ((i + ½)/N − ½) s``.
 
-    Attributes:
-        row: centre row ``r``.
-        col: centre column ``c``.
-        side: crop side ``s`` in native pixels.
-        angle: rotation ``θ`` in degrees.
-        flip: mirror left–right before rotating.
-        gain: attenuation factor ``g``.
+    Attributes
+    ----------
+    row : float
+        Centre row ``r``.
+    col : float
+        Centre column ``c``.
+    side : float
+        Crop side ``s`` in native pixels.
+    angle : float
+        Rotation ``θ`` in degrees.
+    flip : bool
+        Mirror left–right before rotating.
+    gain : float
+        Attenuation factor ``g``.
     """
 
     row: float
@@ -335,8 +364,10 @@ class PatchSource:
     ``c = x0 + round((1 − f)(x1 − x0 + 1))`` with ``f`` = :data:`HELD_OUT_FRACTION`. The
     ``"train"`` region is columns ``[0, c)`` and ``"test"`` is ``[c, W)``.
 
-    Args:
-        mu: the slice ``[H, W]``, any units (the patches keep them).
+    Parameters
+    ----------
+    mu : np.ndarray
+        The slice ``[H, W]``, any units (the patches keep them).
     """
 
     def __init__(self, mu: np.ndarray) -> None:

@@ -12,10 +12,13 @@ from pydantic import ValidationError
 
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.ct import realdata
-from medtasks.ct import task as ct_task
+from medtasks.ct import synthetic as ct_synthetic
+from medtasks.ct.folder import slice_to_mu
 from medtasks.ct.metrics import psnr
+from medtasks.ct.params import CTParams
 from medtasks.ct.physics import MU_WATER
-from medtasks.ct.task import Acquisition, CTParams, CTReconstructionTask, simulate, slice_to_mu
+from medtasks.ct.scanner import Acquisition, simulate
+from medtasks.ct.task import CTReconstructionTask
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +28,7 @@ def _fresh_caches():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-    for cached in (realdata.load_slices, ct_task._packaged_pool, ct_task._synthetic_samples):
+    for cached in (realdata.load_slices, ct_synthetic._packaged_pool, ct_synthetic._synthetic_samples):
         cached.cache_clear()
 
 
@@ -148,7 +151,7 @@ def test_patches_never_read_a_pixel_of_the_other_region(name):
 
 
 def test_server_patches_come_from_the_held_out_region_and_sites_from_the_rest(monkeypatch):
-    clean = ct_task._packaged_pool(("pydicom",))
+    clean = ct_synthetic._packaged_pool(("pydicom",))
 
     def poisoned(region: str):
         pool = {}
@@ -162,11 +165,11 @@ def test_server_patches_come_from_the_held_out_region_and_sites_from_the_rest(mo
             pool[anatomy] = tuple(copies)
         return lambda packages: pool
 
-    monkeypatch.setattr(ct_task, "_packaged_pool", poisoned("test"))
+    monkeypatch.setattr(ct_synthetic, "_packaged_pool", poisoned("test"))
     sites = [_task(server=4).client_data(k) for k in range(2)]
     assert all(torch.isfinite(_targets(s.train)).all() and torch.isfinite(_targets(s.val)).all() for s in sites)
-    ct_task._synthetic_samples.cache_clear()
-    monkeypatch.setattr(ct_task, "_packaged_pool", poisoned("train"))
+    ct_synthetic._synthetic_samples.cache_clear()
+    monkeypatch.setattr(ct_synthetic, "_packaged_pool", poisoned("train"))
     assert torch.isfinite(_targets(_task(server=4).server_data())).all()
 
 
@@ -174,7 +177,7 @@ def test_packaged_sites_are_real_patches_deterministic_given_the_seed():
     task = _task("feature_skew", n=6, server=4)
     site = task.client_data(1)
     first = _targets(site.train)
-    ct_task._synthetic_samples.cache_clear()
+    ct_synthetic._synthetic_samples.cache_clear()
     again = _targets(_task("feature_skew", n=6, server=4).client_data(1).train)
     other = _targets(_task("feature_skew", n=6, server=4, seed=1).client_data(1).train)
 

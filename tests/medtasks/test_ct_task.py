@@ -15,18 +15,16 @@ from torch.utils.data import DataLoader
 
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.ct import MU_WATER, Geometry, get_operator, torso_phantom
+from medtasks.ct import folder as ct_folder
+from medtasks.ct import synthetic as ct_synthetic
 from medtasks.ct import task as ct_task
+from medtasks.ct.anatomy import anatomy_label
 from medtasks.ct.metrics import psnr, rmse_hu, ssim
 from medtasks.ct.models import FBPConvNet, UnrolledProximalGradient
-from medtasks.ct.task import (
-    IMAGE_SCALE,
-    Acquisition,
-    CTParams,
-    CTReconstructionTask,
-    anatomy_label,
-    draw_phantom,
-    simulate,
-)
+from medtasks.ct.params import CTParams
+from medtasks.ct.scanner import IMAGE_SCALE, Acquisition, simulate
+from medtasks.ct.synthetic import draw_phantom
+from medtasks.ct.task import CTReconstructionTask
 from medtasks.registry import get_task_class
 from tests.helpers import single_torch_thread
 
@@ -219,7 +217,7 @@ def test_server_data_is_neutral_whatever_the_partition():
 
 def test_sites_and_models_are_deterministic_given_the_seed():
     first = [_tensors(_task("feature_skew", seed=5).client_data(1).val)]
-    ct_task._synthetic_samples.cache_clear()
+    ct_synthetic._synthetic_samples.cache_clear()
     again = [_tensors(_task("feature_skew", seed=5).client_data(1).val)]
     other = [_tensors(_task("feature_skew", seed=6).client_data(1).val)]
 
@@ -366,7 +364,7 @@ def test_folder_of_npy_and_dicom_slices_becomes_measured_sites(tmp_path):
     _write_dicom(tmp_path / "c.dcm", np.round(abdomen[2]))
     (tmp_path / "notes.txt").write_text("ignored")
 
-    slices = ct_task._load_ct_slices(tmp_path)
+    slices = ct_folder._load_ct_slices(tmp_path)
     assert len(slices) == 6
     np.testing.assert_allclose(slices[-1], np.round(abdomen[2]))  # DICOM rescaled to HU
 
@@ -390,9 +388,9 @@ def test_folder_of_npy_and_dicom_slices_becomes_measured_sites(tmp_path):
 
 def test_folder_errors_are_one_line_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        ct_task._load_ct_slices(tmp_path / "missing")
+        ct_folder._load_ct_slices(tmp_path / "missing")
     with pytest.raises(DataError, match="no CT slices"):
-        ct_task._load_ct_slices(tmp_path)
+        ct_folder._load_ct_slices(tmp_path)
     (tmp_path / "x.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="cannot read"):
-        ct_task._load_ct_slices(tmp_path)
+        ct_folder._load_ct_slices(tmp_path)
