@@ -31,8 +31,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import scenario as scenario_module
-from server.deploy import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.federation import Federation
+from server.launch import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.progress import make_progress
 from server.results import RunDirectory
 

@@ -218,13 +218,15 @@ def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
 
 def _run_deployed(args: argparse.Namespace) -> int:
     """``medfed run X.yaml --engine deployment --federation NAME``: validate here, run on the federation."""
-    from server import deploy
     from server import scenario as scenario_module
+    from server.federation_folder import DeployError, find_federation
+    from server.federation_setup import UNKNOWN_HOSPITAL, node_statuses
+    from server.launch import deployed_scenario, launch
     from server.results import RunDirectory, RunDirectoryError
 
     resume = None
     try:
-        federation = deploy.find_federation(args.federation)
+        federation = find_federation(args.federation)
         if args.resume:  # the run directory is on this machine, the coordinating site's
             resume = RunDirectory.open(args.resume).path.resolve()
             if args.scenario or args.overrides:
@@ -235,10 +237,10 @@ def _run_deployed(args: argparse.Namespace) -> int:
             return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
         else:
             scenario = scenario_module.load(args.scenario, args.overrides)
-        scenario = deploy.deployed_scenario(scenario, federation)
+        scenario = deployed_scenario(scenario, federation)
     except (scenario_module.ScenarioError, RunDirectoryError) as error:
         return _fail(str(error), EXIT_INVALID)
-    except deploy.DeployError as error:
+    except DeployError as error:
         return _fail(str(error), error.exit_code)
     log.info("medfed: %s | task %s | %s x %d hospitals | %s | %d rounds | federation %s (%s)",
              scenario.name, scenario.task.name, scenario.partition.kind, scenario.partition.clients,
@@ -251,12 +253,12 @@ def _run_deployed(args: argparse.Namespace) -> int:
                     "phase that long; consider --set strategy.round_timeout=%d (a crashed node is reported within "
                     "about a minute anyway)", scenario.strategy.round_timeout, DEPLOYED_ROUND_TIMEOUT_HINT)
     try:
-        offline = [row.hospital for row in deploy.node_statuses(federation)
-                   if row.status != "online" and row.hospital != deploy.UNKNOWN_HOSPITAL]
+        offline = [row.hospital for row in node_statuses(federation)
+                   if row.status != "online" and row.hospital != UNKNOWN_HOSPITAL]
         if offline:
             log.warning("not online yet: %s (the run waits for every hospital)", ", ".join(offline))
-        launched = deploy.launch(scenario, federation, resume=resume)
-    except deploy.DeployError as error:
+        launched = launch(scenario, federation, resume=resume)
+    except DeployError as error:
         return _fail(str(error), error.exit_code)
     except KeyboardInterrupt:
         print("medfed: interrupted; the run was stopped at the SuperLink", file=sys.stderr)
@@ -269,10 +271,11 @@ def _run_deployed(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace) -> int:
     from server import deploy
+    from server.federation_folder import DeployError
 
     try:
         return getattr(deploy, f"command_{args.deploy_action}")(args)
-    except deploy.DeployError as error:
+    except DeployError as error:
         return _fail(str(error), error.exit_code)
 
 

@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from server.deploy import FLOWER_ENVIRONMENT
+from server.flower_cli import FLOWER_ENVIRONMENT
 from server.federation import Federation, RunInterrupted
 from server.progress import Progress
 from server.results import RunDirectory

@@ -1,11 +1,11 @@
 """A real federation for end-to-end tests: a SuperLink and one SuperNode per hospital, as separate processes.
 
-:class:`LocalFederation` builds the federation folder with :func:`server.deploy.init_federation`, starts every party
-with the commands ``medfed deploy commands`` prints (:func:`server.deploy.superlink_command`,
-:func:`server.deploy.supernode_command`), registers the hospitals with :func:`server.deploy.register`, and tears
-everything down (SIGTERM, then SIGKILL, of each party's process group). Each party has its own folder (working
-directory, ``FLWR_HOME``, log), and each hospital's folder holds only what the guide tells it to copy: ``ca.crt``
-and its private key.
+:class:`LocalFederation` builds the federation folder with :func:`server.federation_setup.init_federation`, starts
+every party with the commands ``medfed deploy commands`` prints (:func:`server.federation_setup.superlink_command`,
+:func:`server.federation_setup.supernode_command`), registers the hospitals with ``medfed deploy register``
+(:func:`server.federation_setup.register`), and tears everything down (SIGTERM, then SIGKILL, of each party's
+process group). Each party has its own folder (working directory, ``FLWR_HOME``, log), and each hospital's folder
+holds only what the guide tells it to copy: ``ca.crt`` and its private key.
 
 :func:`run_deployed` runs :data:`TWO_SMALL_ROUNDS` on it, and :func:`assert_same_run` checks the result against
 the in-process engine's.
@@ -32,8 +32,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
-from server import deploy
+from server.federation_folder import CA_CERT, DATABASE, FederationFolder, Hospital
+from server.federation_setup import (
+    RUNTIME_PORT,
+    init_federation,
+    superlink_command,
+    supernode_command,
+)
+from server.flower_cli import flower_environment
 from server.results import RunDirectory, RunDirectoryError
 from server.scenario import load
 from tests.helpers import QUICKSTART, SMALL, run, without_timing
@@ -165,7 +173,7 @@ class Namespaces:
         return ["ip", "netns", "exec", self.namespace(party), *command]
 
     def runtime_port(self, k: int) -> int:
-        return deploy.RUNTIME_PORT  # one network stack per node: the default port everywhere
+        return RUNTIME_PORT  # one network stack per node: the default port everywhere
 
     def _create(self, nodes: int) -> None:
         link, bridge = self.namespace("superlink"), f"{self.tag}b"
@@ -222,11 +230,15 @@ class LocalFederation:
 
     Use as a context manager: everything started is stopped on exit, and the network is removed.
 
-    Args:
-        root: an empty folder (``tmp_path``); it gets ``federation/`` (the federation folder), ``cli/`` (the
-            CLI's FLWR_HOME), ``superlink/`` and ``node<k>/``.
-        hospitals: number of hospitals (partition ids 0..hospitals-1).
-        network: :class:`Loopback` (default) or :class:`Namespaces`.
+    Parameters
+    ----------
+    root : Path
+        An empty folder (``tmp_path``); it gets ``federation/`` (the federation folder), ``cli/`` (the CLI's
+        FLWR_HOME), ``superlink/`` and ``node<k>/``.
+    hospitals : int, default 2
+        Number of hospitals (partition ids 0..hospitals-1).
+    network : Loopback or Namespaces, optional
+        :class:`Loopback` (default) or :class:`Namespaces`.
     """
 
     name = "fed"
@@ -235,14 +247,14 @@ class LocalFederation:
         self.root = root
         self.network = network or Loopback()
         self.cli_home = root / "cli"
-        self.federation = deploy.init_federation(
+        self.federation = init_federation(
             self.name, [f"{self.network.superlink_host}:{self.network.superlink_port}"],
             [f"hospital-{k}" for k in range(hospitals)], folder=root / "federation", flwr_home=self.cli_home)
         self.superlink = Party("superlink", root / "superlink")
         self.nodes: dict[int, Party] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------------------
-    def __enter__(self) -> LocalFederation:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -266,8 +278,8 @@ class LocalFederation:
 
     def start_superlink(self) -> Party:
         """Start the SuperLink (TLS, SuperNode authentication) and wait until it serves HTTPS."""
-        command = deploy.superlink_command(self.federation, host=self.network.bind_host,
-                                           database=self.superlink.folder / deploy.DATABASE)
+        command = superlink_command(self.federation, host=self.network.bind_host,
+                                    database=self.superlink.folder / DATABASE)
         self._launch(self.superlink, command)
         self._wait_for(self.superlink, SUPERLINK_READY)
         return self.superlink
@@ -283,12 +295,12 @@ class LocalFederation:
             raise StartupError(f"{party.name} is already running")
         hospital = self._hospital(k)
         party.folder.mkdir(parents=True, exist_ok=True)
-        shutil.copy(self.federation.path(deploy.CA_CERT), party.folder / deploy.CA_CERT)
+        shutil.copy(self.federation.path(CA_CERT), party.folder / CA_CERT)
         key = party.folder / hospital.name
         shutil.copy(private_key or self.federation.private_key(hospital), key)
         key.chmod(0o600)
-        command = deploy.supernode_command(self.federation, hospital, files=party.folder,
-                                           runtime_port=self.network.runtime_port(k))
+        command = supernode_command(self.federation, hospital, files=party.folder,
+                                    runtime_port=self.network.runtime_port(k))
         self.nodes[k] = party
         self._launch(party, command)
         if wait:
@@ -319,7 +331,7 @@ class LocalFederation:
         result = self.medfed("deploy", "register", str(self.federation.folder), timeout=120)
         if result.returncode != 0:
             raise StartupError(f"medfed deploy register failed: {result.stdout.strip()}")
-        self.federation = deploy.Federation.load(self.federation.folder)
+        self.federation = FederationFolder.load(self.federation.folder)
 
     def medfed(self, *arguments: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
         """Run ``medfed ARGUMENTS`` at the coordinating site (in the SuperLink's namespace) with the CLI's home;
@@ -345,21 +357,21 @@ class LocalFederation:
         handshake with the SuperLink, verified against the federation's CA (a proxy that accepts any connection
         does not count)."""
         probe = [sys.executable, "-c", TLS_PROBE, self.network.superlink_host, str(self.network.superlink_port),
-                 str(self.federation.path(deploy.CA_CERT))]
+                 str(self.federation.path(CA_CERT))]
         command = probe if party is None else self.network.wrap(party, probe)
         return subprocess.run(command, capture_output=True, timeout=30, check=False).returncode == 0
 
     # --- helpers ------------------------------------------------------------------------------------------
-    def _hospital(self, k: int) -> deploy.Hospital:
+    def _hospital(self, k: int) -> Hospital:
         hospitals = self.federation.hospitals
-        return hospitals[k] if k < len(hospitals) else deploy.Hospital(f"extra-{k}", k)
+        return hospitals[k] if k < len(hospitals) else Hospital(f"extra-{k}", k)
 
 
     def _medfed_command(self, arguments: Sequence[str]) -> list[str]:
         return self.network.wrap("superlink", [sys.executable, "-m", "server.cli", *arguments])
 
     def _environment(self, home: Path) -> dict[str, str]:
-        environment = deploy.flower_environment()
+        environment = flower_environment()
         environment.update(FLWR_HOME=str(home), COLUMNS="200", PYTHONUNBUFFERED="1")
         return environment
 

@@ -13,9 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server import deploy
 from server.app import scenario_from_run_config
 from server.cli import main
+from server.federation_folder import find_federation
+from server.federation_setup import environment_line, init_federation
+from server.launch import RESUME_KEY, deployed_scenario, run_config_toml
 from tests.deploy.federation import free_port
 from tests.helpers import QUICKSTART, small_scenario
 
@@ -60,7 +62,7 @@ def test_each_hospital_gets_an_openssh_ecdsa_p384_key_pair(tmp_path: Path) -> No
         public = serialization.load_ssh_public_key((folder / f"{name}.pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
         assert public.public_numbers() == private.public_key().public_numbers()
-    federation = deploy.find_federation("net")
+    federation = find_federation("net")
     assert [(h.name, h.partition_id) for h in federation.hospitals] == [("north", 0), ("south", 1)]
 
 
@@ -134,7 +136,7 @@ def test_commands_start_one_authenticated_supernode_per_hospital(capsys: pytest.
                f"--node-config 'partition-id={k} num-partitions=3'" in line
     assert sum("data-path=" in line for line in lines) == 3
     assert sum(line.startswith("flwr supernode register ") for line in lines) == 3
-    assert deploy.environment_line() in lines
+    assert environment_line() in lines
 
 
 def test_status_of_an_unreachable_superlink_is_one_line(capsys: pytest.CaptureFixture) -> None:
@@ -162,18 +164,18 @@ def test_invalid_deployment_runs_are_one_line_exit_2(arguments: list[str], messa
 
 
 def test_the_deployed_scenario_travels_resolved_to_the_serverapp(tmp_path: Path) -> None:
-    federation = deploy.init_federation("net", ["10.0.0.5:9093"], ["a", "b"], folder=tmp_path / "net",
-                                        flwr_home=tmp_path / "flwr")
+    federation = init_federation("net", ["10.0.0.5:9093"], ["a", "b"], folder=tmp_path / "net",
+                                 flwr_home=tmp_path / "flwr")
     scenario = small_scenario(tmp_path, "partition.clients=2", "output.dir=relative/runs")
-    deployed = deploy.deployed_scenario(scenario, federation)
+    deployed = deployed_scenario(scenario, federation)
 
     assert deployed.engine.backend == "deployment" and scenario.engine.backend == "inprocess"
     assert Path(deployed.output.dir).is_absolute()
-    run_config = tomllib.loads(deploy.run_config_toml(deployed))
+    run_config = tomllib.loads(run_config_toml(deployed))
     assert scenario_from_run_config({"scenario": "elsewhere.yaml", "set": "", **run_config}) == deployed
-    assert deploy.RESUME_KEY not in run_config
-    resumed = tomllib.loads(deploy.run_config_toml(deployed, tmp_path / "runs" / "x" / "1"))
-    assert resumed[deploy.RESUME_KEY] == str(tmp_path / "runs" / "x" / "1")
+    assert RESUME_KEY not in run_config
+    resumed = tomllib.loads(run_config_toml(deployed, tmp_path / "runs" / "x" / "1"))
+    assert resumed[RESUME_KEY] == str(tmp_path / "runs" / "x" / "1")
 
 
 def test_a_deployed_run_with_the_simulation_round_timeout_is_warned_about(capsys: pytest.CaptureFixture) -> None:

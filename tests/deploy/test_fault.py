@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from server.results import RunDirectory
-from tests.deploy.federation import TWO_SMALL_ROUNDS, LocalFederation, StartupError, last_checkpoint_round
+from tests.deploy.federation import (
+    TWO_SMALL_ROUNDS,
+    LocalFederation,
+    StartupError,
+    last_checkpoint_round,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server import deploy
+from server.credentials import write_hospital_key
 from server.results import RunDirectory
 from tests.deploy.federation import (
     TWO_SMALL_ROUNDS,
@@ -48,7 +48,7 @@ def test_a_two_round_scenario_writes_the_inprocess_engines_run_directory(
 def test_an_unregistered_node_is_refused_and_the_registered_ones_stay_online(
         federation: LocalFederation, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger"
-    deploy.write_hospital_key(stranger, "stranger")
+    write_hospital_key(stranger, "stranger")
 
     party = federation.start_node(2, private_key=stranger, wait=False)
     try:

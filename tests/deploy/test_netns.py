@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.federation import (
-    LocalFederation, Namespaces, assert_same_run, run_deployed, run_inprocess, timing_report,
+    LocalFederation,
+    Namespaces,
+    assert_same_run,
+    run_deployed,
+    run_inprocess,
+    timing_report,
 )
 
 pytestmark = pytest.mark.slow
