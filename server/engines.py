@@ -29,8 +29,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from server.flower_cli import FLOWER_ENVIRONMENT
 from server.federation import Federation, RunInterrupted
+from server.flower_cli import FLOWER_ENVIRONMENT
 from server.progress import Progress
 from server.results import RunDirectory
 from server.scenario import Scenario

@@ -1,10 +1,11 @@
 """Lost nodes: a site whose node dies mid-round (the SuperLink answers "Node Unavailable" for it) or stays
 silent past the round timeout is recorded in metrics.jsonl, the round completes with the others, and a node
-that comes back rejoins later rounds with the state of the last checkpoint.
+that comes back rejoins later rounds with its own state, or, if it restarted with an older one, with the
+server's copy of the state it had when the server last used its update.
 
-A :class:`FlakyGrid` plays the deployment runtime's part in-process: for one site in one round's training it
-either answers like the SuperLink does for a node that stopped heartbeating (an error reply from the
-SuperLink's own node id, after which the node restarts with an empty ``context.state``), or drops the message.
+A :class:`FlakyGrid` plays the deployment runtime's part in-process: for one site in one round's training (or
+evaluation) it either answers like the SuperLink does for a node that stopped heartbeating (an error reply from
+the SuperLink's own node id, after which the node restarts with an empty ``context.state``), or drops the message.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import pytest
+import torch
 from flwr.app import Error, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 
@@ -23,7 +25,9 @@ from server.federation import Federation, FederationError
 from server.progress import make_progress
 from server.results import RunDirectory
 from server.scenario import Scenario
-from tests.helpers import new_run_directory, quadratic_scenario
+from strategies.scaffold import LOCAL_VARIATE_KEY
+from tests.helpers import blobs_scenario, new_run_directory, quadratic_scenario
+from tests.privacy.common import with_privacy
 
 SUPERLINK_NODE_ID = 1  # the sender of the error replies Flower's SuperLink makes for unavailable nodes
 
@@ -31,16 +35,20 @@ SUPERLINK_NODE_ID = 1  # the sender of the error replies Flower's SuperLink make
 class FlakyGrid(InProcessGrid):
     """An in-process grid where site ``pid``'s node fails in round ``server_round``'s training.
 
-    Args:
-        fault: ``"unavailable"``: the SuperLink's "Node Unavailable" reply, then the node restarts empty;
-            ``"silent"``: the message is never answered.
+    Parameters
+    ----------
+    fault : {"unavailable", "silent"}
+        ``"unavailable"``: the SuperLink's "Node Unavailable" reply, then the node restarts empty;
+        ``"silent"``: the message is never answered.
+    phase : str
+        The message type that fails (train, default, or evaluate).
     """
 
     def __init__(self, num_nodes: int, *, pid: int, server_round: int,
-                 fault: Literal["unavailable", "silent"]) -> None:
+                 fault: Literal["unavailable", "silent"], phase: str = MessageType.TRAIN) -> None:
         super().__init__(client_app, num_nodes)
         self.node = next(node for node, context in self.contexts.items() if context.node_config["partition-id"] == pid)
-        self.server_round, self.fault = server_round, fault
+        self.server_round, self.fault, self.phase = server_round, fault, phase
         self._doomed: dict[str, Message] = {}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -48,7 +56,7 @@ class FlakyGrid(InProcessGrid):
         ids = list(super().push_messages(messages))
         for message in messages:
             meta = message.metadata
-            if (meta.dst_node_id == self.node and meta.message_type == MessageType.TRAIN
+            if (meta.dst_node_id == self.node and meta.message_type == self.phase
                     and meta.group_id == str(self.server_round)):
                 self._doomed[meta.message_id] = self._pending.pop(meta.message_id)
         return ids
@@ -117,3 +125,41 @@ def test_too_few_sites_left_still_ends_the_run_with_one_line(tmp_path: Path) -> 
     grid = FlakyGrid(3, pid=0, server_round=1, fault="unavailable")
     with pytest.raises(FederationError, match=r"round 1: 2 of 3 clients returned a usable update.*Node Unavailable"):
         run_flaky(scenario, grid)
+
+
+# --- the state a returning site continues with ---------------------------------------------------------------
+@pytest.mark.parametrize("fault", ["silent", "unavailable"])
+def test_a_site_missing_only_evaluation_keeps_the_epsilon_of_every_update_it_released(
+        tmp_path: Path, fault: Literal["silent", "unavailable"]) -> None:
+    """DP-SGD: the site's train reply of round 2 was aggregated, only its evaluation was lost. Its accountant
+    must still hold round 2's steps: its ε equals that of a site of the same size that never missed anything.
+    (Before the fix its node state was rolled back to round 1's checkpoint and it reported a smaller ε.)"""
+    scenario = with_privacy(blobs_scenario("fedavg", rounds=4, norm="none"), "dpsgd", noise_multiplier=1.0,
+                            max_grad_norm=1.0)
+    scenario.output.dir = str(tmp_path / "runs")
+    scenario.strategy.round_timeout = 8.0  # a silent evaluation costs this long; training must fit in it
+    grid = FlakyGrid(3, pid=1, server_round=2, fault=fault, phase=MessageType.EVALUATE)
+    run_dir = run_flaky(scenario, grid)
+    evaluate = [record["clients"] for record in run_dir.read_metrics() if record["phase"] == "evaluate"]
+    assert "error" in evaluate[1]["1"] and "error" not in evaluate[1]["0"]
+    rounds = train_clients(run_dir)
+    assert [clients["1"]["participations"] for clients in rounds] == [1, 2, 3, 4]
+    assert rounds[-1]["1"]["epsilon"] == pytest.approx(rounds[-1]["0"]["epsilon"], rel=1e-12)
+    assert rounds[-1]["1"]["epsilon"] > rounds[1]["1"]["epsilon"] > 0
+
+
+def test_scaffold_c_stays_the_mean_of_the_sites_c_k_when_a_site_is_lost_between_checkpoints(tmp_path: Path) -> None:
+    """checkpoint_every 3, site 1's node restarts in round 5: it must come back with the c_k of round 4 (the last
+    one whose Δc_k the server used), not round 3's checkpoint, so that c = (1/N) Σ_k c_k still holds."""
+    scenario = quadratic_scenario(tmp_path, "scaffold", rounds=6, min_clients=2, params={"variate": "II"},
+                                  local={"epochs": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.05})
+    scenario.output.checkpoint_every = 3
+    run_dir = run_flaky(scenario, FlakyGrid(3, pid=1, server_round=5, fault="unavailable"))
+    rounds = train_clients(run_dir)
+    assert "error" in rounds[4]["1"] and [clients["1"].get("participations") for clients in rounds] == [1, 2, 3, 4,
+                                                                                                          None, 5]
+    checkpoint = RunDirectory.open(run_dir.path).load_checkpoint()
+    control = checkpoint.strategy_state["control"]["weight"].double()
+    local = [plain["arrays"][LOCAL_VARIATE_KEY]["weight"].double() for plain in checkpoint.extra["node_states"].values()]
+    assert len(local) == 3
+    assert torch.allclose(control, sum(local) / 3, atol=1e-6)
