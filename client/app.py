@@ -1,14 +1,15 @@
-"""ClientApp: the Message-API handlers every hospital runs (DESIGN.md §3).
+"""ClientApp: the Message-API handlers every hospital runs (README "Architecture").
 
 * ``query``: tell the server which partition this node holds and describe its data
   (written to ``partitions.json``).
-* ``train``: load the received model, train locally with the strategy's hooks
-  (and DP-SGD when ``privacy.mechanism`` is ``dpsgd``), reply with the records the
-  strategy asks for and the training metrics (under DP-SGD also the node's ε so
-  far and σ; a spent budget is an error reply ``PrivacyBudgetExhausted: ...``).
-  A mechanism with a client half on the upload (NbAFL: clipping and noise, at
-  most L uploads, else ``ExposureLimitReached: ...``; central DP: the update
-  clipped to S) transforms the reply.
+* ``train``: load the received model, train locally with the strategy's hooks,
+  reply with the records the strategy asks for and the training metrics. The
+  scenario's privacy mechanism takes part through its client half
+  (:func:`privacy.client_privacy`, a :class:`privacy.ClientPrivacy`): it may refuse
+  the round (a spent budget is an error reply with code
+  :data:`privacy.accounting.BUDGET_EXHAUSTED_CODE`), replace the optimiser and
+  loader (DP-SGD), transform the reply (NbAFL's clipping and noise, central DP's
+  clipped update) and add its metrics (e.g. the node's ε so far).
 * ``evaluate``: evaluate the received (or personalised) model on the local
   validation split.
 * ``query.export_state`` / ``query.import_state``: copy this node's persistent
@@ -29,8 +30,9 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -40,15 +42,21 @@ import privacy
 from client.cache import scenario_from_json, task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import fit
+from medtasks.scenario import Scenario
 from medtasks.seeding import seed_everything, torch_generator
 from privacy.accounting import BUDGET_EXHAUSTED_CODE, BudgetExhausted
-from medtasks.scenario import LocalSection, Scenario
 from strategies import get_algorithm
-from strategies.base import CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, ROUND_KEY, SCENARIO_KEY, ClientRule
+from strategies.base import (
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    ROUND_KEY,
+    SCENARIO_KEY,
+    ClientRule,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.base import Task
-    from privacy.dpsgd import DPSGDClient
 
 log = logging.getLogger("medfed")
 
@@ -57,8 +65,6 @@ DATA_PATH_KEY = "data-path"  # node_config: the hospital's own data folder (depl
 PARTICIPATION_KEY = "medfed-participation"
 INFO_KEY = "info"
 CLIENT_ERROR_CODE = 1
-EPSILON_KEY = "epsilon"  # train metric under DP-SGD: ε(δ) this node has spent so far, all rounds included
-NOISE_MULTIPLIER_KEY = "noise-multiplier"  # train metric under DP-SGD: σ of this round's steps
 
 app = ClientApp()
 
@@ -80,7 +86,7 @@ def _replying_errors(handler: Callable[[Message, Context], Message]) -> Callable
     def wrapper(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
-        except Exception as error:  # noqa: BLE001 - every failure must reach the server as a reply
+        except Exception as error:
             log.debug("client handler %s failed", handler.__name__, exc_info=True)
             reason = f"{type(error).__name__}: {error}".splitlines()[0]
             code = BUDGET_EXHAUSTED_CODE if isinstance(error, BudgetExhausted) else CLIENT_ERROR_CODE
@@ -100,7 +106,7 @@ def _prepare(message: Message, context: Context, purpose: str) -> tuple[Scenario
     return scenario, pid, server_round
 
 
-def site_data(scenario: Scenario, context: Context, pid: int) -> tuple["Task", int, int]:
+def site_data(scenario: Scenario, context: Context, pid: int) -> tuple[Task, int, int]:
     """The task holding this node's data, its index in that task, and the number of sites the task has.
 
     Normally the scenario's task and partition ``pid`` of ``partition.clients``. A hospital whose SuperNode
@@ -144,7 +150,7 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 @_replying_errors
 def train(message: Message, context: Context) -> Message:
-    """One round of local training on this site's data (with DP-SGD if the scenario asks for it)."""
+    """One round of local training on this site's data, with the scenario's privacy mechanism taking part."""
     started = time.perf_counter()
     scenario, pid, server_round = _prepare(message, context, "train")
     task, index, sites = site_data(scenario, context, pid)
@@ -155,17 +161,13 @@ def train(message: Message, context: Context) -> Message:
     rule.receive(model, message.content, context.state)
     rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
-    private = _private_training(scenario, context, server_round, pid, local, rule)
-    upload = privacy.upload_privacy(scenario, server_round, pid, len(dataset))
-    if upload is not None:
-        upload.admit(context.state)
-    with contextlib.closing(private) if private is not None else contextlib.nullcontext():  # Opacus's hooks
-        result = fit(model, task, dataset, local, rule, generator, private)
+    mechanism = privacy.client_privacy(scenario, server_round, pid, len(dataset), local, rule)
+    mechanism.admit(context.state)
+    with contextlib.closing(mechanism):  # e.g. Opacus's hooks on the model
+        result = fit(model, task, dataset, local, rule, generator, mechanism.private_training())
         records = rule.reply(model, context.state, steps=result.steps)
-        privacy_metrics = _spend_privacy(private, context) if private is not None else {}
-    if upload is not None:
-        records, upload_metrics = upload.protect(records, model, message.content, context.state)
-        privacy_metrics.update(upload_metrics)
+        records = mechanism.protect(records, model, message.content, context.state)
+        privacy_metrics = mechanism.spend(context.state)  # only once the reply is built: a failed round costs nothing
     metrics = MetricRecord(
         {
             "loss": result.loss,
@@ -177,44 +179,6 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=message)
-
-
-def _private_training(scenario: Scenario, context: Context, server_round: int, pid: int, local: LocalSection,
-                      rule: ClientRule) -> "DPSGDClient | None":
-    """The scenario's sample-level DP mechanism for this round (``None`` without one).
-
-    Its noise comes from the stream (seed, "dpsgd-noise", round, partition); its
-    accountant starts from the history in the node's state; the rule's gradient
-    edit (SCAFFOLD's correction) runs after the noise.
-    """
-    if scenario.privacy.mechanism != "dpsgd":
-        return None
-    from privacy.dpsgd import DPSGDClient, DPSGDParams, load_history  # lazily: only DP clients load it
-
-    return DPSGDClient(
-        DPSGDParams.model_validate(scenario.privacy.params),
-        generator=torch_generator(scenario.seed, "dpsgd-noise", server_round, pid),
-        prior=load_history(context.state),
-        rounds=scenario.strategy.rounds,
-        epochs=local.epochs,
-        max_steps=local.max_steps,
-        after_noise=rule.after_backward,
-    )
-
-
-def _spend_privacy(private: "DPSGDClient", context: Context) -> dict[str, float]:
-    """Add this round's steps to the node's accountant history; its ε and σ as reply metrics.
-
-    Called once the reply is built: a round that fails sends nothing, so it costs nothing.
-    """
-    from privacy.accounting import epsilon
-    from privacy.dpsgd import append_history
-
-    sigma = private.noise_multiplier
-    assert sigma is not None  # set when fit attached the mechanism
-    history = append_history(context.state, private.history())
-    spent = epsilon(history, private.params.delta, private.params.accountant)
-    return {EPSILON_KEY: spent, NOISE_MULTIPLIER_KEY: sigma}
 
 
 @app.evaluate()

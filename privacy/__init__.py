@@ -6,8 +6,9 @@ A scenario's ``privacy.mechanism`` names one of :data:`MECHANISMS`:
 * ``"dpsgd"``: sample-level DP-SGD on every client with a per-node accountant
   (:mod:`privacy.dpsgd`, Opacus); ``privacy.params`` is a
   :class:`~privacy.dpsgd.DPSGDParams`;
-* ``"nbafl"``: NbAFL, the lecture's DP-FedAvg (:mod:`privacy.nbafl`): clipped and
-  perturbed uploads, noise on the broadcast; ``privacy.params`` is a
+* ``"nbafl"``: NbAFL of Wei et al. 2020 (IEEE TIFS, "Federated Learning with
+  Differential Privacy: Algorithms and Performance Analysis"; :mod:`privacy.nbafl`):
+  clipped and perturbed uploads, noise on the broadcast; ``privacy.params`` is a
   :class:`~privacy.nbafl.NbAFLParams`;
 * ``"central"``: client-level central DP, DP-FedAvg of McMahan et al. 2018
   (:mod:`privacy.central`): clipped updates, noise on the aggregate, a
@@ -15,19 +16,23 @@ A scenario's ``privacy.mechanism`` names one of :data:`MECHANISMS`:
   :class:`~privacy.central.CentralDPParams`.
 
 Shared pieces: :mod:`privacy.accounting` (ε of a history of Gaussian steps, RDP
-or PRV) and :mod:`privacy.gaussian` (clipping and seeded noise).
+or PRV, for every mechanism), :mod:`privacy.gaussian` (clipping and seeded noise)
+and :mod:`privacy.compatibility` (which mechanism can protect which scenario,
+decided from what the strategy declares it uploads).
 
-Besides acting inside local training (DP-SGD), a mechanism can hook into the
-round loop and the reply. Its server half is a :class:`ServerPrivacy`
-(:func:`server_privacy`), its client half an :class:`UploadPrivacy` applied to
-what a site sends (:func:`upload_privacy`); both are ``None`` for mechanisms
-without them. A mechanism's module is imported only when a scenario names it:
-Opacus takes seconds to import.
+Every mechanism is a plug-in with two halves. Its client half is a
+:class:`ClientPrivacy` (:func:`client_privacy`; :class:`NoPrivacy` without a
+mechanism), which may act inside local training (DP-SGD) and on what a site
+sends (NbAFL, central DP); its server half is a :class:`ServerPrivacy`
+(:func:`server_privacy`, ``None`` for mechanisms without one). A mechanism's
+module is imported only when a scenario names it: Opacus takes seconds to
+import.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, get_args
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
 from medtasks.scenario import MechanismName
 
@@ -36,11 +41,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from pydantic import BaseModel
 
-    from medtasks.scenario import Scenario
-    from strategies.base import Cohort
+    from client.trainer import PrivateTraining
+    from medtasks.scenario import LocalSection, Scenario
+    from strategies.base import ClientRule, Cohort
 
 MECHANISMS: tuple[str, ...] = get_args(MechanismName)
 """Allowed values of ``privacy.mechanism``."""
+
+MODULES: dict[str, str] = {"dpsgd": "privacy.dpsgd", "nbafl": "privacy.nbafl", "central": "privacy.central"}
+"""Mechanism → the module that implements it (its ``client_privacy`` factory and params schema)."""
 
 BUDGET_ERRORS = ("PrivacyBudgetExhausted:", "ExposureLimitReached:")
 """How the reason of a client's error reply starts when its privacy budget is spent (the exception's class
@@ -59,21 +68,23 @@ class ServerPrivacy(Protocol):
         """Log the mechanism's settings at the start of the run."""
         ...
 
-    def configure(self, config: "ConfigRecord", server_round: int) -> None:
+    def configure(self, config: ConfigRecord, server_round: int) -> None:
         """Add what the clients need to a round's train config (before ``configure_train``).
 
-        Raises:
-            privacy.accounting.PrivacyBudgetExhausted: the round would overspend the run's budget.
+        Raises
+        ------
+        privacy.accounting.PrivacyBudgetExhausted
+            The round would overspend the run's budget.
         """
         ...
 
-    def before_aggregate(self, replies: "list[Message]", sent: "ArrayRecord", server_round: int,
-                         cohort: "Cohort") -> None:
+    def before_aggregate(self, replies: list[Message], sent: ArrayRecord, server_round: int,
+                         cohort: Cohort) -> None:
         """Transform the round's train replies in place before ``aggregate_train`` (``sent``: the arrays the
         round started from)."""
         ...
 
-    def after_aggregate(self, arrays: "ArrayRecord", server_round: int) -> "ArrayRecord":
+    def after_aggregate(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
         """The global arrays to use and broadcast, given those ``aggregate_train`` returned."""
         ...
 
@@ -82,21 +93,65 @@ class ServerPrivacy(Protocol):
         ...
 
 
-class UploadPrivacy(Protocol):
-    """The client half of a mechanism, applied to one round's reply of one site."""
+class ClientPrivacy(Protocol):
+    """The client half of a mechanism for one round of one site, driven by the train handler in this order:
 
-    def admit(self, state: "RecordDict") -> None:
-        """Raise (one line) if this site may not train this round; called before training."""
+    1. :meth:`admit` before any training (raise if the site may not train);
+    2. :meth:`private_training` gives the trainer its private optimiser and loader (DP-SGD) or ``None``;
+    3. :meth:`protect` transforms the reply's records once the strategy has built them;
+    4. :meth:`spend` spends the round's budget and gives the train metrics to report, once the reply is
+       built (a round that fails before costs nothing);
+    5. :meth:`close`, always (e.g. Opacus's hooks on the model).
+    """
+
+    def admit(self, state: RecordDict) -> None:
+        """Raise (one line; a :class:`privacy.accounting.BudgetExhausted` for a spent budget) if this site may not
+        train this round (``state``: the node's persistent state)."""
         ...
 
-    def protect(self, records: Mapping[str, Any], model: "torch.nn.Module", received: "RecordDict",
-                state: "RecordDict") -> tuple[dict[str, Any], dict[str, float]]:
+    def private_training(self) -> PrivateTraining | None:
+        """What replaces the trainer's optimiser and loader (:class:`client.trainer.PrivateTraining`), or ``None``."""
+        ...
+
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
+                state: RecordDict) -> dict[str, Any]:
         """The records to send instead of ``records`` (``received``: the train message's content, the arrays
-        and config the site started from), and train metrics to add to the reply."""
+        and config the site started from)."""
+        ...
+
+    def spend(self, state: RecordDict) -> dict[str, float]:
+        """Spend this round's budget in ``state``; the train metrics to add to the reply."""
+        ...
+
+    def close(self) -> None:
+        """Release what training attached (called whether the round succeeded or not)."""
         ...
 
 
-def accounting_fields(scenario: "Scenario") -> dict[str, Any]:
+class NoPrivacy:
+    """The client half of ``privacy.mechanism: none``: every step leaves the round as it is."""
+
+    def admit(self, state: RecordDict) -> None:
+        """Every site may train."""
+
+    def private_training(self) -> None:
+        """Plain local training."""
+        return
+
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
+                state: RecordDict) -> dict[str, Any]:
+        """The records as they are."""
+        return dict(records)
+
+    def spend(self, state: RecordDict) -> dict[str, float]:
+        """No budget, no metrics."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def accounting_fields(scenario: Scenario) -> dict[str, Any]:
     """What the ε of every ``metrics.jsonl`` record means: ``{"delta": δ, "accountant": name}``, or ``{}``
     without differential privacy. The accountant is ``rdp`` or ``prv`` (DP-SGD, central DP), or
     ``nbafl-formula`` (NbAFL's calibration; its RDP-accounted ε is in ``summary.json``)."""
@@ -107,11 +162,13 @@ def accounting_fields(scenario: "Scenario") -> dict[str, Any]:
     return {"delta": section.params.get("delta"), "accountant": accountant}
 
 
-def params_schema(mechanism: str) -> "type[BaseModel] | None":
+def params_schema(mechanism: str) -> type[BaseModel] | None:
     """The pydantic schema of ``privacy.params`` for ``mechanism`` (``None``: it takes no params).
 
-    Raises:
-        ValueError: for a name not in :data:`MECHANISMS`.
+    Raises
+    ------
+    ValueError
+        For a name not in :data:`MECHANISMS`.
     """
     if mechanism == "none":
         return None
@@ -130,38 +187,36 @@ def params_schema(mechanism: str) -> "type[BaseModel] | None":
     raise ValueError(f"unknown privacy mechanism '{mechanism}' (allowed: {', '.join(MECHANISMS)})")
 
 
-def check_compatible(scenario: "Scenario") -> None:
-    """Refuse scenarios whose strategy or model the chosen mechanism cannot protect.
+def check_compatible(scenario: Scenario) -> None:
+    """Refuse scenarios whose strategy, model or task the chosen mechanism cannot protect.
 
-    Raises:
-        ValueError: one line naming the offending key (e.g. FedBN with DP-SGD, SCAFFOLD with NbAFL).
+    The decision is :mod:`privacy.compatibility`'s, from what the strategy declares; NbAFL also checks its
+    ``exposures`` against the rounds.
+
+    Raises
+    ------
+    ValueError
+        One line naming the mechanism and the reason (e.g. a control-variate update beside the weights under
+        NbAFL, BatchNorm under DP-SGD).
     """
-    if scenario.privacy.mechanism == "dpsgd":
-        from medtasks.registry import get_task_class
-        from privacy.dpsgd import check_combination
+    if scenario.privacy.mechanism == "none":
+        return
+    from privacy.compatibility import check
 
-        if not getattr(get_task_class(scenario.task.name), "per_sample_gradients", True):
-            raise ValueError(
-                f"privacy.mechanism dpsgd: task '{scenario.task.name}' cannot give per-example gradients "
-                "(its model's layers see sub-units of an example, e.g. the tiles of a MIL bag), so DP-SGD "
-                "cannot clip them per example"
-            )
-        check_combination(scenario.strategy.name, scenario.strategy.params, scenario.task.params.get("norm"))
-    elif scenario.privacy.mechanism == "nbafl":
-        from privacy.nbafl import check_combination as check_nbafl
+    check(scenario)
+    if scenario.privacy.mechanism == "nbafl":
+        from privacy.nbafl import check_params
 
-        check_nbafl(scenario)
-    elif scenario.privacy.mechanism == "central":
-        from privacy.central import check_combination as check_central
-
-        check_central(scenario)
+        check_params(scenario)
 
 
-def server_privacy(scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]]) -> ServerPrivacy | None:
+def server_privacy(scenario: Scenario, stats: Mapping[int, Mapping[str, Any]]) -> ServerPrivacy | None:
     """The server half of the scenario's mechanism, built once discovery has given each site's ``stats``.
 
-    Raises:
-        ValueError: (one line) if the sites' statistics cannot calibrate it.
+    Raises
+    ------
+    ValueError
+        (one line) if the sites' statistics cannot calibrate it.
     """
     if scenario.privacy.mechanism == "nbafl":
         from privacy.nbafl import NbAFLServer
@@ -174,15 +229,34 @@ def server_privacy(scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]])
     return None
 
 
-def upload_privacy(scenario: "Scenario", server_round: int, partition_id: int,
-                   train_size: int) -> UploadPrivacy | None:
-    """The client half of the scenario's mechanism for one round of one site (``train_size`` examples)."""
-    if scenario.privacy.mechanism == "nbafl":
-        from privacy.nbafl import NbAFLClient
+def client_privacy(scenario: Scenario, server_round: int, partition_id: int, train_size: int,
+                   local: LocalSection, rule: ClientRule) -> ClientPrivacy:
+    """The client half of the scenario's mechanism for one round of one site.
 
-        return NbAFLClient.for_round(scenario, server_round, partition_id, train_size)
-    if scenario.privacy.mechanism == "central":
-        from privacy.central import CentralDPClient
+    Parameters
+    ----------
+    scenario : Scenario
+        The scenario the train message carried.
+    server_round : int
+        The round (with the seed and ``partition_id``, it selects the mechanism's noise stream).
+    partition_id : int
+        This site.
+    train_size : int
+        The examples this site trains on.
+    local : LocalSection
+        The local-training settings the strategy's rule resolved for this round.
+    rule : ClientRule
+        The strategy's client rule (its declared uploads, its gradient edit).
 
-        return CentralDPClient.for_scenario(scenario)
-    return None
+    Returns
+    -------
+    ClientPrivacy
+        The mechanism module's ``client_privacy(...)`` (:data:`MODULES`), or :class:`NoPrivacy`.
+    """
+    module = MODULES.get(scenario.privacy.mechanism)
+    if module is None:
+        return NoPrivacy()
+    import importlib
+
+    return importlib.import_module(module).client_privacy(scenario, server_round, partition_id, train_size,
+                                                          local, rule)

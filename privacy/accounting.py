@@ -5,8 +5,10 @@ Poisson-subsampled Gaussian mechanism with noise multiplier σ (noise standard
 deviation σ times the sensitivity) and sampling rate q. DP-SGD
 (:mod:`privacy.dpsgd`) adds one entry per local round of a node (q = the batch's
 sampling rate); client-level central DP (:mod:`privacy.central`) adds one step
-per federated round (q = the cohort's share of the sites). ε(δ) of the whole
-history comes from one of Opacus's accountants:
+per federated round (q = the cohort's share of the sites); NbAFL (:mod:`privacy.nbafl`)
+reports the RDP ε of its calibrated noise through :func:`epsilon` too, so every
+mechanism uses one RDP path and one order grid. ε(δ) of the whole history comes
+from one of Opacus's accountants:
 
 * ``"rdp"``: Rényi DP (Mironov 2017, arXiv:1702.07476; subsampled Gaussian of
   Mironov, Talwar & Zhang 2019, arXiv:1908.10530). RDP of order α adds up over
@@ -25,7 +27,8 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import TYPE_CHECKING, Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -52,10 +55,14 @@ class BudgetExhausted(RuntimeError):
 class PrivacyBudgetExhausted(BudgetExhausted):
     """The next round would take ε (a node's, or the run's) past ``target_epsilon``.
 
-    Attributes:
-        spent: ε of the history so far.
-        next_epsilon: ε the history would have after the next round.
-        target: the budget.
+    Attributes
+    ----------
+    spent : float
+        ε of the history so far.
+    next_epsilon : float
+        ε the history would have after the next round.
+    target : float
+        The budget.
     """
 
     def __init__(self, spent: float, next_epsilon: float, target: float, delta: float) -> None:
@@ -85,7 +92,7 @@ def merge_history(history: Sequence[Entry], entries: Sequence[Entry]) -> list[En
 
 
 
-def make_accountant(history: Sequence[Entry], accountant: Accountant) -> "IAccountant":
+def make_accountant(history: Sequence[Entry], accountant: Accountant) -> IAccountant:
     """A fresh Opacus accountant (``RDPAccountant`` or ``PRVAccountant``) holding ``history``."""
     from opacus.accountants import create_accountant
 
@@ -151,8 +158,10 @@ def check_budget(history: Sequence[Entry], next_round: Sequence[Entry], *, delta
                  accountant: Accountant, target_epsilon: float) -> float:
     """ε after ``next_round`` if it stays within ``target_epsilon``.
 
-    Raises:
-        PrivacyBudgetExhausted: if ε(history + next_round) > target_epsilon.
+    Raises
+    ------
+    PrivacyBudgetExhausted
+        If ε(history + next_round) > target_epsilon.
     """
     after = epsilon(merge_history(history, next_round), delta, accountant)
     if after > target_epsilon:
@@ -169,8 +178,10 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     result is the upper end of the bracket, so ε(σ) ≤ target. Cached per process:
     every round of a node asks for the same σ (PRV searches take seconds).
 
-    Raises:
-        ValueError: if no σ ≤ 10⁶ reaches the target.
+    Raises
+    ------
+    ValueError
+        If no σ ≤ 10⁶ reaches the target.
     """
     from opacus.accountants.utils import get_noise_multiplier
 

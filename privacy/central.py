@@ -23,25 +23,28 @@ post-processing. Each round is one subsampled Gaussian step with noise
 multiplier z and rate q, composed over rounds by the accountant of
 :mod:`privacy.accounting` (RDP or PRV): ε after t rounds is ε([(z, q, t)], δ).
 
-How it fits the strategies (:data:`UPLOADS`):
+How it fits the strategies: :mod:`privacy.compatibility` decides from what a
+strategy declares (:meth:`strategies.base.ClientRule.uploads`,
+:attr:`strategies.base.Algorithm.combine`), and :func:`privacy.compatibility.protected_upload`
+names the record both halves clip:
 
-* ``"weights"``, the FedAvg family (``fedavg``, FedProx with ``proximal_mu`` > 0,
-  ``fedbn``, ``fedper``): the site sends w_t + clip(Δ_k) over the floating-point
-  tensors of its ``"arrays"`` record, which must be trained parameters (FedBN and
-  FedPer send only their shared ones; BatchNorm running statistics anywhere else
-  are refused: computed from the data, they would travel unprotected). The
+* a record of ``"weights"`` that the server averages (combine ``average``, the
+  mean rule): the site sends w_t + clip(Δ_k) over the floating-point tensors of
+  that record, which must be trained parameters (a strategy that keeps some
+  layers local sends only its shared ones; BatchNorm running statistics in the
+  upload are refused: computed from the data, they would travel unprotected). The
   server re-clips every update against the w_t it sent (a no-op for an honest
   site), sets every site's aggregation weight to 1 (:data:`AGGREGATION_WEIGHT_KEY`:
   with FedAvg's n_k weights the sensitivity would be max_k n_k S / Σ n_k and
   depend on the data), lets the strategy average, and adds the noise to the
   tensors the sites uploaded.
-* ``"update"``, pFedHN: each site sends Δw_k itself and the server takes a
-  hypernetwork step from every Δw_k separately, so there is no sum to perturb.
+* an ``"update"`` that the server uses site by site (combine ``per-site``, e.g. a
+  hypernetwork step from every Δw_k separately): there is no sum to perturb.
   The server clips each Δw_k to S and adds N(0, z² S² I) to each one before the
   step: one site's contribution to the round is then a Gaussian release with
   sensitivity S and multiplier z, the same accounting as above (with K times
-  the total noise of the averaged strategies). φ, the embeddings and every
-  generated model are post-processing of those releases.
+  the total noise of the averaged strategies). Whatever the server computes from
+  those releases is post-processing.
 
 Assumptions, stated where they matter:
 
@@ -60,42 +63,28 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medtasks.seeding import torch_generator
-from privacy.accounting import Accountant, PrivacyBudgetExhausted, calibrate_noise, epsilon
-from privacy.gaussian import add_gaussian_noise, clip_to_norm, l2_norm, protected_names
-from strategies.base import AGGREGATION_WEIGHT_KEY, ARRAYS_KEY, METRICS_KEY, Cohort, trainable_parameters
+from privacy.accounting import (
+    Accountant,
+    PrivacyBudgetExhausted,
+    calibrate_noise,
+    epsilon,
+)
+from privacy.compatibility import declare, protected_upload
+from privacy.gaussian import add_gaussian_noise, clip_to_norm, l2_norm
+from strategies.base import AGGREGATION_WEIGHT_KEY, METRICS_KEY, ClientRule, Cohort
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medtasks.scenario import Scenario
+    from medtasks.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
-
-Upload = Literal["weights", "update"]
-
-UPLOADS: dict[str, tuple[Upload, str]] = {
-    "fedavg": ("weights", ARRAYS_KEY),
-    "fedbn": ("weights", ARRAYS_KEY),
-    "fedper": ("weights", ARRAYS_KEY),
-    "pfedhn": ("update", "delta"),
-}
-"""Strategies the mechanism protects: what their sites upload, and the record that holds it."""
-
-_ROBUST = "it aggregates with a robust rule, whose sensitivity to one site is not the S/n of the average"
-REFUSED: dict[str, str] = {
-    "scaffold": "SCAFFOLD's control-variate update Δc_k travels beside the weights and would need its own "
-                "clipping and noise; use privacy.mechanism dpsgd with strategy.params.variate: II",
-    "fedsgd": "FedSGD is FedAvg with one full-batch step, use strategy fedavg (local.epochs 1) for client-level DP",
-    **dict.fromkeys(("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"), _ROBUST),
-    "local": "each site trains alone, nothing is aggregated (run it without privacy)",
-    "centralized": "the data are pooled on one node, there are no site updates to clip",
-}
-"""Why each strategy outside :data:`UPLOADS` is refused."""
 
 UPDATE_NORM_METRIC = "update-norm"  # train metric: ‖Δ_k‖₂ before the clip
 CLIPPED_METRIC = "clipped"  # train metric: 1 if the clip shrank the update, else 0
@@ -129,42 +118,10 @@ class CentralDPParams(BaseModel):
     accountant: Accountant = "rdp"
 
     @model_validator(mode="after")
-    def _noise_or_budget(self) -> "CentralDPParams":
+    def _noise_or_budget(self) -> CentralDPParams:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("central needs noise_multiplier or target_epsilon (or both)")
         return self
-
-
-# --- the scenarios it can protect -------------------------------------------------------------------
-def check_combination(scenario: "Scenario") -> None:
-    """Refuse scenarios the mechanism cannot protect, with a one-line ``ValueError``.
-
-    * a strategy outside :data:`UPLOADS` (:data:`REFUSED` says why);
-    * floating-point tensors in the upload that are not trained parameters (BatchNorm running statistics),
-      found from a fresh model of the task: in the weights a FedAvg-family rule would send, or in pFedHN's
-      buffers record.
-    """
-    from strategies import get_algorithm
-    from strategies.fedper import template_model
-
-    name = scenario.strategy.name
-    if name not in UPLOADS:
-        reason = REFUSED.get(name, f"only {', '.join(UPLOADS)} send updates it can clip")
-        raise ValueError(f"strategy {name} with privacy.mechanism central: {reason}")
-    model = template_model(scenario)
-    if UPLOADS[name][0] == "update":
-        floating = [buffer for buffer, value in model.named_buffers() if torch.is_floating_point(value)]
-        if floating:
-            raise ValueError(
-                f"strategy {name} with privacy.mechanism central: the model's buffers ({', '.join(floating[:2])}"
-                f"{' ...' if len(floating) > 2 else ''}) travel beside Δw unprotected; use a model without "
-                "BatchNorm (e.g. task.params.norm: group)"
-            )
-        return
-    algorithm = get_algorithm(name)
-    rule = algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
-    upload = rule.reply(model, RecordDict(), steps=1)[ARRAYS_KEY].to_torch_state_dict()
-    protected_names(upload, trainable_parameters(model), "central")
 
 
 # --- clipping an update ------------------------------------------------------------------------
@@ -172,16 +129,27 @@ def clipped_upload(new: Mapping[str, torch.Tensor], reference: Mapping[str, torc
                    clip: float) -> tuple[dict[str, torch.Tensor], float]:
     """The upload with its update clipped to ``clip``, and the update's norm before the clip.
 
-    Args:
-        new: the uploaded tensors (weights w_k, or the update Δ_k itself when ``reference`` is ``None``).
-        reference: w_t, the weights the site started from (name → tensor; must hold every floating-point
-            name of ``new``), or ``None`` for an update upload.
-        clip: S.
+    Parameters
+    ----------
+    new : Mapping[str, torch.Tensor]
+        The uploaded tensors (weights w_k, or the update Δ_k itself when ``reference`` is ``None``).
+    reference : Mapping[str, torch.Tensor] or None
+        w_t, the weights the site started from (name → tensor; must hold every floating-point name of
+        ``new``), or ``None`` for an update upload.
+    clip : float
+        S.
 
-    Returns:
+    Returns
+    -------
+    tuple of (dict, float)
         ``new`` with its floating-point tensors replaced by w_t + Δ_k / max(1, ‖Δ_k‖₂/S) (or the clipped
         Δ_k), integer tensors unchanged; and ‖Δ_k‖₂ (``nan`` for a non-finite update, left unclipped for the
         strategy to discard).
+
+    Raises
+    ------
+    ValueError
+        A floating-point tensor of ``new`` that ``reference`` lacks.
     """
     floating = [name for name, tensor in new.items() if torch.is_floating_point(tensor)]
     if reference is None:
@@ -202,56 +170,99 @@ def clipped_upload(new: Mapping[str, torch.Tensor], reference: Mapping[str, torc
 
 # --- the client half (McMahan et al., Algorithm 1, ClientUpdate) ---------------------------------------
 class CentralDPClient:
-    """Client half: clip this site's update before it is sent (a :class:`privacy.UploadPrivacy`).
+    """Client half: clip this site's update before it is sent (a :class:`privacy.ClientPrivacy`).
 
-    Args:
-        params: the mechanism's settings.
-        upload: what the strategy's sites send (:data:`UPLOADS`).
-        record: the name of the record that holds it.
+    Parameters
+    ----------
+    params : CentralDPParams
+        The mechanism's settings.
+    rule : ClientRule
+        The strategy's client rule: its declaration (:meth:`~strategies.base.ClientRule.uploads`) says which
+        record holds the weights or the update, and which received record the weights are relative to.
     """
 
-    def __init__(self, params: CentralDPParams, upload: Upload, record: str) -> None:
+    def __init__(self, params: CentralDPParams, rule: ClientRule) -> None:
         self.params = params
-        self.upload = upload
-        self.record = record
+        self.rule = rule
+        self._metrics: dict[str, float] = {}
 
     @classmethod
-    def for_scenario(cls, scenario: "Scenario") -> "CentralDPClient":
-        """The client half of ``scenario`` (its strategy must be in :data:`UPLOADS`)."""
-        upload, record = UPLOADS[scenario.strategy.name]
-        return cls(CentralDPParams.model_validate(scenario.privacy.params), upload, record)
+    def for_scenario(cls, scenario: Scenario, rule: ClientRule | None = None) -> CentralDPClient:
+        """The client half of ``scenario`` (``rule``: its strategy's client rule, built here if not given)."""
+        if rule is None:
+            from strategies import get_algorithm
+
+            algorithm = get_algorithm(scenario.strategy.name)
+            rule = algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
+        return cls(CentralDPParams.model_validate(scenario.privacy.params), rule)
 
     def admit(self, state: RecordDict) -> None:
         """Every site may train: the budget is the run's, kept by the server."""
 
-    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
-                state: RecordDict) -> tuple[dict[str, Any], dict[str, float]]:
-        """Δ_k ← Δ_k / max(1, ‖Δ_k‖₂/S) on the upload (weights: against the received w_t).
+    def private_training(self) -> None:
+        """Central DP leaves local training as it is."""
+        return
 
-        Returns the records to send and the train metrics ``update-norm`` (‖Δ_k‖₂ before the clip) and
-        ``clipped`` (1 if the clip shrank it).
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
+                state: RecordDict) -> dict[str, Any]:
+        """Δ_k ← Δ_k / max(1, ‖Δ_k‖₂/S) on the upload (weights: against the w_t received in the declared
+        reference record).
+
+        Returns
+        -------
+        dict
+            The records to send; :meth:`spend` reports the update's norm before the clip.
         """
-        tensors = records[self.record].to_torch_state_dict()
-        reference = received[ARRAYS_KEY].to_torch_state_dict() if self.upload == "weights" else None
+        record, upload = protected_upload(self.rule.uploads(model))
+        tensors = records[record].to_torch_state_dict()
+        reference = received[upload.reference].to_torch_state_dict() if upload.kind == "weights" else None
         clipped, norm = clipped_upload(tensors, reference, self.params.clip)
-        metrics = {UPDATE_NORM_METRIC: norm, CLIPPED_METRIC: float(norm > self.params.clip)}
-        return {**records, self.record: ArrayRecord(clipped)}, metrics
+        self._metrics = {UPDATE_NORM_METRIC: norm, CLIPPED_METRIC: float(norm > self.params.clip)}
+        return {**records, record: ArrayRecord(clipped)}
+
+    def spend(self, state: RecordDict) -> dict[str, float]:
+        """Nothing to spend here (the server's accountant counts the round).
+
+        Returns
+        -------
+        dict
+            The train metrics ``update-norm`` (‖Δ_k‖₂ before the clip) and ``clipped`` (1 if the clip shrank it).
+        """
+        return dict(self._metrics)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def client_privacy(scenario: Scenario, server_round: int, partition_id: int, train_size: int,
+                   local: LocalSection, rule: ClientRule) -> CentralDPClient:
+    """The client half of central DP for one round of one site (:func:`privacy.client_privacy`)."""
+    return CentralDPClient.for_scenario(scenario, rule)
 
 
 # --- the server half (Algorithm 1, the aggregate and its noise; accounting) ----------------------------
 class CentralDPServer:
     """Server half, driven by the round loop (a :class:`privacy.ServerPrivacy`).
 
-    Args:
-        params: the mechanism's settings.
-        upload: what the strategy's sites send (:data:`UPLOADS`), and ``record``, where.
-        clients: N.
-        sampled: K, the sites a round samples (q = K/N).
-        rounds: T, the planned rounds (what ``target_epsilon`` calibrates z for).
-        seed: the scenario's seed; round t's noise comes from the stream (seed, "central-dp", t[, site]).
+    Parameters
+    ----------
+    params : CentralDPParams
+        The mechanism's settings.
+    upload : {"weights", "update"}
+        What the strategy's sites send (its declaration, :func:`privacy.compatibility.protected_upload`).
+    record : str
+        The record that holds it.
+    clients : int
+        N.
+    sampled : int
+        K, the sites a round samples (q = K/N).
+    rounds : int
+        T, the planned rounds (what ``target_epsilon`` calibrates z for).
+    seed : int
+        The scenario's seed; round t's noise comes from the stream (seed, "central-dp", t[, site]).
     """
 
-    def __init__(self, params: CentralDPParams, *, upload: Upload, record: str, clients: int, sampled: int,
+    def __init__(self, params: CentralDPParams, *, upload: str, record: str, clients: int, sampled: int,
                  rounds: int, seed: int) -> None:
         self.params = params
         self.upload = upload
@@ -271,10 +282,11 @@ class CentralDPServer:
         self._aggregated: tuple[int, list[str]] = (0, [])  # this round's n and the names the sites uploaded
 
     @classmethod
-    def from_scenario(cls, scenario: "Scenario") -> "CentralDPServer":
+    def from_scenario(cls, scenario: Scenario) -> CentralDPServer:
         """The server half of ``scenario``: N = ``partition.clients``, K from the strategy's sampling."""
         section, clients = scenario.strategy, scenario.partition.clients
-        upload, record = UPLOADS[section.name]
+        record, declared = protected_upload(declare(scenario).uploads)
+        upload = declared.kind
         return cls(CentralDPParams.model_validate(scenario.privacy.params), upload=upload, record=record,
                    clients=clients, sampled=Cohort.sample_size(clients, section.fraction_train, section.min_clients),
                    rounds=section.rounds, seed=scenario.seed)
@@ -304,8 +316,10 @@ class CentralDPServer:
     def configure(self, config: ConfigRecord, server_round: int) -> None:
         """Refuse a round that would take ε past ``target_epsilon`` (only when z was given, not calibrated).
 
-        Raises:
-            PrivacyBudgetExhausted: the run's budget would be overspent by this round.
+        Raises
+        ------
+        PrivacyBudgetExhausted
+            The run's budget would be overspent by this round.
         """
         self.rounds_spent = server_round - 1  # every earlier round was released (also after --resume)
         target = self.params.target_epsilon
@@ -318,11 +332,16 @@ class CentralDPServer:
         """Clip every site's update (again: the server does not rely on the sites), weight the sites equally;
         for update uploads add each site's noise N(0, z² S² I) here, there being no sum to perturb.
 
-        Args:
-            replies: the round's train replies (modified in place).
-            sent: w_t, the global arrays the round started from.
-            server_round: t.
-            cohort: node id ↔ partition id (site k's noise stream is (seed, "central-dp", t, k)).
+        Parameters
+        ----------
+        replies : list of Message
+            The round's train replies (modified in place).
+        sent : ArrayRecord
+            w_t, the global arrays the round started from.
+        server_round : int
+            t.
+        cohort : Cohort
+            Node id ↔ partition id (site k's noise stream is (seed, "central-dp", t, k)).
         """
         reference = sent.to_torch_state_dict() if self.upload == "weights" else None
         count, names = 0, set()

@@ -19,13 +19,18 @@ history [(σ, q, steps), ...] of the node, across rounds.
 
 The history is plain data: it is kept in the node's ``context.state`` (a
 ConfigRecord under :data:`ACCOUNTANT_KEY`), so it survives between rounds and
-``--resume`` (DESIGN.md §4), and ε is recomputed from it
+``--resume`` (:mod:`client.state`), and ε is recomputed from it
 (:func:`privacy.accounting.epsilon`, the same number as a live Opacus accountant).
 
 Privacy holds for what leaves the node (the trained weights and anything
 computed from them). A client rule that sends anything computed from the raw
-data (SCAFFOLD option I's full gradient, FedSGD's gradient read before the
-noise) breaks it: see :func:`check_combination` and :class:`DPSGDClient`.
+data (an upload declared ``from_data``, e.g. a control variate that is a full
+local gradient, or a gradient read before the noise) breaks it: see
+:mod:`privacy.compatibility` and :class:`DPSGDClient`.
+
+The client half a site's train handler sees is :class:`DPSGDSite` (a
+:class:`privacy.ClientPrivacy`): it hands the trainer a :class:`DPSGDClient` and
+adds the round's steps to the node's history once the reply is built.
 """
 
 from __future__ import annotations
@@ -33,19 +38,30 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from privacy.accounting import Entry, calibrate_noise, check_budget, epsilon, merge_history
+from medtasks.seeding import torch_generator
+from privacy.accounting import (
+    Entry,
+    calibrate_noise,
+    check_budget,
+    epsilon,
+    merge_history,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from opacus.accountants import IAccountant
     from opacus.grad_sample import GradSampleHooks
     from opacus.optimizers import DPOptimizer
     from torch.utils.data import DataLoader
+
+    from medtasks.scenario import LocalSection, Scenario
+    from strategies.base import ClientRule
 
 log = logging.getLogger("medfed")
 
@@ -55,11 +71,8 @@ ACCOUNTANT_KEY = "dpsgd-accountant"
 
 NORM_KEY = "task.params.norm"
 
-FEDBN_DPSGD_MESSAGE = (
-    "strategy fedbn with privacy.mechanism dpsgd: FedBN keeps BatchNorm local, but DP-SGD cannot use "
-    "BatchNorm (per-sample gradients are undefined under batch statistics); use a strategy without local "
-    f"BatchNorm (fedavg, fedper) and set {NORM_KEY}: group or instance"
-)
+EPSILON_METRIC = "epsilon"  # train metric: ε(δ) this node has spent so far, all rounds included
+NOISE_MULTIPLIER_METRIC = "noise-multiplier"  # train metric: σ of this round's steps
 
 
 class DPSGDParams(BaseModel):
@@ -105,7 +118,7 @@ class DPSGDParams(BaseModel):
     on_exhausted: Literal["stop-client", "stop-run"] = "stop-client"
 
     @model_validator(mode="after")
-    def _noise_or_budget(self) -> "DPSGDParams":
+    def _noise_or_budget(self) -> DPSGDParams:
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ValueError("dpsgd needs noise_multiplier or target_epsilon (or both)")
         return self
@@ -169,16 +182,27 @@ def check_model(model: torch.nn.Module, *, convert: bool = False) -> torch.nn.Mo
     Every BatchNorm counts, also those without affine parameters that Opacus's
     own validator lets through.
 
-    Args:
-        convert: return a converted deep copy instead of raising: every BatchNorm
-            becomes ``GroupNorm(gcd(32, C), C)`` (freshly initialised), then Opacus's
-            other fixers run. The copy's ``state_dict`` lacks the BatchNorm running
-            statistics, so in a federation the server must build the same model
-            (the task's ``norm`` parameter), or received tensors will not fit.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to check.
+    convert : bool, default False
+        Return a converted deep copy instead of raising: every BatchNorm
+        becomes ``GroupNorm(gcd(32, C), C)`` (freshly initialised), then Opacus's
+        other fixers run. The copy's ``state_dict`` lacks the BatchNorm running
+        statistics, so in a federation the server must build the same model
+        (the task's ``norm`` parameter), or received tensors will not fit.
 
-    Raises:
-        ValueError: (one line) naming ``task.params.norm`` for BatchNorm, or Opacus's
-            reasons for other unsupported layers.
+    Returns
+    -------
+    torch.nn.Module or None
+        ``None`` if ``model`` can be trained as it is, else the converted copy (``convert``).
+
+    Raises
+    ------
+    ValueError
+        (one line) naming ``task.params.norm`` for BatchNorm, or Opacus's
+        reasons for other unsupported layers.
     """
     batchnorms = _batchnorm_layers(model)
     errors = [e for e in _opacus_errors(model) if "BatchNorm" not in e]
@@ -222,35 +246,6 @@ def _replace_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return copied
 
 
-def check_combination(strategy: str, strategy_params: Mapping[str, Any], norm: str | None) -> None:
-    """Refuse scenario combinations that DP-SGD cannot train or would not protect.
-
-    Args:
-        strategy: ``strategy.name``.
-        strategy_params: ``strategy.params``.
-        norm: ``task.params.norm`` (``None`` if the task has no such parameter).
-
-    Raises:
-        ValueError: (one line) FedBN (it exists to keep BatchNorm local); SCAFFOLD
-            option I (its control variate ∇F_k(w_t) is computed from the raw data and
-            sent to the server without noise); a BatchNorm model. (FedProx is fine:
-            its proximal gradient is added after the noise, see
-            :meth:`strategies.fedavg.FedAvgClient.after_backward`.)
-    """
-    if strategy == "fedbn":
-        raise ValueError(FEDBN_DPSGD_MESSAGE)
-    if strategy == "scaffold" and strategy_params.get("variate") == "I":
-        raise ValueError(
-            "strategy scaffold with variate I and privacy.mechanism dpsgd: c_k = ∇F_k(w_t) is computed from the "
-            "raw local data and sent without noise; use variate: II (computed from the private weights)"
-        )
-    if norm == "batch":
-        raise ValueError(
-            f"privacy.mechanism dpsgd with {NORM_KEY}: batch: DP-SGD cannot use BatchNorm (per-sample gradients "
-            "are undefined under batch statistics); set it to group or instance"
-        )
-
-
 # --- the client side ----------------------------------------------------------------------------
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
@@ -273,7 +268,7 @@ class DPSGDClient:
     ``p.grad_sample`` (shape ``[|B|, *p.shape]``). The returned ``DPOptimizer``
     ignores ``p.grad`` as left by ``backward()``: it replaces it by g̃ (module
     docstring) before stepping. Hence anything that edits ``p.grad`` between
-    ``backward()`` and ``optimizer.step()`` is discarded (SCAFFOLD's correction,
+    ``backward()`` and ``optimizer.step()`` is discarded (a control-variate correction,
     FedProx's proximal gradient, if they did it there). Terms that do not depend on the data belong in
     ``after_noise``, which runs after g̃ is in ``p.grad`` and before the wrapped
     optimiser steps; such post-processing keeps the guarantee.
@@ -282,19 +277,27 @@ class DPSGDClient:
     (:func:`load_history`); :meth:`history` is this round's entries, to be added
     with :func:`append_history` once training ends.
 
-    Args:
-        params: the mechanism's settings.
-        generator: noise stream, derived by the caller from (seed, round, partition).
-            Poisson sampling draws from the loader's own generator.
-        prior: the node's accountant history before this round.
-        rounds: rounds the node is expected to train in, used only to calibrate σ
-            from ``target_epsilon`` (more participations than planned are refused
-            once the budget is spent).
-        epochs: local epochs per round.
-        max_steps: cap on local steps per round (``local.max_steps``).
-        after_noise: called with ``model`` at every step after the private gradient
-            is in ``p.grad`` and before the optimiser steps (e.g. SCAFFOLD's
-            ``g ← g − c_k + c``).
+    Parameters
+    ----------
+    params : DPSGDParams
+        The mechanism's settings.
+    generator : torch.Generator
+        Noise stream, derived by the caller from (seed, round, partition).
+        Poisson sampling draws from the loader's own generator.
+    prior : Sequence[Entry], default ()
+        The node's accountant history before this round.
+    rounds : int, default 1
+        Rounds the node is expected to train in, used only to calibrate σ
+        from ``target_epsilon`` (more participations than planned are refused
+        once the budget is spent).
+    epochs : int, default 1
+        Local epochs per round.
+    max_steps : int or None, default None
+        Cap on local steps per round (``local.max_steps``).
+    after_noise : callable or None, default None
+        Called with ``model`` at every step after the private gradient
+        is in ``p.grad`` and before the optimiser steps (e.g. a control-variate
+        correction ``g ← g − c_k + c``).
     """
 
     def __init__(
@@ -324,12 +327,15 @@ class DPSGDClient:
         return steps if self.max_steps is None else min(steps, self.max_steps)
 
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               loader: "DataLoader") -> tuple["DPOptimizer", "DataLoader"]:
+               loader: DataLoader) -> tuple[DPOptimizer, DataLoader]:
         """The private optimiser and loader to train ``model`` (in place) with this round.
 
-        Raises:
-            ValueError: for a model Opacus cannot train (:func:`check_model`).
-            PrivacyBudgetExhausted: if this round would take ε past ``target_epsilon``.
+        Raises
+        ------
+        ValueError
+            For a model Opacus cannot train (:func:`check_model`).
+        PrivacyBudgetExhausted
+            If this round would take ε past ``target_epsilon``.
         """
         check_model(model)
         batches = len(loader)
@@ -359,7 +365,7 @@ class DPSGDClient:
         )
         count_step = private_optimizer.step_hook  # the engine's accountant, fresh for this round
 
-        def on_private_gradient(dp_optimizer: "DPOptimizer") -> None:
+        def on_private_gradient(dp_optimizer: DPOptimizer) -> None:
             count_step(dp_optimizer)
             if self.after_noise is not None:
                 self.after_noise(model)
@@ -385,7 +391,7 @@ class DPSGDClient:
             return isinstance(batch, (list, tuple)) and len(batch) == 0
         return first.dim() > 0 and first.shape[0] == 0
 
-    def noise_step(self, optimizer: "DPOptimizer") -> None:
+    def noise_step(self, optimizer: DPOptimizer) -> None:
         """The step of an empty batch: θ moves by the noise alone, and the step is counted.
 
         The guarantee assumes a noisy step at every draw, empty or not (skipping
@@ -412,3 +418,82 @@ class DPSGDClient:
         if self._hooks is not None:
             self._hooks.cleanup()
             self._hooks = None
+
+
+# --- the client half a train handler sees ----------------------------------------------------------------
+class DPSGDSite:
+    """DP-SGD's client half for one round of one site (a :class:`privacy.ClientPrivacy`).
+
+    :meth:`admit` builds the round's :class:`DPSGDClient` from the node's history, :meth:`private_training`
+    hands it to the trainer, :meth:`spend` adds the round's steps to the history once the reply is built (a
+    round that fails sends nothing, so it costs nothing) and :meth:`close` removes Opacus's hooks.
+
+    Parameters
+    ----------
+    params : DPSGDParams
+        The mechanism's settings.
+    generator : torch.Generator
+        The noise stream (:meth:`for_round`: (seed, "dpsgd-noise", round, partition)).
+    rounds, epochs, max_steps, after_noise
+        As for :class:`DPSGDClient`.
+    """
+
+    def __init__(self, params: DPSGDParams, *, generator: torch.Generator, rounds: int = 1, epochs: int = 1,
+                 max_steps: int | None = None, after_noise: Callable[[torch.nn.Module], None] | None = None) -> None:
+        self.params = params
+        self.generator = generator
+        self.rounds, self.epochs, self.max_steps, self.after_noise = rounds, epochs, max_steps, after_noise
+        self.training: DPSGDClient | None = None
+
+    @classmethod
+    def for_round(cls, scenario: Scenario, server_round: int, partition_id: int, local: LocalSection,
+                  rule: ClientRule) -> DPSGDSite:
+        """The client half of ``scenario`` for one round of one site: its noise comes from the stream (seed,
+        "dpsgd-noise", round, partition), the rule's gradient edit runs after the noise."""
+        return cls(DPSGDParams.model_validate(scenario.privacy.params),
+                   generator=torch_generator(scenario.seed, "dpsgd-noise", server_round, partition_id),
+                   rounds=scenario.strategy.rounds, epochs=local.epochs, max_steps=local.max_steps,
+                   after_noise=rule.after_backward)
+
+    def admit(self, state: RecordDict) -> None:
+        """Build the round's :class:`DPSGDClient` from the node's history (the budget is checked when it is
+        attached, once the loader's sampling rate is known)."""
+        self.training = DPSGDClient(self.params, generator=self.generator, prior=load_history(state),
+                                    rounds=self.rounds, epochs=self.epochs, max_steps=self.max_steps,
+                                    after_noise=self.after_noise)
+
+    def private_training(self) -> DPSGDClient:
+        """The trainer's private optimiser and loader maker."""
+        assert self.training is not None, "private_training() before admit()"
+        return self.training
+
+    def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
+                state: RecordDict) -> dict[str, Any]:
+        """The records as they are: everything computed from the privately trained weights is covered."""
+        return dict(records)
+
+    def spend(self, state: RecordDict) -> dict[str, float]:
+        """Add this round's steps to the node's accountant history.
+
+        Returns
+        -------
+        dict
+            The train metrics ``epsilon`` (ε(δ) of the whole history) and ``noise-multiplier`` (σ).
+        """
+        training = self.private_training()
+        sigma = training.noise_multiplier
+        assert sigma is not None  # set when fit attached the mechanism
+        history = append_history(state, training.history())
+        return {EPSILON_METRIC: epsilon(history, self.params.delta, self.params.accountant),
+                NOISE_MULTIPLIER_METRIC: sigma}
+
+    def close(self) -> None:
+        """Remove Opacus's hooks from the model."""
+        if self.training is not None:
+            self.training.close()
+
+
+def client_privacy(scenario: Scenario, server_round: int, partition_id: int, train_size: int,
+                   local: LocalSection, rule: ClientRule) -> DPSGDSite:
+    """The client half of DP-SGD for one round of one site (:func:`privacy.client_privacy`)."""
+    return DPSGDSite.for_round(scenario, server_round, partition_id, local, rule)

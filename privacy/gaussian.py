@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -74,10 +74,11 @@ def protected_names(tensors: Mapping[str, torch.Tensor], trainable: Collection[s
     Integer tensors (``num_batches_tracked``) are left out: they count local steps, a function of |D_i|,
     the batch size and the epochs only, equal for neighbouring data sets, so they cost no privacy.
 
-    Raises:
-        ValueError: (one line, naming ``mechanism``) for floating-point tensors that are not trained
-            parameters (BatchNorm running statistics): computed from the data, they would leave the site
-            unprotected.
+    Raises
+    ------
+    ValueError
+        (one line, naming ``mechanism``) for floating-point tensors that are not trained parameters
+        (BatchNorm running statistics): computed from the data, they would leave the site unprotected.
     """
     floating = [name for name, tensor in tensors.items() if torch.is_floating_point(tensor)]
     stray = [name for name in floating if name not in trainable]
@@ -86,7 +87,7 @@ def protected_names(tensors: Mapping[str, torch.Tensor], trainable: Collection[s
         raise ValueError(
             f"privacy.mechanism {mechanism}: the upload holds floating-point tensors that are not trained parameters "
             f"({shown}); computed from the data (BatchNorm running statistics), they would leave the site "
-            "unprotected: use a model without BatchNorm (e.g. task.params.norm: group) or strategy fedbn, which "
-            "keeps BatchNorm local"
+            "unprotected: use a model without BatchNorm (e.g. task.params.norm: group) or a strategy that keeps "
+            "BatchNorm local"
         )
     return floating

@@ -1,8 +1,8 @@
-"""NbAFL ("noising before model aggregation"), the lecture's DP-FedAvg, as the ``nbafl`` privacy mechanism.
+"""NbAFL ("noising before model aggregation"), DP-FedAvg with local noise, as the ``nbafl`` privacy mechanism.
 
 Wei et al., "Federated Learning with Differential Privacy: Algorithms and
-Performance Analysis", IEEE TIFS 15:3454-3469, 2020 (arXiv:1911.00222), the
-lecture's "FedAVG with DP" algorithm. This module holds its calibration (pure
+Performance Analysis", IEEE TIFS 15:3454-3469, 2020 (arXiv:1911.00222),
+Algorithm 1 ("noising before model aggregation FL"). This module holds its calibration (pure
 functions, :class:`NbAFLCalibration`) and both halves of the mechanism that a
 scenario selects with ``privacy: {mechanism: nbafl, params: {clip, epsilon, ...}}``
 (:class:`NbAFLParams`):
@@ -13,12 +13,12 @@ scenario selects with ``privacy: {mechanism: nbafl, params: {clip, epsilon, ...}
 * :class:`NbAFLClient`, applied to a site's reply: clips and perturbs the uploaded
   weights and counts the site's exposures in its node state (at most L).
 
-NbAFL's local objective is FedProx's, so it runs with ``strategy: fedavg``
-(``proximal_mu`` > 0 as in the paper; μ = 0 is allowed), or with ``fedper`` /
-``fedbn`` (the noise goes on what they send); :func:`check_combination` refuses the
-rest.
+NbAFL's local objective is FedProx's (``proximal_mu`` > 0 as in the paper; μ = 0 is
+allowed). It protects any strategy whose sites upload only their (shared) weights
+and whose server averages them with the mean; :mod:`privacy.compatibility` decides
+that from what the strategy declares and refuses the rest.
 
-Client i (Algorithm 1 of the paper; the lecture's steps 2-5) minimises
+Client i (Algorithm 1 of the paper, steps 2-5) minimises
 F_i(w) + μ/2 ‖w − w̃^{t−1}‖², clips and perturbs its weights, and the server
 averages and may add noise before it broadcasts (steps 6-7):
 
@@ -27,7 +27,7 @@ averages and may add noise before it broadcasts (steps 6-7):
     w̃  = Σ_i p_i w̃_i + n_D,   n_D ~ N(0, σ_D² I)               add_gaussian_noise
 
 The calibration, in the paper's notation (N clients, K of them sampled per
-round; the lecture calls the number of clients K), with C the clipping bound,
+round), with C the clipping bound,
 m the smallest local data set, T aggregations, L exposures of one client's
 weights, and the Gaussian mechanism's constant c:
 
@@ -46,7 +46,8 @@ downlink sensitivity Δs_D = 2C/(mN) (Lemma 1 with p_i = 1/N): the broadcast
 needs a total standard deviation of c T Δs_D / ε, the uplink noise already
 gives σ_U/√N of it, and σ_D supplies the rest, which is nothing when T ≤ L√N.
 
-What the formulas assume, and why :func:`rdp_epsilon` is reported beside them:
+What the formulas assume, and why the RDP-accounted ε (:func:`privacy.accounting.epsilon`) is reported
+beside them:
 
 * The Gaussian-mechanism constant is proven only for a per-release ε < 1. σ_U
   spends ε/L on each of L exposures (basic composition, which also adds up the
@@ -59,15 +60,16 @@ What the formulas assume, and why :func:`rdp_epsilon` is reported beside them:
   −ln(1 − q + q e^{−ε_r}) = ε/T (q = K/N). That amplification by sampling is
   smaller than the usual bound ln(1 + q(e^{ε_r} − 1)) (q = 0.5, ε_r = 1: 0.38
   against 0.62), so it lets the server add less noise; the RDP accounting here
-  uses Opacus's sampled-Gaussian analysis (Poisson sampling, rate K/N) instead.
+  is the one every mechanism uses (:mod:`privacy.accounting`: the sampled
+  Gaussian of Mironov, Talwar & Zhang 2019, Poisson sampling at rate K/N).
 
 What w is in a federation (:func:`protected_names`): every floating-point tensor
 of the ``"arrays"`` record a site uploads, all clipped together under one norm,
 and these must be trained parameters. BatchNorm running statistics are
-refused (at scenario load, :func:`check_combination`): they are computed from
+refused (at scenario load, :mod:`privacy.compatibility`): they are computed from
 the data, so sending them unperturbed would leak it, and clipping or noising
 them would break normalisation (a running variance scaled or pushed below 0).
-Models with GroupNorm/InstanceNorm, or FedBN, which keeps BatchNorm local, are
+Models with GroupNorm/InstanceNorm, or a strategy that keeps BatchNorm local, are
 fine. Integer tensors (``num_batches_tracked``) would travel unchanged: they
 count local steps, a function of |D_i|, the batch size and the epochs only,
 equal for neighbouring data sets (one example replaced, the adjacency of
@@ -80,9 +82,9 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import warnings
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -90,24 +92,23 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medtasks.seeding import torch_generator
 from privacy.accounting import BudgetExhausted
+from privacy.accounting import epsilon as accounted_epsilon
 from privacy.gaussian import add_gaussian_noise, protected_names
-from privacy.gaussian import clip_to_norm as clip_weights  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
-from strategies.base import ARRAYS_KEY, CONFIG_KEY, Cohort, trainable_parameters
+from privacy.gaussian import (
+    clip_to_norm as clip_weights,  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
+)
+from strategies.base import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ClientRule,
+    Cohort,
+    trainable_parameters,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from medtasks.scenario import Scenario
+    from medtasks.scenario import LocalSection, Scenario
 
 log = logging.getLogger("medfed")
-
-#: RDP orders α: Opacus's default grid (``RDPAccountant.DEFAULT_ALPHAS``: 1.1, 1.2, ..., 10.9, 12, ..., 63,
-#: spelled out so that a client imports this module without Opacus, seconds of start-up) widened at both
-#: ends (α near 1 for large ε, large α for small ε).
-RDP_ORDERS: tuple[float, ...] = tuple(
-    [1 + x / 100 for x in range(1, 10)]
-    + [1 + x / 10.0 for x in range(1, 100)]
-    + [float(a) for a in range(12, 64)]
-    + [64.0, 80.0, 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0]
-)
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -205,23 +206,37 @@ def downlink_sigma_sampled(
 def rdp_epsilon(sigma_over_sensitivity: float, steps: int, delta: float, sample_rate: float = 1.0) -> float:
     """ε of ``steps`` compositions of the (sampled) Gaussian mechanism with noise multiplier z = σ/Δs, by RDP.
 
+    The accounting every mechanism uses (:func:`privacy.accounting.epsilon` of the history [(z, q, steps)]):
     Rényi DP of one release is α/(2z²) at order α (Mironov 2017; Poisson-subsampled with rate q < 1:
-    Mironov, Talwar & Zhang 2019), compositions add up, and the sum is converted to (ε, δ)-DP with
-    Balle et al. 2020, Thm 21, minimised over :data:`RDP_ORDERS` (Opacus's ``compute_rdp`` and
-    ``get_privacy_spent``). Valid for every ε, unlike the classical constant c.
-    """
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent  # lazily: the server's only
+    Mironov, Talwar & Zhang 2019), compositions add up, and the sum is converted to (ε, δ)-DP, minimised
+    over Opacus's default orders. Valid for every ε, unlike the classical constant c.
 
+    Parameters
+    ----------
+    sigma_over_sensitivity : float
+        z = σ/Δs, > 0.
+    steps : int
+        The number of releases, ≥ 1.
+    delta : float
+        δ, in (0, 1).
+    sample_rate : float, default 1.0
+        q, the probability that a release includes a given site, in (0, 1].
+
+    Returns
+    -------
+    float
+        ε(δ).
+
+    Raises
+    ------
+    ValueError
+        For an input out of range.
+    """
     z = _positive("sigma_over_sensitivity", sigma_over_sensitivity)
     steps, delta = _count("steps", steps), _delta(delta)
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real) or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-    rdp = compute_rdp(q=float(sample_rate), noise_multiplier=z, steps=steps, orders=list(RDP_ORDERS))
-    with warnings.catch_warnings():
-        # An optimum at the grid's edge is still a valid (if looser) upper bound.
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        epsilon, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
-    return float(epsilon)
+    return accounted_epsilon([(z, float(sample_rate), steps)], delta, "rdp")
 
 
 @dataclass(frozen=True)
@@ -303,26 +318,11 @@ SIGMA_UP_KEY = "nbafl-sigma-up"
 """Train-config key of σ_U: the server computes it from every site's size, so no site needs the others'."""
 
 EXPOSURES_KEY = "nbafl-exposures"
-"""Name of the ConfigRecord ``{"count": uploads}`` in a node's ``context.state`` (DESIGN.md §4)."""
+"""Name of the ConfigRecord ``{"count": uploads}`` in a node's ``context.state`` (kept between rounds and
+checkpointed with it, :mod:`client.state`)."""
 
 EXPOSURES_METRIC = "exposures"  # train metric: this site's uploads so far, this one included
 SIGMA_UP_METRIC = "sigma-up"  # train metric: the σ_U this upload was perturbed with
-
-NBAFL_STRATEGIES = ("fedavg", "fedper", "fedbn")
-"""Strategies whose sites upload their (shared) weights and nothing else: what NbAFL clips and perturbs."""
-
-_ROBUST = ("it aggregates with a robust rule, not the weighted average whose sensitivity 2C/(mN) Theorems 1 "
-           "and 3 calibrate sigma_D for")
-REFUSED: dict[str, str] = {
-    "scaffold": "SCAFFOLD's control-variate update Δc_k travels beside the weights without clipping or noise",
-    "fedsgd": "FedSGD uploads gradients, not weights, and Δs_U = 2C/m bounds clipped weights",
-    "pfedhn": "pFedHN uploads the update Δw = w_k − θ_k, not clipped weights",
-    **dict.fromkeys(("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"), _ROBUST),
-    "local": "each site trains alone, no weights are aggregated (run it without privacy)",
-    "centralized": "the data are pooled, there are no site uploads to perturb",
-}
-"""Why each strategy outside :data:`NBAFL_STRATEGIES` is refused."""
-
 
 class NbAFLParams(BaseModel):
     """Settings of NbAFL (the ``nbafl`` privacy mechanism, ``privacy.params``).
@@ -365,40 +365,26 @@ class ExposureLimitReached(BudgetExhausted):
         )
 
 
-def check_combination(scenario: "Scenario") -> None:
-    """Refuse scenarios NbAFL cannot protect, with a one-line ``ValueError``.
+def check_params(scenario: Scenario) -> None:
+    """Refuse settings of ``privacy.params`` that do not fit the scenario (which strategies NbAFL can protect
+    is :mod:`privacy.compatibility`'s decision).
 
-    * a strategy outside :data:`NBAFL_STRATEGIES`: its uploads are not just the weights (:data:`REFUSED`);
-    * ``exposures`` above ``strategy.rounds``: a site uploads at most once a round;
-    * an upload with floating-point tensors that are not trained parameters (:func:`protected_names`), found
-      by asking the strategy's client rule what it would send from a fresh model of the task.
+    Parameters
+    ----------
+    scenario : Scenario
+        A scenario with ``privacy.mechanism: nbafl``.
+
+    Raises
+    ------
+    ValueError
+        (one line) ``exposures`` above ``strategy.rounds``: a site uploads at most once a round.
     """
-    name = scenario.strategy.name
-    if name not in NBAFL_STRATEGIES:
-        reason = REFUSED.get(name, f"only {', '.join(NBAFL_STRATEGIES)} upload just the weights NbAFL perturbs")
-        raise ValueError(
-            f"strategy {name} with privacy.mechanism nbafl: {reason}; use fedavg with strategy.params.proximal_mu "
-            "> 0 (NbAFL's local objective)"
-        )
     params = NbAFLParams.model_validate(scenario.privacy.params)
     if params.exposures is not None and params.exposures > scenario.strategy.rounds:
         raise ValueError(
             f"privacy.params.exposures {params.exposures} exceeds strategy.rounds {scenario.strategy.rounds} "
             "(a site uploads at most once a round)"
         )
-    model, upload = _template_upload(scenario)
-    protected_names(upload, trainable_parameters(model), "nbafl")
-
-
-def _template_upload(scenario: "Scenario") -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A fresh model of the scenario's task and the tensors its strategy's client rule would send from it."""
-    from strategies import get_algorithm
-    from strategies.fedper import template_model
-
-    algorithm = get_algorithm(scenario.strategy.name)
-    rule = algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
-    model = template_model(scenario)
-    return model, rule.reply(model, RecordDict(), steps=1)[ARRAYS_KEY].to_torch_state_dict()
 
 
 def _replaced(tensors: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -418,10 +404,14 @@ class NbAFLServer:
     Sends σ_U in every train config (:meth:`configure`) and perturbs the aggregate before it is broadcast,
     w̃ = Σ_i p_i w̃_i + n_D with n_D ~ N(0, σ_D² I) on its floating-point tensors (:meth:`after_aggregate`).
 
-    Args:
-        calibration: the run's noise (:meth:`from_discovery` builds it from a scenario and the sites' sizes).
-        seed: the scenario's seed; round t's n_D comes from the stream (seed, "nbafl-downlink", t).
-        sizes: n_train of each site (only to warn when they differ).
+    Parameters
+    ----------
+    calibration : NbAFLCalibration
+        The run's noise (:meth:`from_discovery` builds it from a scenario and the sites' sizes).
+    seed : int
+        The scenario's seed; round t's n_D comes from the stream (seed, "nbafl-downlink", t).
+    sizes : Collection[int], default ()
+        n_train of each site (only to warn when they differ).
     """
 
     def __init__(self, calibration: NbAFLCalibration, seed: int, sizes: Collection[int] = ()) -> None:
@@ -430,14 +420,16 @@ class NbAFLServer:
         self.sizes = sorted(sizes)
 
     @classmethod
-    def from_discovery(cls, scenario: "Scenario", stats: Mapping[int, Mapping[str, Any]]) -> "NbAFLServer":
+    def from_discovery(cls, scenario: Scenario, stats: Mapping[int, Mapping[str, Any]]) -> NbAFLServer:
         """The calibration of ``scenario`` with m = min_i n_train,i over the sites (``stats`` from discovery).
 
         N = ``partition.clients``, K = the sites a round samples (:meth:`Cohort.sample_size`; Theorem 3 when
         K < N, Theorem 1 otherwise), T = ``strategy.rounds``, L = ``exposures`` or T.
 
-        Raises:
-            ValueError: (one line) if a site's statistics have no ``n_train``.
+        Raises
+        ------
+        ValueError
+            (one line) if a site's statistics have no ``n_train``.
         """
         missing = sorted(pid for pid, site in stats.items() if "n_train" not in site)
         if missing:
@@ -509,64 +501,104 @@ class NbAFLServer:
 
 # --- the client half (Algorithm 1, steps 3-5) -----------------------------------------------------------
 class NbAFLClient:
-    """Client half of NbAFL, applied to a site's reply (a :class:`privacy.UploadPrivacy`).
+    """Client half of NbAFL, applied to a site's reply (a :class:`privacy.ClientPrivacy`).
 
-    Args:
-        params: the mechanism's settings.
-        exposures: L.
-        train_size: |D_i|, this site's training examples: σ_U must be at least what they alone call for,
-            c L (2C/|D_i|) / ε (the server computes it from m = min_j |D_j| ≤ |D_i|).
-        generator: the noise stream; :meth:`for_round` derives it from (seed, "nbafl-uplink", round, partition).
+    Parameters
+    ----------
+    params : NbAFLParams
+        The mechanism's settings.
+    exposures : int
+        L.
+    train_size : int
+        |D_i|, this site's training examples: σ_U must be at least what they alone call for,
+        c L (2C/|D_i|) / ε (the server computes it from m = min_j |D_j| ≤ |D_i|).
+    generator : torch.Generator
+        The noise stream; :meth:`for_round` derives it from (seed, "nbafl-uplink", round, partition).
+    rule : ClientRule or None, default None
+        The strategy's client rule, whose declaration (:meth:`~strategies.base.ClientRule.uploads`) names the
+        record of weights to perturb (``None``: the plain rule's, ``"arrays"``).
     """
 
-    def __init__(self, params: NbAFLParams, *, exposures: int, train_size: int, generator: torch.Generator) -> None:
+    def __init__(self, params: NbAFLParams, *, exposures: int, train_size: int, generator: torch.Generator,
+                 rule: ClientRule | None = None) -> None:
         self.params = params
         self.exposures = exposures
         self.train_size = train_size
         self.generator = generator
+        self.rule = rule
+        self._sigma: float | None = None  # σ_U of the upload protect perturbed
 
     @classmethod
-    def for_round(cls, scenario: "Scenario", server_round: int, partition_id: int, train_size: int) -> "NbAFLClient":
-        """The client half of ``scenario`` for one round of one site."""
+    def for_round(cls, scenario: Scenario, server_round: int, partition_id: int, train_size: int,
+                  rule: ClientRule | None = None) -> NbAFLClient:
+        """The client half of ``scenario`` for one round of one site (``rule``: the strategy's client rule)."""
         params = NbAFLParams.model_validate(scenario.privacy.params)
         generator = torch_generator(scenario.seed, "nbafl-uplink", server_round, partition_id)
         return cls(params, exposures=params.exposures_for(scenario.strategy.rounds), train_size=train_size,
-                   generator=generator)
+                   generator=generator, rule=rule)
 
     def admit(self, state: RecordDict) -> None:
         """Let this site train unless it has uploaded L times already (checked before any training).
 
-        Raises:
-            ExposureLimitReached: after L uploads.
+        Raises
+        ------
+        ExposureLimitReached
+            After L uploads.
         """
         uploads = exposures_so_far(state)
         if uploads >= self.exposures:
             raise ExposureLimitReached(uploads, self.exposures, self.params.epsilon)
 
+    def private_training(self) -> None:
+        """NbAFL leaves local training as it is."""
+        return
+
     def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,
-                state: RecordDict) -> tuple[dict[str, Any], dict[str, float]]:
+                state: RecordDict) -> dict[str, Any]:
         """Steps 3-4 on the reply: w ← w / max(1, ‖w‖₂/C), then w̃ = w + n_U with n_U ~ N(0, σ_U² I).
 
-        w is :func:`protected_names` of the ``"arrays"`` record (one norm over all of them); the upload counts
-        as one exposure in ``state``. Returns the records to send and the train metrics ``exposures`` and
-        ``sigma-up``.
+        w is :func:`protected_names` of the declared record of weights (one norm over all of them).
 
-        Raises:
-            ValueError: (one line) σ_U missing from the received config or below what this site needs; another array
-                record in the reply (it would travel unperturbed); floating-point tensors that are not trained.
+        Returns
+        -------
+        dict
+            The records to send.
+
+        Raises
+        ------
+        ValueError
+            (one line) σ_U missing from the received config or below what this site needs; another array
+            record in the reply (it would travel unperturbed); floating-point tensors that are not trained.
         """
+        from privacy.compatibility import protected_upload
+
         sigma = self._sigma_up(received[CONFIG_KEY])
-        others = sorted(name for name, record in records.items() if isinstance(record, ArrayRecord)
-                        and name != ARRAYS_KEY)
+        record = ARRAYS_KEY if self.rule is None else protected_upload(self.rule.uploads(model))[0]
+        others = sorted(name for name, value in records.items() if isinstance(value, ArrayRecord) and name != record)
         if others:
             raise ValueError(f"privacy.mechanism nbafl: the reply also sends {others}, which NbAFL does not perturb")
-        tensors = records[ARRAYS_KEY].to_torch_state_dict()
+        tensors = records[record].to_torch_state_dict()
         names = protected_names(tensors, trainable_parameters(model), "nbafl")
         clipped = clip_weights({name: tensors[name] for name in names}, self.params.clip)
         noisy = add_gaussian_noise(clipped, sigma, self.generator)
+        self._sigma = sigma
+        return {**records, record: _replaced(tensors, noisy)}
+
+    def spend(self, state: RecordDict) -> dict[str, float]:
+        """Count the upload :meth:`protect` perturbed as one exposure in ``state`` (once the reply is built).
+
+        Returns
+        -------
+        dict
+            The train metrics ``exposures`` (this one included) and ``sigma-up``.
+        """
+        assert self._sigma is not None, "spend() before protect()"
         uploads = exposures_so_far(state) + 1
         state[EXPOSURES_KEY] = ConfigRecord({"count": uploads})
-        return {**records, ARRAYS_KEY: _replaced(tensors, noisy)}, {EXPOSURES_METRIC: uploads, SIGMA_UP_METRIC: sigma}
+        return {EXPOSURES_METRIC: uploads, SIGMA_UP_METRIC: self._sigma}
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def _sigma_up(self, config: ConfigRecord) -> float:
         """σ_U from the server, checked against this site's own requirement c L (2C/|D_i|) / ε."""
@@ -580,3 +612,9 @@ class NbAFLClient:
             raise ValueError(f"NbAFL: the server's sigma_U {sigma:.4g} is below {needed:.4g}, what this site's "
                              f"{self.train_size} examples need for epsilon {p.epsilon:g}; nothing uploaded")
         return sigma
+
+
+def client_privacy(scenario: Scenario, server_round: int, partition_id: int, train_size: int,
+                   local: LocalSection, rule: ClientRule) -> NbAFLClient:
+    """The client half of NbAFL for one round of one site (:func:`privacy.client_privacy`)."""
+    return NbAFLClient.for_round(scenario, server_round, partition_id, train_size, rule)

@@ -17,7 +17,12 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from privacy.accounting import make_accountant
-from privacy.central import CentralDPClient, CentralDPParams, CentralDPServer, clipped_upload
+from privacy.central import (
+    CentralDPClient,
+    CentralDPParams,
+    CentralDPServer,
+    clipped_upload,
+)
 from server.results import RunDirectory
 from server.scenario import Scenario
 from strategies import get_algorithm
@@ -78,8 +83,9 @@ def test_the_client_half_clips_against_the_weights_it_received_and_reports_the_n
     site = CentralDPClient.for_scenario(with_central(quadratic_scenario(tmp_path, "fedavg"), clip=1.0,
                                                      noise_multiplier=1.0))
     received = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3)})})
-    records, metrics = site.protect({"arrays": ArrayRecord({"w": torch.tensor([0.0, 6.0, 8.0])})},
-                                    torch.nn.Linear(1, 1), received, RecordDict())
+    records = site.protect({"arrays": ArrayRecord({"w": torch.tensor([0.0, 6.0, 8.0])})},
+                           torch.nn.Linear(1, 1), received, RecordDict())
+    metrics = site.spend(RecordDict())
     assert torch.allclose(records["arrays"].to_torch_state_dict()["w"], torch.tensor([0.0, 0.6, 0.8]))
     assert metrics == {"update-norm": pytest.approx(10.0), "clipped": 1.0}
 

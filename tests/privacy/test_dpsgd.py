@@ -28,11 +28,9 @@ from privacy.accounting import (
 )
 from privacy.dpsgd import (
     ACCOUNTANT_KEY,
-    FEDBN_DPSGD_MESSAGE,
     DPSGDClient,
     DPSGDParams,
     append_history,
-    check_combination,
     check_model,
     load_history,
     save_history,
@@ -317,18 +315,6 @@ def test_batchnorm_without_parameters_is_rejected_although_opacus_validator_acce
     with pytest.raises(ValueError, match="BatchNorm"):
         check_model(model)
     assert isinstance(check_model(model, convert=True)[1], torch.nn.GroupNorm)
-
-
-def test_fedbn_scaffold_option_one_and_batch_norm_are_configuration_errors() -> None:
-    with pytest.raises(ValueError) as fedbn:
-        check_combination("fedbn", {}, "group")
-    assert str(fedbn.value) == FEDBN_DPSGD_MESSAGE and "FedBN keeps BatchNorm local" in FEDBN_DPSGD_MESSAGE
-    with pytest.raises(ValueError, match="variate: II"):
-        check_combination("scaffold", {"variate": "I"}, "group")
-    with pytest.raises(ValueError, match="task.params.norm: batch"):
-        check_combination("fedavg", {}, "batch")
-    check_combination("scaffold", {"variate": "II"}, "instance")
-    check_combination("fedavg", {}, None)
 
 
 def test_params_need_noise_or_budget_and_forbid_unknown_keys() -> None:

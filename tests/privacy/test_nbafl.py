@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from opacus.accountants.rdp import RDPAccountant
 from scipy.optimize import minimize_scalar
 
+from privacy.accounting import epsilon
 from privacy.nbafl import (
-    RDP_ORDERS,
     NbAFLCalibration,
     add_gaussian_noise,
     clip_weights,
@@ -195,8 +197,8 @@ def conversion(rdp: float, alpha: float, delta: float) -> float:
 
 def test_rdp_epsilon_of_one_gaussian_release_matches_alpha_over_2z2() -> None:
     z, delta = 2.0, 1e-5
-    # one release, sample rate 1: RDP(α) = α / (2 z²), minimised over the same orders
-    by_hand = min(conversion(alpha / (2 * z * z), alpha, delta) for alpha in RDP_ORDERS)
+    # one release, sample rate 1: RDP(α) = α / (2 z²), minimised over the orders every mechanism uses
+    by_hand = min(conversion(alpha / (2 * z * z), alpha, delta) for alpha in RDPAccountant.DEFAULT_ALPHAS)
     assert rdp_epsilon(z, 1, delta) == pytest.approx(by_hand, rel=1e-12)
     # and the grid is close to the continuous optimum over α > 1 (never below it)
     best = minimize_scalar(lambda a: conversion(a / (2 * z * z), a, delta), bounds=(1.001, 2000), method="bounded")
@@ -213,6 +215,10 @@ def test_rdp_epsilon_falls_with_noise_and_grows_with_steps() -> None:
     assert all(a > b for a, b in zip(by_noise, by_noise[1:]))
     by_steps = [rdp_epsilon(1.5, steps, 1e-5) for steps in (1, 5, 25, 125)]
     assert all(a < b for a, b in zip(by_steps, by_steps[1:]))
+
+
+def test_rdp_epsilon_is_the_accounting_every_mechanism_uses() -> None:
+    assert rdp_epsilon(1.3, 7, 1e-5, sample_rate=0.25) == epsilon([(1.3, 0.25, 7)], 1e-5, "rdp")
 
 
 def test_rdp_epsilon_is_smaller_with_subsampling() -> None:
