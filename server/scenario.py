@@ -4,8 +4,9 @@ The schema itself (:class:`~medtasks.scenario.Scenario` and its sections) lives 
 :mod:`medtasks.scenario`, below every package that reads it. :func:`load` validates a file, applies ``--set a.b=value`` overrides, validates
 the sections that depend on a name (``task.params`` against the task's schema,
 ``strategy.params`` against the algorithm's, ``partition.params`` against the
-partition kind's, ``privacy.params`` against the mechanism's), refuses the
-combinations a strategy or a privacy mechanism cannot run, and resolves every
+partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
+against the aggregation rule's), refuses the combinations a strategy, a defense
+or a privacy mechanism cannot run, and resolves every
 default, so the resolved scenario written to a run directory says exactly what ran.
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
@@ -116,9 +117,9 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
 
 
 def _resolve_named_params(scenario: Scenario, source: str) -> None:
-    """Validate the ``params`` of task, strategy, partition and privacy against their own schemas,
-    then the combinations the strategy and the privacy mechanism refuse."""
-    from strategies import UnknownStrategyError, get_algorithm
+    """Validate the ``params`` of task, strategy, partition, privacy and defense against their own schemas,
+    then the combinations the strategy, the defense and the privacy mechanism refuse."""
+    from strategies import UnknownStrategyError, aggregation, get_algorithm
 
     try:
         task_class = get_task_class(scenario.task.name)
@@ -138,6 +139,7 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
         ("strategy.params", algorithm.Params, scenario.strategy),
         ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition),
         ("privacy.params", _privacy_params_schema(scenario.privacy, source), scenario.privacy),
+        ("defense.params", _defense_params_schema(scenario.defense, source), scenario.defense),
     ]
     for prefix, params_model, section in checks:
         if params_model is None:
@@ -147,7 +149,11 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
         except ValidationError as error:
             raise ScenarioError(f"{source}: {_describe(error, params_model, prefix)}") from None
         section.params = json.loads(resolved.model_dump_json())
-    for check_compatible in (algorithm.check_compatible, privacy.check_compatible):
+
+    def check_defense(scenario: Scenario) -> None:
+        aggregation.check_defense(scenario, algorithm.combine)
+
+    for check_compatible in (algorithm.check_compatible, check_defense, privacy.check_compatible):
         try:
             check_compatible(scenario)
         except ValueError as error:
@@ -162,6 +168,23 @@ def _privacy_params_schema(section: PrivacySection, source: str) -> type[BaseMod
             f"{source}: privacy.params: mechanism '{section.mechanism}' takes no params (got "
             f"{', '.join(sorted(section.params))}); set privacy.mechanism (allowed: {', '.join(privacy.MECHANISMS)})"
         )
+    return schema
+
+
+def _defense_params_schema(section: DefenseSection, source: str) -> type[BaseModel] | None:
+    """The schema of ``defense.params`` for ``defense.aggregation`` (``None`` for a rule without settings,
+    whose params must be empty)."""
+    from strategies.aggregation import RULES
+
+    schema = RULES[section.aggregation]
+    if not schema.model_fields:
+        if section.params:
+            with_settings = ", ".join(name for name, rule in RULES.items() if rule.model_fields)
+            raise ScenarioError(
+                f"{source}: defense.params: aggregation '{section.aggregation}' takes no params (got "
+                f"{', '.join(sorted(section.params))}); set defense.aggregation (rules with params: {with_settings})"
+            )
+        return None
     return schema
 
 

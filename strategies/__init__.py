@@ -1,6 +1,6 @@
 """Federated algorithms, selectable by name in a scenario's ``strategy.name``.
 
-Each algorithm is ONE module holding both halves (DESIGN.md §2): the server side
+Each algorithm is ONE module holding both halves: the server side
 (a Flower Message-API strategy) and the client side (a :class:`~strategies.base.ClientRule`
 with the hooks the local trainer calls). The module exposes them as ``ALGORITHM``.
 """
@@ -8,7 +8,7 @@ with the hooks the local trainer calls). The module exposes them as ``ALGORITHM`
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 from strategies.base import Algorithm
 
@@ -21,7 +21,7 @@ BUILTIN_ALGORITHMS: dict[str, str] = {
     "fedbn": "strategies.fedbn",
     "fedper": "strategies.fedper",
     "pfedhn": "strategies.pfedhn",
-    # robust aggregation (Flower's rules, for the attack experiments)
+    # robust aggregation: FedAvg + a rule of strategies.aggregation (any averaging strategy takes one via `defense`)
     "fedmedian": "strategies.robust:FEDMEDIAN",
     "fedtrimmedavg": "strategies.robust:FEDTRIMMEDAVG",
     "krum": "strategies.robust:KRUM",
@@ -38,12 +38,14 @@ class UnknownStrategyError(LookupError):
     """A strategy name that is not registered."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_algorithm(name: str) -> Algorithm:
     """The :class:`Algorithm` registered as ``name``.
 
-    Raises:
-        UnknownStrategyError: naming the allowed strategies.
+    Raises
+    ------
+    UnknownStrategyError
+        Naming the allowed strategies.
     """
     module_name = BUILTIN_ALGORITHMS.get(name)
     if module_name is None:
@@ -53,4 +55,4 @@ def get_algorithm(name: str) -> Algorithm:
     return getattr(importlib.import_module(module_name), attribute or "ALGORITHM")
 
 
-__all__ = ["Algorithm", "BUILTIN_ALGORITHMS", "UnknownStrategyError", "get_algorithm"]
+__all__ = ["BUILTIN_ALGORITHMS", "Algorithm", "UnknownStrategyError", "get_algorithm"]

@@ -4,10 +4,15 @@ McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017 (arXiv:1602.05629); FedProx: Li et al.,
 "Federated Optimization in Heterogeneous Networks", MLSys 2020 (arXiv:1812.06127).
 
-Server (as the lecture defines it): sample S_t, send w_t, receive each client's
+Server (Algorithm 1 of McMahan et al.): sample S_t, send w_t, receive each client's
 w_k after E local epochs and set
 
     w_{t+1} = Σ_{k∈S_t} (n_k / m_t) w_k,   m_t = Σ_{k∈S_t} n_k.
+
+That weighted mean is the default of the scenario's ``defense`` section; a
+Byzantine-robust rule and a bound on each site's update norm can replace it
+(:class:`strategies.aggregation.Aggregator`, which every averaging strategy of
+this package aggregates through).
 
 Client: E epochs of mini-batch steps on F_k(w) (+ μ/2 ‖w − w_t‖² with FedProx).
 
@@ -27,7 +32,8 @@ choice, not a given:
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Literal
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 from flwr.app import (
@@ -42,6 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from pydantic import Field
 
+from strategies.aggregation import Aggregator
 from strategies.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -55,7 +62,6 @@ from strategies.base import (
     batchnorm_buffer_names,
     load_into,
     usable_replies,
-    weighted_average,
 )
 
 log = logging.getLogger("medfed")
@@ -92,6 +98,9 @@ class FedAvg(FlowerFedAvg):
         FedProx μ; the client adds μ/2 ‖w − w_t‖² (squared norm) to its loss.
     bn_stats : {"average", "local"}
         BatchNorm running-statistics policy (module docstring).
+    aggregator : Aggregator, optional
+        How the sites' tensors are combined (default: the weighted mean, no norm bound); subclasses
+        aggregate through it too (:meth:`aggregate_states`).
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class FedAvg(FlowerFedAvg):
         min_evaluate_nodes: int = 1,
         proximal_mu: float = 0.0,
         bn_stats: str = "average",
+        aggregator: Aggregator | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -115,9 +125,12 @@ class FedAvg(FlowerFedAvg):
         self.cohort = cohort
         self.proximal_mu = proximal_mu
         self.bn_stats = bn_stats
+        self.aggregator = aggregator or Aggregator()
+        self._sent: dict[str, torch.Tensor] = {}
 
     def summary(self) -> None:
         """Log the configuration (what ran is in the run's log)."""
+        self.log_aggregator()
         log.info(
             "FedAvg: fraction train %.2f / evaluate %.2f, min train nodes %d, proximal mu %.4g, BatchNorm statistics '%s'",
             self.fraction_train, self.fraction_evaluate, self.min_train_nodes, self.proximal_mu, self.bn_stats,
@@ -126,7 +139,9 @@ class FedAvg(FlowerFedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send w_t and the train config to the sampled sites."""
+        """Send w_t and the train config to the sampled sites (and keep w_t when updates are norm-bounded)."""
+        if self.aggregator.norm_bound is not None:
+            self._sent = arrays.to_torch_state_dict()
         config[PROXIMAL_MU_KEY] = self.proximal_mu
         nodes = self.cohort.sample(server_round, self.fraction_train, self.min_train_nodes, "train")
         return self._messages(arrays, config, nodes, MessageType.TRAIN, server_round)
@@ -151,13 +166,47 @@ class FedAvg(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """w_{t+1} = Σ_k (n_k / m_t) w_k over the usable replies."""
+        """w_{t+1} = Σ_k (n_k / m_t) w_k over the usable replies (or the scenario's defense rule)."""
         usable = usable_replies(replies, self.cohort, "train")
         if not usable:
             return None, None
         states = [reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable]
         weights = [aggregation_weight(reply) for reply in usable]
-        return ArrayRecord(weighted_average(states, weights)), aggregate_metrics(usable)
+        aggregated = self.aggregate_states(server_round, states, weights, self._sent)
+        if aggregated is None:
+            return None, None
+        return ArrayRecord(aggregated), aggregate_metrics(usable)
+
+    def aggregate_states(self, server_round: int, states: list[Mapping[str, torch.Tensor]], weights: list[float],
+                         origin: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The sites' tensors combined by :attr:`aggregator`; ``None`` (logged) when too few for its rule.
+
+        Parameters
+        ----------
+        server_round : int
+            For the log.
+        states : list of mappings of str to torch.Tensor
+            The sites' tensors x_k, in partition-id order.
+        weights : list of float
+            Their weights in the mean.
+        origin : mapping of str to torch.Tensor
+            x_t, the tensors sent this round (used by the norm bound only).
+
+        Returns
+        -------
+        dict of str to torch.Tensor or None
+            The combined tensors.
+        """
+        problem = self.aggregator.shortfall(len(states))
+        if problem is not None:
+            log.warning("round %d: only %d usable updates: %s", server_round, len(states), problem)
+            return None
+        return self.aggregator.aggregate(states, weights, origin)
+
+    def log_aggregator(self) -> None:
+        """Log the defense, unless it is the plain weighted mean."""
+        if not self.aggregator.is_plain_mean:
+            log.info("Aggregation: %s", self.aggregator.describe())
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the sites' metrics."""
@@ -201,7 +250,18 @@ class FedAvgClient(ClientRule):
 
 
 def sampling_options(context: StrategyContext) -> dict[str, float | int]:
-    """The scenario's sampling settings as :class:`FedAvg` keyword arguments (shared by its subclasses)."""
+    """The scenario's sampling settings as :class:`FedAvg` keyword arguments (shared by its subclasses).
+
+    Parameters
+    ----------
+    context : StrategyContext
+        What the server half is built from.
+
+    Returns
+    -------
+    dict
+        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``.
+    """
     section = context.scenario.strategy
     return {
         "fraction_train": section.fraction_train,
@@ -212,9 +272,10 @@ def sampling_options(context: StrategyContext) -> dict[str, float | int]:
 
 
 def build_strategy(context: StrategyContext) -> FedAvg:
-    """Server half from a scenario."""
+    """Server half from a scenario (also of the robust strategy names of :mod:`strategies.robust`)."""
     params = context.params
-    return FedAvg(context.cohort, proximal_mu=params.proximal_mu, bn_stats=params.bn_stats, **sampling_options(context))
+    return FedAvg(context.cohort, proximal_mu=params.proximal_mu, bn_stats=params.bn_stats,
+                  aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 
 ALGORITHM = Algorithm(name="fedavg", Params=FedAvgParams, build_strategy=build_strategy, client_rule=FedAvgClient)

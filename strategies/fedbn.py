@@ -1,8 +1,8 @@
 """FedBN: federated learning on non-IID features via local batch normalization.
 
-Li et al., ICLR 2021 (arXiv:2102.07623). The lecture: "Keeping Batch
-Normalization parameters local to account for feature shifts turned out to work
-really well" (scanners, stains, doses: P_k(x) differs while P(y|x) is shared).
+Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch
+Normalization", ICLR 2021 (arXiv:2102.07623): keeping BatchNorm local accounts for
+feature shift (scanners, stains, doses: P_k(x) differs while P(y|x) is shared).
 
 Every BatchNorm tensor of site k — affine γ_k, β_k and the running statistics
 μ_k, σ²_k, ``num_batches_tracked`` — stays in the site's node state and is never
@@ -10,7 +10,9 @@ sent; the server averages the other tensors only (Algorithm 1 of the paper):
 
     w^{t+1} = Σ_{k∈S_t} (n_k / m_t) w_k^{t},   m_t = Σ_{k∈S_t} n_k,   w ∌ BatchNorm tensors
 
-(float64, partition-id order). The first round starts every site's BatchNorm from
+(float64, partition-id order), or the scenario's ``defense`` rule over the same
+tensors (:mod:`strategies.aggregation`; the BatchNorm tensors stay local either
+way). The first round starts every site's BatchNorm from
 the global initial model. FedBN is personalization with "all BatchNorm layers" as
 the personal layers, so both halves reuse :mod:`strategies.fedper`.
 
@@ -79,7 +81,7 @@ def build_strategy(context: StrategyContext) -> FedBN:
     return build_partial_strategy(context, FedBN, batchnorm_tensor_names(context.model))  # type: ignore[return-value]
 
 
-def check_compatible(scenario: "Scenario") -> None:
+def check_compatible(scenario: Scenario) -> None:
     """FedBN needs BatchNorm layers in the task's model (one-line ``ValueError`` otherwise)."""
     if not batchnorm_tensor_names(template_model(scenario)):
         task = scenario.task

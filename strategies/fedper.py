@@ -1,9 +1,8 @@
 """Federated learning with personalization layers (FedPer).
 
 Arivazhagan et al., "Federated Learning with Personalization Layers", 2019
-(arXiv:1912.00818); the lecture's "Personalization Layers: splitting the model
-into global layers (shared) and local layers (private to each client)", where
-for classification "it would make sense to localize the head of the model".
+(arXiv:1912.00818): the model is split into base layers, shared by all sites,
+and personalization layers private to each site (for classification, the head).
 
 The model's state dict is split into shared tensors W_B (base layers) and local
 tensors W_P,k (personalization layers of site k). Each round:
@@ -13,7 +12,11 @@ tensors W_P,k (personalization layers of site k). Each round:
   its node state (``context.state``) and sends only W_B,k;
 * the server averages only the shared part,
 
-      W_B ← Σ_{k∈S_t} (n_k / m_t) W_B,k,   m_t = Σ_{k∈S_t} n_k   (float64, partition-id order).
+      W_B ← Σ_{k∈S_t} (n_k / m_t) W_B,k,   m_t = Σ_{k∈S_t} n_k   (float64, partition-id order),
+
+  or with the scenario's ``defense`` (:mod:`strategies.aggregation`): its rule over
+  the W_B,k, each bounded to ‖W_B,k − W_B‖₂ ≤ ``norm_bound``. The personalization
+  layers are never aggregated, so a defense concerns the shared part only.
 
 Which tensors are local (``strategy.params``): ``local_layers``, state-dict name
 prefixes matched at dot boundaries (``"head"`` selects ``head.weight`` and
@@ -29,13 +32,15 @@ site"; FedBN (:mod:`strategies.fedbn`) is the special case "every BatchNorm tens
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, ClassVar, Collection
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from pydantic import Field, model_validator
 
 from medtasks.registry import get_task_class
+from strategies.aggregation import Aggregator
 from strategies.base import (
     ARRAYS_KEY,
     Algorithm,
@@ -67,7 +72,7 @@ class FedPerParams(StrategyParams):
     )
 
     @model_validator(mode="after")
-    def _one_selection(self) -> "FedPerParams":
+    def _one_selection(self) -> FedPerParams:
         if self.local_layers is not None and self.last_modules is not None:
             raise ValueError("set either local_layers or last_modules, not both")
         if self.local_layers is None and self.last_modules is None:
@@ -76,7 +81,7 @@ class FedPerParams(StrategyParams):
 
 
 # --- which tensors are local ----------------------------------------------------------------------
-def template_model(scenario: "Scenario") -> torch.nn.Module:
+def template_model(scenario: Scenario) -> torch.nn.Module:
     """A fresh model of the scenario's task, built without the per-process task cache (no data is made)."""
     return get_task_class(scenario.task.name)(scenario.task_context()).build_model()
 
@@ -96,9 +101,11 @@ def _module_tensor_names(model: torch.nn.Module) -> list[set[str]]:
 def personal_tensor_names(model: torch.nn.Module, params: FedPerParams) -> set[str]:
     """State-dict names of the personalization layers W_P selected by ``params``.
 
-    Raises:
-        ValueError: one line naming the key, when a prefix matches no tensor, when
-            ``last_modules`` exceeds the modules with parameters, or when nothing would be shared.
+    Raises
+    ------
+    ValueError
+        One line naming the key, when a prefix matches no tensor, when
+        ``last_modules`` exceeds the modules with parameters, or when nothing would be shared.
     """
     names = list(model.state_dict())
     if params.local_layers is not None:
@@ -149,7 +156,8 @@ class FedPer(FedAvg):
     local_names : collection of str
         State-dict names of ``template`` that stay local.
     **fedavg_options
-        Sampling settings of :class:`~strategies.fedavg.FedAvg`.
+        Sampling settings and ``aggregator`` of :class:`~strategies.fedavg.FedAvg` (the aggregator combines the
+        shared tensors; w_t for its norm bound is what was sent, restricted to the shared names).
     """
 
     central_evaluation: ClassVar[bool] = False
@@ -166,6 +174,7 @@ class FedPer(FedAvg):
     def summary(self) -> None:
         """Log which tensors stay local and their share of the model."""
         shown = ", ".join(self.local_names[:5]) + (", ..." if len(self.local_names) > 5 else "")
+        self.log_aggregator()
         log.info("%s: %d of %d tensors (%.2f%% of the values) stay at the sites (%s); fraction train %.2f / "
                  "evaluate %.2f, min train nodes %d", self.label, len(self.local_names), self.tensor_count,
                  100 * self.local_share, shown, self.fraction_train, self.fraction_evaluate, self.min_train_nodes)
@@ -174,7 +183,8 @@ class FedPer(FedAvg):
 def build_partial_strategy(context: StrategyContext, strategy_class: type[FedPer],
                            local_names: Collection[str]) -> FedPer:
     """A :class:`FedPer`-family server half from a scenario."""
-    return strategy_class(context.cohort, template=context.model, local_names=local_names, **sampling_options(context))
+    return strategy_class(context.cohort, template=context.model, local_names=local_names,
+                          aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 
 # --- client side ----------------------------------------------------------------------------------
@@ -211,7 +221,7 @@ def build_strategy(context: StrategyContext) -> FedPer:
     return build_partial_strategy(context, FedPer, personal_tensor_names(context.model, context.params))
 
 
-def check_compatible(scenario: "Scenario") -> None:
+def check_compatible(scenario: Scenario) -> None:
     """The selected personalization layers exist in the task's model and leave something to share."""
     personal_tensor_names(template_model(scenario), FedPerParams.model_validate(scenario.strategy.params))
 

@@ -3,8 +3,7 @@
 McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data", AISTATS 2017 (arXiv:1602.05629), Sec. 2 ("FederatedSGD").
 
-As the lecture defines it ("Algorithms: FedSGD and FedAVG"), in round t the
-server samples S_t and sends w_t; every sampled site k computes ONE gradient on
+In round t (Sec. 2 of McMahan et al.) the server samples S_t and sends w_t; every sampled site k computes ONE gradient on
 its full local data P_k (or on one seeded mini-batch of ``batch_size``)
 
     g_k = ∇F_k(w_t) = ∇ (1/n_k) Σ_{i∈P_k} f_i(w_t)
@@ -13,12 +12,25 @@ and the server takes one step with its learning rate η (``server_lr``)
 
     w_{t+1} = w_t − η Σ_{k∈S_t} (n_k / m_t) g_k,   m_t = Σ_{k∈S_t} n_k.
 
-With every site sampled m_t = n, so this is the lecture's n_k/n and one step of
+With every site sampled m_t = n, so this is the paper's n_k/n and one step of
 full-batch gradient descent on the pooled objective F = Σ_k (n_k/n) F_k. With a
 fraction of the sites the gradients are weighted among the sampled ones (as
 FedAvg weights its models). FedAvg with one local step (``epochs: 1``,
 ``max_steps: 1``, full batch, plain SGD with ``lr`` η) computes the same w_{t+1};
 both send one model down and one model-sized payload up per site and round.
+
+Defenses (the scenario's ``defense`` section, :mod:`strategies.aggregation`): the
+robust rules were defined for gradients (Krum, Blanchard et al. 2017,
+arXiv:1703.02757; median and trimmed mean, Yin et al. 2018, arXiv:1803.01498), so
+FedSGD takes them. The server applies the rule and the norm bound to the model
+each site's reply proposes, w_k = w_t − η g_k (its running statistics beside it):
+
+    w_{t+1} = Rule(w̃_k),   w̃_k = w_t + Δ_k min(1, C/‖Δ_k‖₂),   Δ_k = w_k − w_t = −η g_k (and statistics),
+
+which for the translation- and scale-equivariant rules offered is w_t − η Rule(g_k),
+and bounds each site's step η g_k (not g_k) by C, as for every other strategy. The
+default (the weighted mean without a bound) averages the gradients themselves, as
+above.
 
 What the client does: the trainer's single step at w_t *is* the gradient
 computation. :class:`FedSGDClient` forces that schedule (one step, full local
@@ -48,13 +60,15 @@ trailing statistics, 0.49 with statistics recomputed for the same weights).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from pydantic import Field
 
+from strategies.aggregation import Aggregator
 from strategies.base import (
     ARRAYS_KEY,
     Algorithm,
@@ -110,8 +124,8 @@ class FedSGD(FedAvg):
     server_lr : float (default: 1.0)
         η, the server's step size.
     **sampling
-        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``
-        as for :class:`strategies.fedavg.FedAvg`.
+        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes`` and
+        ``aggregator`` as for :class:`strategies.fedavg.FedAvg`.
     """
 
     def __init__(self, cohort: Cohort, *, server_lr: float = 1.0, **sampling: Any) -> None:
@@ -121,6 +135,7 @@ class FedSGD(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration (what ran is in the run's log)."""
+        self.log_aggregator()
         log.info("FedSGD: server lr %.4g, fraction train %.2f / evaluate %.2f, min train nodes %d",
                  self.server_lr, self.fraction_train, self.fraction_evaluate, self.min_train_nodes)
 
@@ -134,11 +149,21 @@ class FedSGD(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """w_{t+1} = w_t − η Σ_k (n_k/m_t) g_k; running statistics: Σ_k (n_k/m_t) of the sites'."""
+        """w_{t+1} = w_t − η Σ_k (n_k/m_t) g_k; running statistics: Σ_k (n_k/m_t) of the sites'.
+
+        With a defense: the rule over the norm-bounded proposals w_t − η g_k (module docstring).
+        """
         usable = usable_replies(replies, self.cohort, "train")
         if not usable:
             return None, None
         weights = [aggregation_weight(reply) for reply in usable]
+        if not self.aggregator.is_plain_mean:
+            proposals = [self._proposal(reply) for reply in usable]
+            aggregated = self.aggregate_states(server_round, proposals, weights, self._current)
+            if aggregated is None:
+                return None, None
+            updated = {name: aggregated[name].to(current.dtype) for name, current in self._current.items()}
+            return ArrayRecord(updated), aggregate_metrics(usable)
         gradient = weighted_average([reply.content[GRADIENT_KEY].to_torch_state_dict() for reply in usable], weights)
         others = weighted_average([reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable], weights)
         updated = {}
@@ -149,6 +174,13 @@ class FedSGD(FedAvg):
                 updated[name] = others[name]
         return ArrayRecord(updated), aggregate_metrics(usable)
 
+    def _proposal(self, reply: Message) -> dict[str, torch.Tensor]:
+        """w_k = w_t − η g_k (float64) for the trained parameters, the site's statistics for the rest."""
+        gradient = reply.content[GRADIENT_KEY].to_torch_state_dict()
+        others = reply.content[ARRAYS_KEY].to_torch_state_dict()
+        return {name: current.double() - self.server_lr * gradient[name].double() if name in gradient else others[name]
+                for name, current in self._current.items()}
+
 
 # --- client half -------------------------------------------------------------------------------
 class FedSGDClient(ClientRule):
@@ -157,7 +189,7 @@ class FedSGDClient(ClientRule):
     params: FedSGDParams
     _gradient: dict[str, torch.Tensor] | None = None
 
-    def local_section(self, local: "LocalSection", train_size: int) -> "LocalSection":
+    def local_section(self, local: LocalSection, train_size: int) -> LocalSection:
         """One plain step on one batch of ``batch_size`` (default: all ``train_size`` examples)."""
         return local.model_copy(update={
             "epochs": 1, "max_steps": 1, "batch_size": self.params.batch_size or max(train_size, 1),
@@ -169,8 +201,8 @@ class FedSGDClient(ClientRule):
         super().receive(model, content, state)
         self._gradient = None
 
-    def before_training(self, model: torch.nn.Module, task: "Task", dataset: "Dataset",
-                        local: "LocalSection") -> None:
+    def before_training(self, model: torch.nn.Module, task: Task, dataset: Dataset,
+                        local: LocalSection) -> None:
         """BatchNorm momentum 1: the one forward pass sets the running statistics to its batch's."""
         for module in model.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -199,7 +231,7 @@ class FedSGDClient(ClientRule):
         }
 
 
-def check_compatible(scenario: "Scenario") -> None:
+def check_compatible(scenario: Scenario) -> None:
     """FedSGD takes one plain gradient: local momentum and weight decay would be silently lost."""
     for key in ("momentum", "weight_decay"):
         value = getattr(scenario.local, key)
@@ -212,7 +244,8 @@ def check_compatible(scenario: "Scenario") -> None:
 
 def build_strategy(context: StrategyContext) -> FedSGD:
     """Server half from a scenario."""
-    return FedSGD(context.cohort, server_lr=context.params.server_lr, **sampling_options(context))
+    return FedSGD(context.cohort, server_lr=context.params.server_lr,
+                  aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 
 ALGORITHM = Algorithm(name="fedsgd", Params=FedSGDParams, build_strategy=build_strategy, client_rule=FedSGDClient,

@@ -6,7 +6,7 @@ Learning", ICML 2020 (arXiv:1910.06378), Algorithm 1.
 Client drift: with several local steps on heterogeneous data, each site walks
 towards its own optimum and FedAvg converges to a biased point. SCAFFOLD keeps a
 server control variate c ≈ ∇F(w) and one c_k ≈ ∇F_k(w) per site and corrects
-every local step (the lecture's "SCAFFOLD" section):
+every local step (Algorithm 1 of Karimireddy et al.):
 
     client k ∈ S, starting from w_k = w_t, for each of its K local steps:
         w_k ← w_k − η_l (g_k(w_k) − c_k + c)                           (Alg. 1 line 10)
@@ -23,6 +23,20 @@ c and every c_k start at zero, so c = (1/N) Σ_k c_k holds after every round
 |S| the number of usable replies of the round, K the local steps a site
 actually took (``steps`` of the trainer, so ``max_steps`` and a short last
 epoch are counted right), η_l = ``local.lr``, η_g = ``server_lr``.
+
+Defenses (the scenario's ``defense`` section, :mod:`strategies.aggregation`): the
+mean of the Δw_k in line 16 is what a robust rule or the norm bound replaces,
+
+    w_{t+1} = w_t + η_g (Rule(w̃_k : k ∈ S) − w_t),   w̃_k = w_t + Δw_k min(1, C/‖Δw_k‖₂),
+
+which is w_t + η_g Rule(Δw̃_k) since every rule offered is translation-equivariant
+(Rule(w_t + Δ_k) = w_t + Rule(Δ_k); Krum's distances do not change). The control
+variate keeps line 17 with the mean of ALL usable sites' Δc_k, whatever the rule:
+every site that replied has already replaced its c_k by c_k⁺, so only the full
+sum keeps c = (1/N) Σ_k c_k, the invariant the corrections c − c_k rely on. A
+Byzantine site can therefore shift c by its Δc_k/N in one round; bounding or
+filtering Δc_k would break the invariant instead (it would need the site to be
+told, which Algorithm 1 has no message for).
 
 Weighting: as in the paper, the means are unweighted, so SCAFFOLD's fixed point
 minimises (1/N) Σ_k F_k(w). This equals FedAvg's objective Σ_k (n_k/n) F_k(w)
@@ -56,7 +70,8 @@ and c_k⁺ is the gradient of the task loss alone, over the full local data, at 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -64,6 +79,7 @@ from flwr.serverapp import Grid
 from pydantic import Field
 from torch.utils.data import DataLoader
 
+from strategies.aggregation import Aggregator
 from strategies.base import (
     ARRAYS_KEY,
     Algorithm,
@@ -110,6 +126,9 @@ class Scaffold(FedAvg):
         w_{t+1} = w_t + \\eta_g \\frac{1}{|S|} \\sum_{k \\in S} \\Delta w_k, \\qquad
         c \\leftarrow c + \\frac{|S|}{N} \\frac{1}{|S|} \\sum_{k \\in S} \\Delta c_k
 
+    With a defense, the mean of the Δw_k is the aggregator's rule over the (norm-bounded) w_k, minus w_t;
+    c always takes the mean of every usable Δc_k (module docstring).
+
     The client MUST add c − c_k to the gradient of every local step, keep c_k in
     its persistent state and reply w_k in ``"arrays"`` and Δc_k = c_k⁺ − c_k in
     ``"scaffold-dc"`` (:class:`ScaffoldClient` does).
@@ -123,8 +142,8 @@ class Scaffold(FedAvg):
     server_lr : float (default: 1.0)
         η_g, the server's step size.
     **sampling
-        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``
-        as for :class:`strategies.fedavg.FedAvg`.
+        ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes`` and
+        ``aggregator`` as for :class:`strategies.fedavg.FedAvg`.
     """
 
     def __init__(self, cohort: Cohort, shapes: Mapping[str, torch.Size], *, server_lr: float = 1.0,
@@ -137,6 +156,7 @@ class Scaffold(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration (what ran is in the run's log)."""
+        self.log_aggregator()
         log.info("SCAFFOLD: server lr %.4g, %d sites, fraction train %.2f / evaluate %.2f, min train nodes %d",
                  self.server_lr, self.num_sites, self.fraction_train, self.fraction_evaluate, self.min_train_nodes)
 
@@ -154,16 +174,23 @@ class Scaffold(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """w_{t+1} = w_t + η_g mean_k (w_k − w_t) and c ← c + (1/N) Σ_k Δc_k over the usable replies."""
+        """w_{t+1} = w_t + η_g mean_k (w_k − w_t) and c ← c + (1/N) Σ_k Δc_k over the usable replies.
+
+        With a defense, mean_k w_k is the aggregator's rule over the norm-bounded w_k; c still takes every
+        usable Δc_k. A round with too few updates for the rule changes neither (and fails).
+        """
         usable = usable_replies(replies, self.cohort, "train")
         if not usable:
             return None, None
         equal = [1.0] * len(usable)
-        mean_model = weighted_average([r.content[ARRAYS_KEY].to_torch_state_dict() for r in usable], equal)
+        mean_model = self.aggregate_states(server_round, [r.content[ARRAYS_KEY].to_torch_state_dict() for r in usable],
+                                           equal, self._current)
+        if mean_model is None:
+            return None, None
         mean_delta = weighted_average([r.content[VARIATE_DELTA_KEY].to_torch_state_dict() for r in usable], equal)
         updated = {}
         for name, current in self._current.items():
-            if name in self.control:  # mean_k (w_k − w_t) = mean_k w_k − w_t
+            if name in self.control:  # mean_k (w_k − w_t) = mean_k w_k − w_t (a rule: Rule(w_k) − w_t)
                 step = mean_model[name].double() - current.double()
                 updated[name] = (current.double() + self.server_lr * step).to(current.dtype)
             else:  # running statistics: the sites' mean
@@ -180,8 +207,10 @@ class Scaffold(FedAvg):
     def load_state_dict(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Restore c from :meth:`state_dict`.
 
-        Raises:
-            ValueError: if the checkpoint's c does not match the model's trainable parameters.
+        Raises
+        ------
+        ValueError
+            If the checkpoint's c does not match the model's trainable parameters.
         """
         saved = state.get("control")
         if saved is None or set(saved) != set(self.control):
@@ -190,7 +219,7 @@ class Scaffold(FedAvg):
 
 
 # --- client half -------------------------------------------------------------------------------
-def full_gradient(model: torch.nn.Module, task: "Task", dataset: "Dataset", batch_size: int) -> dict[str, torch.Tensor]:
+def full_gradient(model: torch.nn.Module, task: Task, dataset: Dataset, batch_size: int) -> dict[str, torch.Tensor]:
     """∇F_k(w) = Σ_b (|b|/n_k) ∇ℓ_b(w) over the whole local dataset, for every trainable parameter.
 
     ``task.loss`` is a mean over its batch, so the size-weighted sum of batch
@@ -200,8 +229,10 @@ def full_gradient(model: torch.nn.Module, task: "Task", dataset: "Dataset", batc
     pass leaves the model unchanged. Returns float32 tensors of each
     parameter's shape; the parameters' ``.grad`` is cleared.
 
-    Raises:
-        ValueError: if ``dataset`` is empty.
+    Raises
+    ------
+    ValueError
+        If ``dataset`` is empty.
     """
     size = len(dataset)
     if size == 0:
@@ -248,8 +279,8 @@ class ScaffoldClient(ClientRule):
         self._control, self._local = control, local
         self._correction = {name: control[name] - local[name] for name in parameters}  # c − c_k
 
-    def before_training(self, model: torch.nn.Module, task: "Task", dataset: "Dataset",
-                        local: "LocalSection") -> None:
+    def before_training(self, model: torch.nn.Module, task: Task, dataset: Dataset,
+                        local: LocalSection) -> None:
         """Remember η_l; option I computes c_k⁺ = ∇F_k(w_t) on the full local data now."""
         if self._control is None:
             raise ValueError(f"scaffold: the train message carries no server control variate '{SERVER_VARIATE_KEY}'")
@@ -269,9 +300,12 @@ class ScaffoldClient(ClientRule):
     def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, ArrayRecord]:
         """c_k⁺ (option I or II); store it as c_k; reply w_k and Δc_k = c_k⁺ − c_k.
 
-        Raises:
-            ValueError: option II after zero local steps (K = 0).
-            FloatingPointError: if w_k or c_k⁺ is not finite (c_k is then left unchanged).
+        Raises
+        ------
+        ValueError
+            Option II after zero local steps (K = 0).
+        FloatingPointError
+            If w_k or c_k⁺ is not finite (c_k is then left unchanged).
         """
         if self._gradient_at_start is not None:
             updated = self._gradient_at_start
@@ -301,7 +335,7 @@ class ScaffoldClient(ClientRule):
         }
 
 
-def check_compatible(scenario: "Scenario") -> None:
+def check_compatible(scenario: Scenario) -> None:
     """Option II's (w_t − w_k)/(K η_l) estimate holds for plain SGD only."""
     params = ScaffoldParams.model_validate(scenario.strategy.params)
     local = scenario.local
@@ -319,7 +353,8 @@ def check_compatible(scenario: "Scenario") -> None:
 def build_strategy(context: StrategyContext) -> Scaffold:
     """Server half from a scenario."""
     shapes = {name: p.shape for name, p in trainable_parameters(context.model).items()}
-    return Scaffold(context.cohort, shapes, server_lr=context.params.server_lr, **sampling_options(context))
+    return Scaffold(context.cohort, shapes, server_lr=context.params.server_lr,
+                    aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 
 ALGORITHM = Algorithm(name="scaffold", Params=ScaffoldParams, build_strategy=build_strategy,

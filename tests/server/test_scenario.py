@@ -79,6 +79,17 @@ def test_dpsgd_params_are_resolved_and_round_trip(tmp_path: Path) -> None:
     assert scenario_module.load(_write(tmp_path, VALID)).privacy.params == {}
 
 
+def test_defense_params_are_resolved_and_round_trip(tmp_path: Path) -> None:
+    raw = _with(partition__clients=7, strategy__name="scaffold", local={"optimizer": "sgd"},
+                defense={"aggregation": "bulyan", "params": {"num_malicious_nodes": 1}, "norm_bound": 2.5})
+    scenario = scenario_module.load(_write(tmp_path, raw))
+    assert scenario.defense.params == {"num_malicious_nodes": 1} and scenario.defense.norm_bound == 2.5
+    assert scenario_module.load(_write(tmp_path, scenario.to_yaml(), "resolved.yaml")) == scenario
+    assert scenario_module.Scenario.from_json(scenario.to_json()) == scenario
+    multikrum = scenario_module.load(_write(tmp_path, _with(partition__clients=5, defense={"aggregation": "multikrum"})))
+    assert multikrum.defense.params == {"num_malicious_nodes": 0, "num_nodes_to_select": None}
+
+
 def test_overrides_parse_yaml_values_and_create_sections(tmp_path: Path) -> None:
     path = _write(tmp_path, VALID)
     scenario = scenario_module.load(path, ["strategy.rounds=7", "local.lr=0.05", "task.params.norm=group"])
@@ -145,6 +156,25 @@ MALFORMED = {
     "nbafl_uploading_batchnorm_statistics": (_with(privacy=nbafl()),
                                              "privacy.mechanism nbafl: the upload holds floating-point tensors that "
                                              "are not trained parameters"),
+    "unknown_defense_rule": (_with(defense={"aggregation": "geomed"}),
+                             "defense.aggregation: Input should be 'mean', 'median', 'trimmed_mean', 'krum', "
+                             "'multikrum' or 'bulyan'"),
+    "defense_params_for_a_rule_without_settings": (_with(defense={"params": {"beta": 0.1}}),
+                                                   "defense.params: aggregation 'mean' takes no params (got beta)"),
+    "unknown_defense_param": (_with(defense={"aggregation": "bulyan", "params": {"beta": 0.1}}),
+                              "defense.params.beta: unknown key 'beta' (allowed: num_malicious_nodes)"),
+    "bad_defense_param": (_with(defense={"aggregation": "trimmed_mean", "params": {"beta": 0.5}}),
+                          "defense.params.beta: Input should be less than 0.5"),
+    "bad_norm_bound": (_with(defense={"norm_bound": 0}), "defense.norm_bound: Input should be greater than 0"),
+    "krum_defense_with_too_few_clients": (_with(defense={"aggregation": "krum"}),
+                                          "defense.params.num_malicious_nodes: Krum (f = 0) needs n > 2f + 2 = 2 "
+                                          "updates per round, but a round has 2 (partition.clients 2"),
+    "defense_with_a_robust_strategy": (_with(strategy__name="fedmedian", defense={"aggregation": "median"}),
+                                       "defense.aggregation: strategy 'fedmedian' already aggregates with median"),
+    "defense_with_local": (_with(strategy__name="local", defense={"norm_bound": 1.0}),
+                           "defense.norm_bound: 1.0 is not possible with strategy 'local', which aggregates nothing"),
+    "defense_with_centralized": (_with(strategy__name="centralized", defense={"aggregation": "median"}),
+                                 "defense.aggregation: median is not possible with strategy 'centralized'"),
 }
 
 

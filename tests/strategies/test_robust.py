@@ -1,4 +1,5 @@
-"""Robust aggregation rules on hand-made updates with one absurd outlier, their checks, and one real run."""
+"""The robust strategy names (FedAvg + a rule of strategies.aggregation) on hand-made updates with one absurd
+outlier, their checks, and one real run."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ from flwr.app import ArrayRecord, Message
 
 from server.scenario import ScenarioError
 from strategies import get_algorithm
+from strategies.aggregation import (
+    Aggregator,
+    BulyanParams,
+    KrumParams,
+    MedianParams,
+    MultiKrumParams,
+    RuleParams,
+    TrimmedMeanParams,
+)
 from strategies.base import Cohort
 from strategies.fedavg import FedAvg
-from strategies.robust import (
-    BulyanParams,
-    FedMedianParams,
-    FedTrimmedAvgParams,
-    KrumParams,
-    MultiKrumParams,
-    RobustFedAvg,
-    RobustParams,
-)
 from tests.helpers import QUADRATIC, blobs_scenario, reply_message, run
 
 HONEST = [0.0, 1.0, 2.5, 4.5]  # sites 0..3, with n_k = 10, 20, 30, 40
@@ -41,25 +42,26 @@ def aggregate(strategy: FedAvg, values: list[float]) -> dict[str, torch.Tensor]:
     return arrays.to_torch_state_dict()
 
 
-def robust(params: RobustParams, sites: int = 5) -> RobustFedAvg:
-    return RobustFedAvg(Cohort({100 + pid: pid for pid in range(sites)}, seed=0), params)
+def robust(params: RuleParams, sites: int = 5) -> FedAvg:
+    return FedAvg(Cohort({100 + pid: pid for pid in range(sites)}, seed=0),
+                  aggregator=Aggregator(params, source="strategy.params"))
 
 
 # Krum scores with f = 1, n = 5: the sum of squared distances (in v; w = [v, 2v] scales all by 5) to the
 # n - f - 2 = 2 nearest other updates:
 #   v=0: 1 + 6.25 = 7.25   v=1: 1 + 2.25 = 3.25   v=2.5: 2.25 + 4 = 6.25   v=4.5: 4 + 12.25 = 16.25   v=1000: huge
 CASES = [
-    ("median of 0, 1, 2.5, 4.5, 1000", FedMedianParams(), 2.5),
-    ("mean of 1, 2.5, 4.5 after trimming 1 at each end", FedTrimmedAvgParams(beta=0.2), (1.0 + 2.5 + 4.5) / 3),
+    ("median of 0, 1, 2.5, 4.5, 1000", MedianParams(), 2.5),
+    ("mean of 1, 2.5, 4.5 after trimming 1 at each end", TrimmedMeanParams(beta=0.2), (1.0 + 2.5 + 4.5) / 3),
     ("Krum's lowest score: v=1", KrumParams(num_malicious_nodes=1), 1.0),
-    ("n_k-weighted mean of the 3 lowest scores (v=1, 2.5, 0)", MultiKrumParams(num_malicious_nodes=1,
-                                                                              num_nodes_to_select=3),
-     (20 * 1.0 + 30 * 2.5 + 10 * 0.0) / 60),
+    ("plain mean of the 3 lowest scores (v=1, 2.5, 0)", MultiKrumParams(num_malicious_nodes=1,
+                                                                       num_nodes_to_select=3),
+     (1.0 + 2.5 + 0.0) / 3),
 ]
 
 
 @pytest.mark.parametrize(("why", "params", "expected"), CASES, ids=[c[1].describe() for c in CASES])
-def test_rule_matches_the_hand_computed_value_and_ignores_the_outlier(why: str, params: RobustParams,
+def test_rule_matches_the_hand_computed_value_and_ignores_the_outlier(why: str, params: RuleParams,
                                                                       expected: float) -> None:
     result = aggregate(robust(params), [*HONEST, OUTLIER])
     assert torch.allclose(result["w"], torch.tensor([expected, 2 * expected])), why
@@ -71,10 +73,13 @@ def test_rule_matches_the_hand_computed_value_and_ignores_the_outlier(why: str, 
 
 
 def test_bulyan_averages_the_values_nearest_the_median_of_the_krum_selection() -> None:
-    # n = 7, f = 1: Multi-Krum keeps θ = n - 2f = 5 updates by their scores over n - f - 2 = 4 neighbours:
-    #   v=0: 1+4+12.25+25 = 42.25   v=1: 1+1+6.25+16 = 24.25   v=2: 1+2.25+4+9 = 16.25
-    #   v=3.5: 2.25+2.25+6.25+12.25 = 23   v=5: 2.25+6.25+9+16 = 33.5   v=7.5: 6.25+16+30.25+42.25 = 94.75
-    #   v=1000: huge   → keeps 0, 1, 2, 3.5, 5
+    # n = 7, f = 1: θ = n - 2f = 5 repeated Krum picks (scores over |R| - f - 2 nearest others, at least 1):
+    #   R = all 7, 4 neighbours: v=0: 42.25  v=1: 24.25  v=2: 1+2.25+4+9 = 16.25  v=3.5: 23  v=5: 33.5 ... → 2
+    #   R = {0, 1, 3.5, 5, 7.5, 1000}, 3 neighbours: 0: 1+12.25+25 = 38.25  1: 1+6.25+16 = 23.25
+    #     3.5: 2.25+6.25+12.25 = 20.75  5: 2.25+6.25+16 = 24.5 → 3.5
+    #   R = {0, 1, 5, 7.5, 1000}, 2 neighbours: 0: 1+25 = 26  1: 1+16 = 17  5: 6.25+16 = 22.25  7.5: 6.25+42.25 → 1
+    #   R = {0, 5, 7.5, 1000}, 1 neighbour: 0: 25  5: 6.25  7.5: 6.25 → tie, the lower partition id: 5
+    #   R = {0, 7.5, 1000}, 1 neighbour: 0: 56.25  7.5: 56.25 → tie: 0          → keeps 0, 1, 2, 3.5, 5
     # median 2; the β = θ - 2f = 3 values closest to it: 2, 1, 3.5.
     honest = [0.0, 1.0, 2.0, 3.5, 5.0, 7.5]
     result = aggregate(robust(BulyanParams(num_malicious_nodes=1), sites=7), [*honest, OUTLIER])
