@@ -2,7 +2,8 @@
 
 Data generation or loading is the expensive part of a client message; workers
 are reused across rounds and sites (Ray actors, the in-process engine), so the
-task object is cached by everything that determines its data (DESIGN.md §9).
+task object is cached by everything that determines its data: task, data and
+partition sections and the seed (:func:`task_for`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Per-node state: what a client keeps between rounds, and how it survives ``--resume``.
 
-Everything a node must remember across rounds (SCAFFOLD's c_k, FedBN's local
-BatchNorm tensors, an accountant's history, the participation count) lives in
-Flower's ``context.state``, a ``RecordDict`` kept per node by the engine
-(DESIGN.md §4). An engine forgets it when the run stops, so a resumed run would
-restart every node from empty state and diverge from an uninterrupted one.
+By this project's design, everything a node must remember across rounds (SCAFFOLD's
+c_k, FedBN's local BatchNorm tensors, an accountant's history, the participation count)
+lives in Flower's ``context.state``, a ``RecordDict`` kept per node by the engine. An
+engine forgets it when the run stops, so a resumed run would restart every node from
+empty state and diverge from an uninterrupted one.
 
 To prevent that, the server asks each node for a copy of its state when it
 checkpoints (``query.export_state``) and hands it back when it resumes

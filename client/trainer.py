@@ -1,6 +1,8 @@
 """The local training loop every client runs, with the strategy's hooks.
 
-One round of local training (the lecture's client loop of FedAvg):
+One round of local training (ClientUpdate of FedAvg, McMahan et al. 2017,
+"Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017, arXiv:1602.05629, Algorithm 1):
 
     for e = 1..E:  for each mini-batch b:  w ← w − η ∇(F_k(w; b) [+ rule terms])
 
@@ -12,8 +14,9 @@ the :class:`~strategies.base.ClientRule`; the task supplies the loss; an optiona
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -104,19 +107,39 @@ def fit(
     local: LocalSection,
     rule: ClientRule,
     generator: torch.Generator,
-    private: "PrivateTraining | None" = None,
+    private: PrivateTraining | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``local.epochs`` epochs (at most ``local.max_steps`` steps).
 
-    Args:
-        generator: shuffling stream, derived from (seed, round, partition) by the caller.
-        private: sample-level DP-SGD (e.g. Opacus), which replaces the optimiser and the
-            loader by private ones (per-sample clipping and noise, Poisson sampling). An
-            empty Poisson batch takes its noise-only step (it counts in ``steps`` and in
-            ``local.max_steps``); the mean loss is over the steps that saw examples.
+    Parameters
+    ----------
+    model : torch.nn.Module
+        the model to train, updated in place.
+    task : Task
+        supplies the loss (:meth:`medtasks.base.Task.loss`).
+    dataset : Dataset
+        the site's training samples.
+    local : LocalSection
+        the scenario's ``local`` section (epochs, step cap, batch size, optimiser).
+    rule : ClientRule
+        the strategy's client-side hooks (:class:`~strategies.base.ClientRule`).
+    generator : torch.Generator
+        shuffling stream, derived from (seed, round, partition) by the caller.
+    private : PrivateTraining | None
+        sample-level DP-SGD (e.g. Opacus), which replaces the optimiser and the
+        loader by private ones (per-sample clipping and noise, Poisson sampling). An
+        empty Poisson batch takes its noise-only step (it counts in ``steps`` and in
+        ``local.max_steps``); the mean loss is over the steps that saw examples.
 
-    Raises:
-        NonFiniteLossError: when a loss is NaN/inf (the step is not applied).
+    Returns
+    -------
+    FitResult
+        mean loss, steps taken and number of training examples.
+
+    Raises
+    ------
+    NonFiniteLossError
+        when a loss is NaN/inf (the step is not applied).
     """
     loader = make_loader(dataset, local.batch_size, generator)
     optimizer = build_optimizer(model, local)
@@ -152,8 +175,10 @@ def _gradient_step(model: torch.nn.Module, task: Task, rule: ClientRule, optimiz
     Under a private mechanism ``rule.after_backward`` is left to the mechanism
     (:class:`PrivateTraining`), which applies it after the noise.
 
-    Raises:
-        NonFiniteLossError: when the loss is NaN/inf (the step is not applied).
+    Raises
+    ------
+    NonFiniteLossError
+        when the loss is NaN/inf (the step is not applied).
     """
     optimizer.zero_grad(set_to_none=True)
     task_loss = task.loss(model, batch)

@@ -1,4 +1,4 @@
-"""The contract every medical task fulfils (DESIGN.md §4).
+"""The contract every medical task fulfils (README, "Adding a task").
 
 A task owns its data (synthetic generator or real-data loader), its model, its
 loss and its metrics. The federated machinery (server, client, strategies) only
@@ -8,9 +8,10 @@ them: register it in :mod:`medtasks.registry` or name it as ``"pkg.module:Class"
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -27,13 +28,20 @@ class TaskParams(BaseModel):
 class DataSpec:
     """Where a task's data comes from (the scenario's ``data`` section).
 
-    Attributes:
-        source: ``"synthetic"`` (the task's generator) or ``"folder"`` (real data at ``path``).
-        path: folder of real data, required when ``source == "folder"``.
-        samples_per_client: mean number of samples a site holds (train + validation).
-        val_fraction: fraction of each site's samples held out for federated evaluation.
-        server_samples: size of the central test set held by the server (0 = none).
-        params: source-specific settings, documented by each task.
+    Attributes
+    ----------
+    source : str
+        ``"synthetic"`` (the task's generator) or ``"folder"`` (real data at ``path``).
+    path : str | None
+        folder of real data, required when ``source == "folder"``.
+    samples_per_client : int
+        mean number of samples a site holds (train + validation).
+    val_fraction : float
+        fraction of each site's samples held out for federated evaluation.
+    server_samples : int
+        size of the central test set held by the server (0 = none).
+    params : Mapping[str, Any]
+        source-specific settings, documented by each task.
     """
 
     source: str = "synthetic"
@@ -57,12 +65,18 @@ class PartitionSpec:
 class TaskContext:
     """Everything a task needs to build its data and model.
 
-    Attributes:
-        params: the task's validated ``task.params`` (an instance of ``Task.Params``).
-        model: the model name from ``task.model`` (``None`` = the task's default).
-        data: the data section.
-        partition: the partition section.
-        seed: the scenario seed; derive streams with :mod:`medtasks.seeding`.
+    Attributes
+    ----------
+    params : TaskParams
+        the task's validated ``task.params`` (an instance of ``Task.Params``).
+    model : str | None
+        the model name from ``task.model`` (``None`` = the task's default).
+    data : DataSpec
+        the data section.
+    partition : PartitionSpec
+        the partition section.
+    seed : int
+        the scenario seed; derive streams with :mod:`medtasks.seeding`.
     """
 
     params: TaskParams
@@ -76,12 +90,16 @@ class TaskContext:
 class ClientData:
     """One site's data.
 
-    Attributes:
-        train: training samples.
-        val: held-out samples of the same site (federated evaluation).
-        stats: JSON-serialisable description written to ``partitions.json``: at least
-            ``n_train``, ``n_val`` and ``label_histogram``, plus the drawn acquisition /
-            annotator parameters of the site.
+    Attributes
+    ----------
+    train : Dataset
+        training samples.
+    val : Dataset
+        held-out samples of the same site (federated evaluation).
+    stats : dict[str, Any]
+        JSON-serialisable description written to ``partitions.json``: at least
+        ``n_train``, ``n_val`` and ``label_histogram``, plus the drawn acquisition /
+        annotator parameters of the site.
     """
 
     train: Dataset
@@ -89,12 +107,14 @@ class ClientData:
     stats: dict[str, Any]
 
 
-def checked_params(task: type, ctx: "TaskContext") -> TaskParams:
+def checked_params(task: type, ctx: TaskContext) -> TaskParams:
     """``ctx.params`` as an instance of ``task.Params``, after the checks every task shares.
 
-    Raises:
-        ValueError: ``ctx.model`` is not one of ``task.models``, or ``data.params`` is not
-            empty (no built-in task takes any).
+    Raises
+    ------
+    ValueError
+        ``ctx.model`` is not one of ``task.models``, or ``data.params`` is not
+        empty (no built-in task takes any).
     """
     params = ctx.params
     if not isinstance(params, task.Params):

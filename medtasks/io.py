@@ -30,8 +30,9 @@ message naming the offending path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def _read_nifti(path: Path) -> np.ndarray:
     return np.asarray(nibabel.load(str(path)).get_fdata(dtype=np.float64))
 
 
-def dicom_rescale(dataset: "pydicom.Dataset") -> tuple[float, float]:
+def dicom_rescale(dataset: pydicom.Dataset) -> tuple[float, float]:
     """``(slope, intercept)`` of the dataset, or of its shared / first per-frame functional group
     (enhanced multi-frame CT keeps them there, not at the top level)."""
     if "RescaleSlope" in dataset or "RescaleIntercept" in dataset:
@@ -112,8 +113,10 @@ _READERS: dict[str, Callable[[Path], np.ndarray]] = {
 def read_array(path: str | Path) -> np.ndarray:
     """Read one supported file as a 2D ``[H, W]`` or 3D ``[H, W, Z]`` float64 array.
 
-    Raises:
-        DataError: unsupported extension, unreadable file, or not 2D/3D.
+    Raises
+    ------
+    DataError
+        unsupported extension, unreadable file, or not 2D/3D.
     """
     path = Path(path)
     ext = _extension(path)
@@ -149,15 +152,21 @@ def _slices(array: np.ndarray) -> list[np.ndarray]:
 def load_image_mask_pairs(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Load every image and its mask from ``folder`` (layout in the module docstring).
 
-    Args:
-        folder: the data folder holding ``images/`` and ``masks/``.
+    Parameters
+    ----------
+    folder : str | Path
+        the data folder holding ``images/`` and ``masks/``.
 
-    Returns:
+    Returns
+    -------
+    tuple[list[np.ndarray], list[np.ndarray], list[str]]
         ``(images, masks, ids)``: images ``[H, W]`` float32, masks ``[H, W]`` int64 (same
         shape as their image), case ids; sorted by id, one entry per 2D slice.
 
-    Raises:
-        DataError: see the module docstring.
+    Raises
+    ------
+    DataError
+        see the module docstring.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -210,7 +219,9 @@ def resample(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray
     Images are resampled bilinearly (spline order 1), masks with nearest neighbour
     (order 0) so labels stay labels.
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
         ``(image [size, size] float32, mask [size, size] int64)``.
     """
     from scipy import ndimage
@@ -229,7 +240,9 @@ def normalize_intensity(image: np.ndarray, low: float = 0.5, high: float = 99.5)
     ``x' = (clip(x, q_low, q_high) - q_low) / (q_high - q_low)`` with ``q`` the image's
     percentiles, so one hot pixel cannot squash the contrast. A constant image maps to 0.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[H, W]`` float32.
     """
     q_low, q_high = np.percentile(image, [low, high])

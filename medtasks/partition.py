@@ -1,7 +1,9 @@
-"""Generic non-IID partitioning shared by every task (DESIGN.md §5b).
+"""Generic non-IID partitioning shared by every task.
 
-The kinds follow the lecture's taxonomy of how sites differ in federated
-medical imaging. Writing ``P_k`` for the data distribution of site ``k``:
+The kinds follow the taxonomy of non-IID data in federated learning of Kairouz et al.
+2021, "Advances and Open Problems in Federated Learning", §3.1 (arXiv:1912.04977), and
+the partitioning strategies benchmarked by Li et al. 2022, "Federated Learning on
+Non-IID Data Silos: An Experimental Study" (ICDE 2022, arXiv:2102.02079). Writing ``P_k`` for the data distribution of site ``k``:
 
 * ``iid``: every site draws from the same ``P(x, y)``.
 * ``feature_skew``: ``P_k(x)`` differs while ``P(y|x)`` is shared (scanner,
@@ -31,8 +33,9 @@ acquisition parameter does not change the site sizes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,16 +133,24 @@ PARAMS_MODELS: dict[str, type[BaseModel]] = {
 def validate_params(kind: str, params: Mapping[str, Any] | None) -> BaseModel:
     """Validate ``partition.params`` for ``kind``.
 
-    Args:
-        kind: one of :data:`KINDS`.
-        params: the raw parameters (``None`` = defaults).
+    Parameters
+    ----------
+    kind : str
+        one of :data:`KINDS`.
+    params : Mapping[str, Any] | None
+        the raw parameters (``None`` = defaults).
 
-    Returns:
+    Returns
+    -------
+    BaseModel
         The validated parameters model (an instance of ``PARAMS_MODELS[kind]``).
 
-    Raises:
-        ValueError: unknown ``kind`` (the message lists the allowed kinds).
-        pydantic.ValidationError: unknown keys or out-of-range values.
+    Raises
+    ------
+    ValueError
+        unknown ``kind`` (the message lists the allowed kinds).
+    pydantic.ValidationError
+        unknown keys or out-of-range values.
     """
     if kind not in PARAMS_MODELS:
         raise ValueError(
@@ -153,7 +164,7 @@ def _as_params(kind: str, params: Mapping[str, Any] | BaseModel | None) -> BaseM
     if isinstance(params, BaseModel):
         validate_params(kind, {})  # unknown-kind check
         if not isinstance(params, PARAMS_MODELS[kind]):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - callers catch ValueError for every bad config
                 f"partition params of type {type(params).__name__} do not match kind "
                 f"{kind!r} (expected {PARAMS_MODELS[kind].__name__})"
             )
@@ -170,10 +181,14 @@ class ParamRange:
 
     E.g. ``ParamRange(low=0.6, high=1.4, neutral=1.0)`` for an intensity scale.
 
-    Attributes:
-        low: smallest value a site may get.
-        high: largest value a site may get.
-        neutral: the unshifted value (used by every site unless the kind shifts it).
+    Attributes
+    ----------
+    low : float
+        smallest value a site may get.
+    high : float
+        largest value a site may get.
+    neutral : float
+        the unshifted value (used by every site unless the kind shifts it).
     """
 
     low: float
@@ -200,8 +215,10 @@ def resolve_site_params(
 
     Tasks call this on a site's acquisition / annotator parameters before applying them.
 
-    Raises:
-        ValueError: ``params`` names a parameter that ``space`` lacks.
+    Raises
+    ------
+    ValueError
+        ``params`` names a parameter that ``space`` lacks.
     """
     params = params or {}
     unknown = set(params) - set(space)
@@ -214,12 +231,18 @@ def resolve_site_params(
 class SiteProfile:
     """What one synthetic site looks like.
 
-    Attributes:
-        partition_id: the site's 0-based index.
-        n_samples: train + validation samples the site holds.
-        label_distribution: ``P_k(y)`` over the task's ``L`` labels (sums to 1).
-        acquisition: feature-skew parameters (neutral unless ``kind == "feature_skew"``).
-        annotator: concept-shift parameters (neutral unless ``kind == "concept_shift"``).
+    Attributes
+    ----------
+    partition_id : int
+        the site's 0-based index.
+    n_samples : int
+        train + validation samples the site holds.
+    label_distribution : tuple[float, ...]
+        ``P_k(y)`` over the task's ``L`` labels (sums to 1).
+    acquisition : dict[str, float]
+        feature-skew parameters (neutral unless ``kind == "feature_skew"``).
+    annotator : dict[str, float]
+        concept-shift parameters (neutral unless ``kind == "concept_shift"``).
     """
 
     partition_id: int
@@ -394,23 +417,37 @@ def draw_site_profiles(
       ``v_k = neutral + severity·(u_k - neutral)``, ``u_k ~ U(low, high)``;
       neutral for the other kinds.
 
-    Args:
-        kind: one of :data:`KINDS`.
-        params: the kind's parameters (raw mapping or validated model).
-        num_clients: number of sites ``K``.
-        samples_per_client: mean site size; ``N = K * samples_per_client``.
-        label_prior: the task's ``P(y)``, shape ``(L,)``, non-negative (normalised here).
-        acquisition_space: feature-skew parameters the task exposes, by name.
-        annotator_space: concept-shift parameters the task exposes, by name.
-        seed: the scenario seed.
+    Parameters
+    ----------
+    kind : str
+        one of :data:`KINDS`.
+    params : Mapping[str, Any] | BaseModel
+        the kind's parameters (raw mapping or validated model).
+    num_clients : int
+        number of sites ``K``.
+    samples_per_client : int
+        mean site size; ``N = K * samples_per_client``.
+    label_prior : Sequence[float]
+        the task's ``P(y)``, shape ``(L,)``, non-negative (normalised here).
+    acquisition_space : Mapping[str, ParamRange]
+        feature-skew parameters the task exposes, by name.
+    annotator_space : Mapping[str, ParamRange]
+        concept-shift parameters the task exposes, by name.
+    seed : int
+        the scenario seed.
 
-    Returns:
+    Returns
+    -------
+    list[SiteProfile]
         ``K`` profiles, ordered by ``partition_id``.
 
-    Raises:
-        ValueError: unknown kind, bad prior, too few samples, or
-            ``classes_per_client > L``.
-        pydantic.ValidationError: invalid ``params``.
+    Raises
+    ------
+    ValueError
+        unknown kind, bad prior, too few samples, or
+        ``classes_per_client > L``.
+    pydantic.ValidationError
+        invalid ``params``.
     """
     model = _as_params(kind, params)
     prior = np.asarray(label_prior, dtype=float)
@@ -522,20 +559,31 @@ def split_indices(
     * ``quantity_skew``: sizes as in :func:`draw_site_profiles` with ``N = len(labels)``,
       taken as contiguous chunks of a seeded permutation.
 
-    Args:
-        labels: integer label of each sample, shape ``(N,)``.
-        kind: one of :data:`KINDS`.
-        params: the kind's parameters (raw mapping or validated model).
-        num_clients: number of sites ``K``.
-        seed: the scenario seed.
+    Parameters
+    ----------
+    labels : Sequence[int] | np.ndarray
+        integer label of each sample, shape ``(N,)``.
+    kind : str
+        one of :data:`KINDS`.
+    params : Mapping[str, Any] | BaseModel
+        the kind's parameters (raw mapping or validated model).
+    num_clients : int
+        number of sites ``K``.
+    seed : int
+        the scenario seed.
 
-    Returns:
+    Returns
+    -------
+    list[np.ndarray]
         ``K`` sorted ``int64`` index arrays, disjoint, together covering ``range(N)``.
 
-    Raises:
-        ValueError: unknown kind, fewer samples than clients, or a split that
-            cannot satisfy the kind's constraints.
-        pydantic.ValidationError: invalid ``params``.
+    Raises
+    ------
+    ValueError
+        unknown kind, fewer samples than clients, or a split that
+        cannot satisfy the kind's constraints.
+    pydantic.ValidationError
+        invalid ``params``.
     """
     model = _as_params(kind, params)
     y = np.asarray(labels)
@@ -564,8 +612,10 @@ def split_indices(
 def label_histogram(labels: Sequence[int] | np.ndarray, num_labels: int) -> list[int]:
     """Counts of each label ``0..num_labels-1``, as a list of ``num_labels`` ints.
 
-    Raises:
-        ValueError: a label outside ``[0, num_labels)``.
+    Raises
+    ------
+    ValueError
+        a label outside ``[0, num_labels)``.
     """
     y = np.asarray(labels, dtype=np.int64).ravel()
     if y.size and (y.min() < 0 or y.max() >= num_labels):
@@ -580,11 +630,15 @@ def heterogeneity(distributions: Sequence[Sequence[float]]) -> float:
     ``p̄ = (1/K) Σ_k p_k``. Rows are normalised first, so histograms work too.
     0 means identical label distributions (iid); the maximum is ``1 - 1/K``.
 
-    Args:
-        distributions: shape ``(K, L)``, one non-negative row per site.
+    Parameters
+    ----------
+    distributions : Sequence[Sequence[float]]
+        shape ``(K, L)``, one non-negative row per site.
 
-    Raises:
-        ValueError: empty input or a row summing to zero.
+    Raises
+    ------
+    ValueError
+        empty input or a row summing to zero.
     """
     p = np.asarray(distributions, dtype=float)
     if p.ndim != 2 or p.size == 0:

@@ -7,7 +7,7 @@ trains). A scenario may also name any importable class as ``"pkg.module:Class"``
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 
 BUILTIN_TASKS: dict[str, str] = {
     "segmentation": "medtasks.segmentation:SegmentationTask",
@@ -21,12 +21,14 @@ class UnknownTaskError(LookupError):
     """A task name that is neither built in nor an importable ``module:Class``."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def get_task_class(name: str) -> type:
     """The task class registered as ``name`` or importable as ``"pkg.module:Class"``.
 
-    Raises:
-        UnknownTaskError: with the allowed names, when ``name`` cannot be resolved.
+    Raises
+    ------
+    UnknownTaskError
+        with the allowed names, when ``name`` cannot be resolved.
     """
     target = BUILTIN_TASKS.get(name, name)
     if ":" not in target:

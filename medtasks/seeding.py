@@ -3,18 +3,21 @@
 Every random stream of a run derives from one scenario ``seed`` plus a tuple of
 keys that say what the stream is for, e.g. ``(seed, "train", round, partition_id)``.
 Two streams with different keys are independent; the same keys always give the
-same numbers, whichever process or engine draws them (DESIGN.md §4).
+same numbers, whichever process or engine draws them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-from typing import Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-Key = Union[int, str]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Key = int | str
 
 
 def derive_seed(seed: int, *keys: Key) -> int:
@@ -39,7 +42,7 @@ def numpy_rng(seed: int, *keys: Key) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, *keys))
 
 
-def torch_generator(seed: int, *keys: Key):
+def torch_generator(seed: int, *keys: Key) -> torch.Generator:
     """A ``torch.Generator`` for the stream ``(seed, *keys)``."""
     import torch
 

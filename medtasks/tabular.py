@@ -39,7 +39,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
-from medtasks.partition import ParamRange, SiteProfile, draw_site_profiles, label_histogram, neutral_values
+from medtasks.partition import (
+    ParamRange,
+    SiteProfile,
+    draw_site_profiles,
+    label_histogram,
+    neutral_values,
+)
 from medtasks.seeding import derive_seed, numpy_rng
 
 ModelName = Literal["logistic", "mlp"]
@@ -123,14 +129,22 @@ class TabularTask:
     ) -> tuple[np.ndarray, np.ndarray]:
         """``n`` records of one site.
 
-        Args:
-            rng: the site's stream.
-            n: number of records.
-            label_distribution: ``P_k(y)``, shape ``[L]``.
-            acquisition: ``gain``, ``offset``, ``noise`` (:data:`ACQUISITION_SPACE`).
-            annotator: ``confusion`` (:data:`ANNOTATOR_SPACE`).
+        Parameters
+        ----------
+        rng : np.random.Generator
+            the site's stream.
+        n : int
+            number of records.
+        label_distribution : np.ndarray | tuple[float, ...]
+            ``P_k(y)``, shape ``[L]``.
+        acquisition : dict[str, float]
+            ``gain``, ``offset``, ``noise`` (:data:`ACQUISITION_SPACE`).
+        annotator : dict[str, float]
+            ``confusion`` (:data:`ANNOTATOR_SPACE`).
 
-        Returns:
+        Returns
+        -------
+        tuple[np.ndarray, np.ndarray]
             ``(x [n, F] float32, y [n] int64)``; ``y`` is the *recorded* label.
         """
         p = self.params
@@ -155,7 +169,7 @@ class TabularTask:
             rng = numpy_rng(self.ctx.seed, "tabular", "site", partition_id)
             x, y = self.sample(rng, profile.n_samples, profile.label_distribution,
                                profile.acquisition, profile.annotator)
-            n_val = max(1, int(round(self.ctx.data.val_fraction * len(y))))
+            n_val = max(1, round(self.ctx.data.val_fraction * len(y)))
             n_train = len(y) - n_val
             if n_train < 1:
                 raise DataError(f"site {partition_id} has {len(y)} samples; it needs at least 2 "
@@ -259,13 +273,19 @@ class TabularTask:
 def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> np.ndarray:
     """Counts ``M[t, p]`` of records of true class ``t`` predicted as ``p``, shape ``[L, L]`` int64.
 
-    Args:
-        predicted: ``[N]`` integer predictions.
-        truth: ``[N]`` integer labels.
-        num_classes: ``L``.
+    Parameters
+    ----------
+    predicted : torch.Tensor
+        ``[N]`` integer predictions.
+    truth : torch.Tensor
+        ``[N]`` integer labels.
+    num_classes : int
+        ``L``.
 
-    Raises:
-        ValueError: ``predicted`` and ``truth`` differ in shape.
+    Raises
+    ------
+    ValueError
+        ``predicted`` and ``truth`` differ in shape.
     """
     if predicted.shape != truth.shape:
         raise ValueError(f"predicted {tuple(predicted.shape)} and truth {tuple(truth.shape)} differ in shape")

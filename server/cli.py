@@ -18,8 +18,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.results import RunDirectory
@@ -137,11 +138,11 @@ class _StderrHandler(logging.StreamHandler):
     """A stream handler that writes to whatever ``sys.stderr`` is now (not the one it was created with)."""
 
     @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it
+    def stream(self, value: TextIO) -> None:
         pass
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -76,8 +77,10 @@ class RunView:
 def load_run(path: str | Path) -> RunView:
     """Read one run directory.
 
-    Raises:
-        CompareError: ``path`` is not a run directory or its files cannot be read.
+    Raises
+    ------
+    CompareError
+        ``path`` is not a run directory or its files cannot be read.
     """
     try:
         run_dir = RunDirectory.open(path)
@@ -104,8 +107,10 @@ def load_run(path: str | Path) -> RunView:
 def load_runs(paths: Iterable[str | Path]) -> list[RunView]:
     """Read several runs and label them (scenario name, plus the folder name where names repeat).
 
-    Raises:
-        CompareError: no runs, an unreadable run, or runs with different primary metrics.
+    Raises
+    ------
+    CompareError
+        no runs, an unreadable run, or runs with different primary metrics.
     """
     runs = [load_run(path) for path in paths]
     if not runs:

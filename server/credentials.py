@@ -83,7 +83,7 @@ def _certificate_builder(subject: Any, issuer: Any, public_key: Any) -> Any:
     """A certificate builder valid from five minutes ago (clock skew) for :data:`CERTIFICATE_VALIDITY`."""
     from cryptography import x509
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + CERTIFICATE_VALIDITY))

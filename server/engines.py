@@ -1,4 +1,4 @@
-"""Engines: what runs the ClientApps of a scenario (DESIGN.md §1).
+"""Engines: what runs the ClientApps of a scenario (README, "Engines").
 
 * ``simulation`` — Flower's Simulation Engine (Ray): each client is a Ray actor;
   ``engine.workers`` of them train in parallel with ``engine.cpus_per_client``
@@ -22,7 +22,8 @@ import logging
 import os
 import random
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -58,9 +59,12 @@ class InProcessGrid(Grid):
     node has its own persistent ``Context``, and exceptions escaping the ClientApp
     become error replies, as in Flower's runtimes.
 
-    Args:
-        client_app: the ClientApp every node runs.
-        num_nodes: number of nodes; node k gets ``node_config`` partition-id k.
+    Parameters
+    ----------
+    client_app : ClientApp
+        the ClientApp every node runs.
+    num_nodes : int
+        number of nodes; node k gets ``node_config`` partition-id k.
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
@@ -117,7 +121,7 @@ class InProcessGrid(Grid):
         context = self.contexts[message.metadata.dst_node_id]
         try:
             reply = self._client_app(message, context)
-        except Exception as error:  # noqa: BLE001 - as Flower's runtime: an error reply, not a crash
+        except Exception as error:
             log.debug("ClientApp raised", exc_info=True)
             reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
         reply = copy.deepcopy(reply)

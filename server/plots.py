@@ -51,13 +51,20 @@ def plot_metric_curves(
     are all None/NaN and bookkeeping counters (``num-examples``, ``seconds``, ``steps``,
     ``participations``) are skipped.
 
-    Args:
-        records: ``metrics.jsonl`` records.
-        out_dir: Folder for the PNGs (created if missing).
-        primary_metric: The task's primary metric, for the overview.
-        title: Prefix of every figure title (e.g. the scenario name).
+    Parameters
+    ----------
+    records : list[dict]
+        ``metrics.jsonl`` records.
+    out_dir : Path
+        Folder for the PNGs (created if missing).
+    primary_metric : str
+        The task's primary metric, for the overview.
+    title : str
+        Prefix of every figure title (e.g. the scenario name).
 
-    Returns:
+    Returns
+    -------
+    list[Path]
         The paths written.
     """
     phases = _collect(records)

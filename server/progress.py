@@ -64,13 +64,18 @@ def format_metrics(metrics: dict[str, float]) -> str:
 def make_progress(*, interactive: bool | None = None, console: Any = None) -> Progress:
     """Returns the progress reporter for this process.
 
-    Args:
-        interactive: Rich live display (True) or log lines on the ``medfed``
-            logger (False). None: ``console.is_terminal`` if a console is
-            given, else ``sys.stderr.isatty()``.
-        console: A ``rich.console.Console`` for the live display (default: stderr).
+    Parameters
+    ----------
+    interactive : bool | None
+        Rich live display (True) or log lines on the ``medfed``
+        logger (False). None: ``console.is_terminal`` if a console is
+        given, else ``sys.stderr.isatty()``.
+    console : Any
+        A ``rich.console.Console`` for the live display (default: stderr).
 
-    Returns:
+    Returns
+    -------
+    Progress
         A :class:`Progress`.
     """
     if interactive is None:

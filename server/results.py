@@ -1,4 +1,4 @@
-"""The run directory: everything one run leaves behind (DESIGN.md §6).
+"""The run directory: everything one run leaves behind (README, "Run directory").
 
 Layout::
 
@@ -26,11 +26,12 @@ import os
 import platform
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable
+from typing import IO, Any
 
 import torch
 
@@ -64,14 +65,21 @@ class RunDirectoryError(Exception):
 class Checkpoint:
     """What a run needs to resume after its last completed round.
 
-    Attributes:
-        round: The last completed round.
-        arrays: Global model state (empty for purely personalised strategies).
-        strategy_state: Whatever the strategy needs to resume; tensors and
-            plain Python values (dict, list, tuple, str, int, float, bool, None).
-        best_value: Best primary metric so far, or ``None``.
-        best_round: Round of ``best_value``, or ``None``.
-        extra: Anything else the server loop wants back (same value types).
+    Attributes
+    ----------
+    round : int
+        The last completed round.
+    arrays : dict[str, torch.Tensor]
+        Global model state (empty for purely personalised strategies).
+    strategy_state : dict[str, Any]
+        Whatever the strategy needs to resume; tensors and
+        plain Python values (dict, list, tuple, str, int, float, bool, None).
+    best_value : float | None
+        Best primary metric so far, or ``None``.
+    best_round : int | None
+        Round of ``best_value``, or ``None``.
+    extra : dict[str, Any]
+        Anything else the server loop wants back (same value types).
     """
 
     round: int
@@ -98,24 +106,32 @@ class RunDirectory:
     @classmethod
     def create(
         cls, output_dir: str | Path, scenario_name: str, now: datetime | None = None
-    ) -> "RunDirectory":
+    ) -> RunDirectory:
         """Creates ``<output_dir>/<scenario_name>/<YYYYmmdd-HHMMSS>`` (plus subfolders).
 
         A run never overwrites another: when the timestamped folder exists,
         ``-1``, ``-2``... is appended. Creation uses ``mkdir`` without
         ``exist_ok``, so two processes starting together still get two folders.
 
-        Args:
-            output_dir: The scenario's ``output.dir``.
-            scenario_name: The scenario's name; characters outside
-                ``[A-Za-z0-9._-]`` are replaced with ``-``.
-            now: Timestamp to use (default: the current local time).
+        Parameters
+        ----------
+        output_dir : str | Path
+            The scenario's ``output.dir``.
+        scenario_name : str
+            The scenario's name; characters outside
+            ``[A-Za-z0-9._-]`` are replaced with ``-``.
+        now : datetime | None
+            Timestamp to use (default: the current local time).
 
-        Returns:
+        Returns
+        -------
+        RunDirectory
             The new run directory.
 
-        Raises:
-            RunDirectoryError: If the name is unusable or the folder cannot be made.
+        Raises
+        ------
+        RunDirectoryError
+            If the name is unusable or the folder cannot be made.
         """
         parent = Path(output_dir) / _safe_name(scenario_name)
         stamp = (now or datetime.now()).strftime(_TIMESTAMP)
@@ -137,11 +153,13 @@ class RunDirectory:
         raise RunDirectoryError(f"too many runs named {stamp} under {parent}")
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDirectory":
+    def open(cls, path: str | Path) -> RunDirectory:
         """Opens an existing run directory (for ``--resume``).
 
-        Raises:
-            RunDirectoryError: If ``path`` is not a run directory (no scenario.yaml).
+        Raises
+        ------
+        RunDirectoryError
+            If ``path`` is not a run directory (no scenario.yaml).
         """
         path = Path(path)
         if not path.is_dir():
@@ -183,8 +201,10 @@ class RunDirectory:
     def read_scenario_text(self) -> str:
         """Returns the resolved scenario YAML.
 
-        Raises:
-            RunDirectoryError: If it cannot be read.
+        Raises
+        ------
+        RunDirectoryError
+            If it cannot be read.
         """
         path = self._path / SCENARIO_FILE
         try:
@@ -220,8 +240,10 @@ class RunDirectory:
     def read_metrics(self) -> list[dict]:
         """Returns all records; a truncated last line (interrupted write) is skipped.
 
-        Raises:
-            RunDirectoryError: If a line other than the last is not valid JSON.
+        Raises
+        ------
+        RunDirectoryError
+            If a line other than the last is not valid JSON.
         """
         try:
             text = self.metrics_path.read_text(encoding="utf-8", errors="replace")
@@ -265,17 +287,25 @@ class RunDirectory:
         ``checkpoint.best_value`` (NaN/None never improve), then
         ``model_last.pt``, then ``state.pt``, each atomically.
 
-        Args:
-            checkpoint: State after ``checkpoint.round``.
-            primary_value: This round's primary metric, or ``None``.
-            higher_is_better: Direction of the primary metric.
+        Parameters
+        ----------
+        checkpoint : Checkpoint
+            State after ``checkpoint.round``.
+        primary_value : float | None
+            This round's primary metric, or ``None``.
+        higher_is_better : bool
+            Direction of the primary metric.
 
-        Returns:
+        Returns
+        -------
+        Checkpoint
             ``checkpoint`` with ``best_value``/``best_round`` updated.
 
-        Raises:
-            TypeError: If the state holds values ``torch.load(weights_only=True)``
-                could not read back (e.g. NumPy arrays); the message names the key.
+        Raises
+        ------
+        TypeError
+            If the state holds values ``torch.load(weights_only=True)``
+            could not read back (e.g. NumPy arrays); the message names the key.
         """
         _check_loadable(checkpoint.arrays, "arrays")
         _check_loadable(checkpoint.strategy_state, "strategy_state")
@@ -303,15 +333,17 @@ class RunDirectory:
     def load_checkpoint(self) -> Checkpoint:
         """Loads the last checkpoint (tensors on CPU).
 
-        Raises:
-            RunDirectoryError: If there is none or it cannot be read.
+        Raises
+        ------
+        RunDirectoryError
+            If there is none or it cannot be read.
         """
         path = self.checkpoints / STATE_FILE
         if not path.is_file():
             raise RunDirectoryError(f"{self._path} has no checkpoint to resume from ({path})")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means unreadable
+        except Exception as exc:
             raise RunDirectoryError(f"cannot read checkpoint {path}: {exc}") from exc
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise RunDirectoryError(f"{path} is not a medfed checkpoint (format {_STATE_FORMAT})")
@@ -340,16 +372,26 @@ def build_summary(
 ) -> dict:
     """Builds the content of ``summary.json`` from the metrics records.
 
-    Args:
-        records: ``metrics.jsonl`` records, in file order.
-        primary_metric: The task's primary metric (e.g. ``"dice"``).
-        higher_is_better: Direction of the primary metric.
-        seed: The scenario seed.
-        seconds: Total wall-clock time of the run.
-        rounds_completed: Number of the last completed round.
-        extra: Merged into the top level (its keys win).
+    Parameters
+    ----------
+    records : list[dict]
+        ``metrics.jsonl`` records, in file order.
+    primary_metric : str
+        The task's primary metric (e.g. ``"dice"``).
+    higher_is_better : bool
+        Direction of the primary metric.
+    seed : int
+        The scenario seed.
+    seconds : float
+        Total wall-clock time of the run.
+    rounds_completed : int
+        Number of the last completed round.
+    extra : dict | None
+        Merged into the top level (its keys win).
 
-    Returns:
+    Returns
+    -------
+    dict
         ``{"rounds_completed", "seconds", "seed", "final", "final_round", "best",
         "bytes_up", "bytes_down", "epsilon", "versions"}`` where ``final`` maps
         each phase present (train, evaluate, central) to the aggregate metrics

@@ -1,7 +1,8 @@
 """Multiple-instance learning (MIL) building blocks for whole-slide-image-like tasks.
 
 A slide is a bag of tiles with one weak label: ``Y = 1`` iff at least one tile
-is positive (lecture, Definition 26). The pieces:
+is positive (the standard MIL assumption: Dietterich, Lathrop & Lozano-Pérez 1997,
+Artificial Intelligence 89; Ilse et al. 2018, §2.1, arXiv:1802.04712). The pieces:
 
 * :mod:`medtasks.mil.synthetic`: H&E-like synthetic slides (Beer–Lambert stain
   model, normal / inflamed / tumour morphology), per-site acquisition (stain,
@@ -28,7 +29,12 @@ is positive (lecture, Definition 26). The pieces:
 from medtasks.mil.folder import SlideFolder, load_slide_folder
 from medtasks.mil.ihc import IHC_ACQUISITION_SPACE, generate_ihc_slides, load_ihc_image
 from medtasks.mil.losses import prior_corrected_bce, site_log_odds
-from medtasks.mil.metrics import accuracy, attention_localisation_auc, balanced_accuracy, roc_auc
+from medtasks.mil.metrics import (
+    accuracy,
+    attention_localisation_auc,
+    balanced_accuracy,
+    roc_auc,
+)
 from medtasks.mil.models import (
     AttentionPooling,
     GatedAttentionPooling,
@@ -52,14 +58,14 @@ from medtasks.mil.task import MILBatch, MILParams, MILTask
 __all__ = [
     "ACQUISITION_SPACE",
     "ANNOTATOR_SPACE",
+    "IHC_ACQUISITION_SPACE",
     "AttentionPooling",
     "GatedAttentionPooling",
-    "IHC_ACQUISITION_SPACE",
     "MILBatch",
     "MILModel",
+    "MILOutput",
     "MILParams",
     "MILTask",
-    "MILOutput",
     "MaxPooling",
     "MeanPooling",
     "SlideFolder",

@@ -56,11 +56,16 @@ class SlideRow:
 class SlideFolder:
     """Every slide of a folder.
 
-    Attributes:
-        names: slide names, sorted.
-        bags: per slide, ``[K_s, 3, T, T]`` float32 RGB in ``[0, 1]``.
-        tile_labels: per slide, ``[K_s]`` int64 (1, 0, or ``UNKNOWN_TILE`` without truth).
-        labels: ``[S]`` int64 slide labels from the CSV.
+    Attributes
+    ----------
+    names : tuple[str, ...]
+        slide names, sorted.
+    bags : tuple[np.ndarray, ...]
+        per slide, ``[K_s, 3, T, T]`` float32 RGB in ``[0, 1]``.
+    tile_labels : tuple[np.ndarray, ...]
+        per slide, ``[K_s]`` int64 (1, 0, or ``UNKNOWN_TILE`` without truth).
+    labels : np.ndarray
+        ``[S]`` int64 slide labels from the CSV.
     """
 
     names: tuple[str, ...]
@@ -77,8 +82,10 @@ class SlideFolder:
 def read_labels(path: Path) -> dict[str, SlideRow]:
     """Parse ``labels.csv`` (module docstring) into rows by slide name.
 
-    Raises:
-        DataError: missing file, missing column, empty table, duplicate slide, bad label.
+    Raises
+    ------
+    DataError
+        missing file, missing column, empty table, duplicate slide, bad label.
     """
     if not path.is_file():
         columns = f"{SLIDE_COLUMN},{LABEL_COLUMN}[,{TILE_TRUTH_COLUMN}]"
@@ -128,8 +135,10 @@ def _tile_array(path: Path) -> np.ndarray:
 def read_tile(path: Path, tile_size: int) -> np.ndarray:
     """One tile image resized to ``[3, T, T]`` float32 in ``[0, 1]``.
 
-    Raises:
-        DataError: unreadable file, not ``[H, W, 3]``, or values outside ``[0, 1]``.
+    Raises
+    ------
+    DataError
+        unreadable file, not ``[H, W, 3]``, or values outside ``[0, 1]``.
     """
     try:
         array = _tile_array(path)
@@ -172,15 +181,22 @@ def _tile_labels(files: dict[str, Path], row: SlideRow, folder: Path) -> np.ndar
 def load_slide_folder(root: str | Path, tile_size: int) -> SlideFolder:
     """Read every slide of ``root`` (layout in the module docstring).
 
-    Args:
-        root: the data folder.
-        tile_size: ``T``; tiles are resized to ``T × T``.
+    Parameters
+    ----------
+    root : str | Path
+        the data folder.
+    tile_size : int
+        ``T``; tiles are resized to ``T × T``.
 
-    Returns:
+    Returns
+    -------
+    SlideFolder
         The slides, sorted by name.
 
-    Raises:
-        DataError: see the module docstring.
+    Raises
+    ------
+    DataError
+        see the module docstring.
     """
     root = Path(root)
     if not root.is_dir():
@@ -209,7 +225,9 @@ def fixed_size_bags(
     A slide with ``K_s > K`` tiles keeps ``K`` of them, drawn without replacement from
     ``rng`` (sorted); a slide with ``K_s < K`` is zero-padded.
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray, np.ndarray]
         ``(tiles [n, K, 3, T, T] float32, tile_labels [n, K] int64, padding [n, K] bool)``,
         tile labels 0 on padding.
     """

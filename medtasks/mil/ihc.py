@@ -33,8 +33,8 @@ What is real and what is simulated:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -80,8 +80,10 @@ INSTALL_HINT = "pip install scikit-image"
 def load_ihc_image() -> np.ndarray:
     """scikit-image's bundled IHC micrograph, ``[512, 512, 3]`` uint8 (never downloaded).
 
-    Raises:
-        DataError: scikit-image is not installed, or its bundled file cannot be read.
+    Raises
+    ------
+    DataError
+        scikit-image is not installed, or its bundled file cannot be read.
     """
     try:
         from skimage import data
@@ -108,11 +110,16 @@ def held_out_block(row: int, col: int) -> bool:
 class CropPool:
     """Candidate crops of one region.
 
-    Attributes:
-        concentrations: ``[3, H, W]`` float32 ``(c_H, c_DAB, c_E)`` of the whole image.
-        positive: ``[P, 2]`` int64 top-left ``(y, x)`` of positive crops.
-        negative: ``[N, 2]`` int64 top-left ``(y, x)`` of negative crops.
-        tile_size: ``T``.
+    Attributes
+    ----------
+    concentrations : np.ndarray
+        ``[3, H, W]`` float32 ``(c_H, c_DAB, c_E)`` of the whole image.
+    positive : np.ndarray
+        ``[P, 2]`` int64 top-left ``(y, x)`` of positive crops.
+    negative : np.ndarray
+        ``[N, 2]`` int64 top-left ``(y, x)`` of negative crops.
+    tile_size : int
+        ``T``.
     """
 
     concentrations: np.ndarray
@@ -133,9 +140,11 @@ def _window_means(mask: np.ndarray, corners: np.ndarray, size: int) -> np.ndarra
 def crop_pool(tile_size: int, held_out: bool) -> CropPool:
     """Positive and negative crop corners of the sites' (``held_out=False``) or the server's region.
 
-    Raises:
-        DataError: the image is unavailable, or the region holds no crop of one class
-            (``tile_size`` too large for the blocks).
+    Raises
+    ------
+    DataError
+        the image is unavailable, or the region holds no crop of one class
+        (``tile_size`` too large for the blocks).
     """
     image = load_ihc_image()
     concentrations = deconvolve(image.transpose(2, 0, 1) / 255.0, IHC_STAINS)
@@ -200,11 +209,16 @@ def acquire_ihc(concentrations: np.ndarray, acquisition: Mapping[str, float] | N
     rows are rotated about the grey axis and scaled (:func:`~medtasks.mil.stains.shift_stains`).
     At neutral values this reproduces the real image (up to the ``1/255`` floor).
 
-    Args:
-        concentrations: ``[..., 3, T, T]``.
-        acquisition: values for keys of :data:`IHC_ACQUISITION_SPACE` (missing = neutral).
+    Parameters
+    ----------
+    concentrations : np.ndarray
+        ``[..., 3, T, T]``.
+    acquisition : Mapping[str, float] | None
+        values for keys of :data:`IHC_ACQUISITION_SPACE` (missing = neutral).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
     value = resolve_site_params(acquisition, IHC_ACQUISITION_SPACE, "acquisition")
@@ -229,22 +243,36 @@ def generate_ihc_slides(
     """Slides of real IHC crops (module docstring), with the same interface as
     :func:`~medtasks.mil.synthetic.generate_slides`.
 
-    Args:
-        rng: the site's random stream (consumed).
-        num_slides: ``S``.
-        tiles_per_slide: ``K``.
-        tile_size: ``T`` (at most the block side, 128 for the bundled image).
-        positive_rate: ``P(slide holds a DAB-positive tile)``.
-        tumour_fraction: ``(low, high)`` fraction of positive tiles of a positive slide.
-        acquisition: :data:`IHC_ACQUISITION_SPACE` values; ``None`` = neutral.
-        annotator: :data:`~medtasks.mil.synthetic.ANNOTATOR_SPACE` values; ``None`` = neutral.
-        held_out: crop from the server's held-out blocks instead of the sites' blocks.
+    Parameters
+    ----------
+    rng : np.random.Generator
+        the site's random stream (consumed).
+    num_slides : int
+        ``S``.
+    tiles_per_slide : int
+        ``K``.
+    tile_size : int
+        ``T`` (at most the block side, 128 for the bundled image).
+    positive_rate : float
+        ``P(slide holds a DAB-positive tile)``.
+    tumour_fraction : tuple[float, float]
+        ``(low, high)`` fraction of positive tiles of a positive slide.
+    acquisition : Mapping[str, float] | None
+        :data:`IHC_ACQUISITION_SPACE` values; ``None`` = neutral.
+    annotator : Mapping[str, float] | None
+        :data:`~medtasks.mil.synthetic.ANNOTATOR_SPACE` values; ``None`` = neutral.
+    held_out : bool
+        crop from the server's held-out blocks instead of the sites' blocks.
 
-    Returns:
+    Returns
+    -------
+    Slides
         The slides; ``tile_labels`` 1 = DAB-positive tile.
 
-    Raises:
-        DataError: the image is unavailable (see :func:`load_ihc_image`).
+    Raises
+    ------
+    DataError
+        the image is unavailable (see :func:`load_ihc_image`).
     """
     check_slide_args(num_slides, tiles_per_slide, tile_size, positive_rate)
     resolve_site_params(acquisition, IHC_ACQUISITION_SPACE, "acquisition")

@@ -35,7 +35,8 @@ AUC 0.98, balanced accuracy at 0.5 of 0.50 (every slide called negative); ``logi
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,14 @@ CLASS_BALANCES: tuple[str, ...] = ("none", "weight", "logit_adjust")
 def site_log_odds(labels: Sequence[int]) -> float:
     """Smoothed prior log-odds of a site, ``log(π̂ / (1 - π̂))`` with ``π̂ = (n_1 + 1) / (n + 2)``.
 
-    Args:
-        labels: the site's training bag labels (0/1).
+    Parameters
+    ----------
+    labels : Sequence[int]
+        the site's training bag labels (0/1).
 
-    Returns:
+    Returns
+    -------
+    float
         ``log((n_1 + 1) / (n_0 + 1))``; 0 for a balanced (or empty) site.
     """
     positives = sum(int(y) for y in labels)
@@ -63,17 +68,26 @@ def prior_corrected_bce(
 ) -> Tensor:
     """Mean bag loss with the site prior correction ``class_balance`` (module docstring).
 
-    Args:
-        logits: ``[B]`` bag logits ``S(X)``.
-        labels: ``[B]`` 0/1 bag labels.
-        log_odds: ``[B]`` prior log-odds of each bag's site (:func:`site_log_odds`).
-        class_balance: ``"none"``, ``"weight"`` or ``"logit_adjust"``.
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B]`` bag logits ``S(X)``.
+    labels : Tensor
+        ``[B]`` 0/1 bag labels.
+    log_odds : Tensor
+        ``[B]`` prior log-odds of each bag's site (:func:`site_log_odds`).
+    class_balance : ClassBalance
+        ``"none"``, ``"weight"`` or ``"logit_adjust"``.
 
-    Returns:
+    Returns
+    -------
+    Tensor
         Scalar loss, the mean over the batch.
 
-    Raises:
-        ValueError: unknown ``class_balance`` or mismatched shapes.
+    Raises
+    ------
+    ValueError
+        unknown ``class_balance`` or mismatched shapes.
     """
     if logits.shape != labels.shape or logits.shape != log_odds.shape:
         raise ValueError(

@@ -8,7 +8,8 @@ NumPy float64. Undefined values (a class absent, nothing to score) are NaN.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from scipy.stats import rankdata
@@ -49,11 +50,16 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
     with ``R_+`` the sum of the positives' ranks among all scores, ties given their
     average rank (so each tied positive–negative pair counts 1/2).
 
-    Args:
-        scores: ``[N]`` scores, higher = more positive.
-        labels: ``[N]`` 0/1 labels.
+    Parameters
+    ----------
+    scores : ArrayLike
+        ``[N]`` scores, higher = more positive.
+    labels : ArrayLike
+        ``[N]`` 0/1 labels.
 
-    Returns:
+    Returns
+    -------
+    float
         The AUC in ``[0, 1]``; NaN if one class is absent.
     """
     s = _array(scores, "scores").reshape(-1)
@@ -74,10 +80,14 @@ def _predictions(probs: ArrayLike, labels: ArrayLike, threshold: float) -> tuple
 def accuracy(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.5) -> float:
     """Fraction of correct predictions ``(1/N) Σ_i 1[1[p_i >= t] = y_i]``; NaN when empty.
 
-    Args:
-        probs: ``[N]`` predicted probabilities (or any score thresholded at ``threshold``).
-        labels: ``[N]`` 0/1 labels.
-        threshold: decision threshold ``t``.
+    Parameters
+    ----------
+    probs : ArrayLike
+        ``[N]`` predicted probabilities (or any score thresholded at ``threshold``).
+    labels : ArrayLike
+        ``[N]`` 0/1 labels.
+    threshold : float
+        decision threshold ``t``.
     """
     predicted, truth = _predictions(probs, labels, threshold)
     return float(np.mean(predicted == truth)) if truth.size else float("nan")
@@ -89,10 +99,14 @@ def balanced_accuracy(probs: ArrayLike, labels: ArrayLike, threshold: float = 0.
     With one class present it is that class' recall (as scikit-learn's
     ``balanced_accuracy_score``); NaN when empty.
 
-    Args:
-        probs: ``[N]`` predicted probabilities.
-        labels: ``[N]`` 0/1 labels.
-        threshold: decision threshold ``t``.
+    Parameters
+    ----------
+    probs : ArrayLike
+        ``[N]`` predicted probabilities.
+    labels : ArrayLike
+        ``[N]`` 0/1 labels.
+    threshold : float
+        decision threshold ``t``.
     """
     predicted, truth = _predictions(probs, labels, threshold)
     recalls = [np.mean(predicted[truth == c] == c) for c in (False, True) if np.any(truth == c)]
@@ -105,7 +119,9 @@ def best_threshold(scores: ArrayLike, labels: ArrayLike) -> float:
     Candidates are the midpoints between consecutive distinct scores and the two ends
     (predict everything positive / negative); ties go to the smallest threshold.
 
-    Returns:
+    Returns
+    -------
+    float
         The threshold; NaN if one class is absent.
     """
     s = _array(scores, "scores").reshape(-1)
@@ -128,12 +144,18 @@ def cross_fitted_balanced_accuracy(scores: ArrayLike, labels: ArrayLike, folds: 
     point is calibrated on data labelled like these samples", whereas :func:`balanced_accuracy`
     at a fixed threshold also judges the score's calibration.
 
-    Args:
-        scores: ``[N]`` scores (logits or probabilities).
-        labels: ``[N]`` 0/1 labels.
-        folds: number of folds, ``>= 2``.
+    Parameters
+    ----------
+    scores : ArrayLike
+        ``[N]`` scores (logits or probabilities).
+    labels : ArrayLike
+        ``[N]`` 0/1 labels.
+    folds : int
+        number of folds, ``>= 2``.
 
-    Returns:
+    Returns
+    -------
+    float
         The balanced accuracy; NaN when a class is absent from the samples or from the
         complement of some fold.
     """
@@ -168,15 +190,23 @@ def attention_localisation_auc(
     (:func:`roc_auc`) of these scores against the tile truth. Negative bags are
     left out: they have no positive tile to find.
 
-    Args:
-        attention: ``[S, K]`` attention weights (or other per-tile scores).
-        tile_labels: ``[S, K]`` 0/1 tile truth.
-        bag_labels: ``[S]`` 0/1 bag labels.
-        key_padding_mask: ``[S, K]`` bool, ``True`` = padding (left out), or ``None``.
-        normalise: multiply by ``K_b``; set ``False`` for scores that are not
-            weights summing to 1 (e.g. instance probabilities).
+    Parameters
+    ----------
+    attention : ArrayLike
+        ``[S, K]`` attention weights (or other per-tile scores).
+    tile_labels : ArrayLike
+        ``[S, K]`` 0/1 tile truth.
+    bag_labels : ArrayLike
+        ``[S]`` 0/1 bag labels.
+    key_padding_mask : ArrayLike | None
+        ``[S, K]`` bool, ``True`` = padding (left out), or ``None``.
+    normalise : bool
+        multiply by ``K_b``; set ``False`` for scores that are not
+        weights summing to 1 (e.g. instance probabilities).
 
-    Returns:
+    Returns
+    -------
+    float
         The AUC; NaN when no positive bag holds both a positive and a negative tile.
     """
     a = _array(attention, "attention")

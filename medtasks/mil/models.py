@@ -1,12 +1,13 @@
 """Deep MIL models: a tile encoder, permutation-invariant pooling, and the two MIL approaches.
 
-The lecture's deep MIL recipe scores a bag ``X = {x_1, ..., x_K}`` as
+Deep MIL (Ilse et al. 2018, §2, arXiv:1802.04712) scores a bag ``X = {x_1, ..., x_K}`` as
 
 .. math:: S(X) = g_\\psi\\big(\\sigma(f_\\theta(x_1), \\dots, f_\\theta(x_K))\\big),
 
 with ``σ`` a symmetric (permutation-invariant) MIL pooling function, as
-Theorem 1 (``S(X) = g(Σ_{x∈X} f(x))``) and Theorem 2 (``g(max_{x∈X} f(x))``)
-require. Two approaches (lecture, "Deep MIL Approaches"):
+Theorem 1 (``S(X) = g(Σ_{x∈X} f(x))``) and Theorem 2 (``g(max_{x∈X} f(x))``) of Ilse
+et al. 2018 require. Two approaches (Ilse et al. 2018, §2.3, after Wang et al. 2018,
+"Revisiting multiple instance neural networks", Pattern Recognition 74):
 
 * ``"instance"``: ``f`` is an instance classifier giving a logit ``s_k`` per tile,
   ``σ`` pools the instance logits, ``g`` is the identity.
@@ -26,7 +27,8 @@ not change the pooled value.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -47,16 +49,24 @@ MODES: tuple[str, ...] = ("embedding", "instance")
 def check_mask(key_padding_mask: Tensor | None, batch: int, tiles: int) -> Tensor | None:
     """Validate a key-padding mask.
 
-    Args:
-        key_padding_mask: ``[B, K]`` bool, ``True`` = padded tile, or ``None``.
-        batch: ``B``.
-        tiles: ``K``.
+    Parameters
+    ----------
+    key_padding_mask : Tensor | None
+        ``[B, K]`` bool, ``True`` = padded tile, or ``None``.
+    batch : int
+        ``B``.
+    tiles : int
+        ``K``.
 
-    Returns:
+    Returns
+    -------
+    Tensor | None
         The mask (``None`` stays ``None``).
 
-    Raises:
-        ValueError: wrong shape or dtype, or a bag with every tile padded.
+    Raises
+    ------
+    ValueError
+        wrong shape or dtype, or a bag with every tile padded.
     """
     if key_padding_mask is None:
         return None
@@ -73,10 +83,14 @@ def check_mask(key_padding_mask: Tensor | None, batch: int, tiles: int) -> Tenso
 def pad_bags(bags: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Stack bags of different sizes, zero-padding to the largest.
 
-    Args:
-        bags: ``B`` tensors ``[K_b, ...]`` (same trailing shape), ``K_b >= 1``.
+    Parameters
+    ----------
+    bags : Sequence[Tensor]
+        ``B`` tensors ``[K_b, ...]`` (same trailing shape), ``K_b >= 1``.
 
-    Returns:
+    Returns
+    -------
+    tuple[Tensor, Tensor]
         ``(bags [B, K, ...], key_padding_mask [B, K] bool)``, ``K = max_b K_b``,
         ``True`` where a tile is padding.
     """
@@ -126,12 +140,18 @@ class TileEncoder(nn.Module):
     between channels. ``"batch"`` learns fastest of all but couples the tiles of
     a batch (and is rejected by Opacus).
 
-    Args:
-        feature_dim: ``M``.
-        widths: channel widths of the conv blocks.
-        norm: ``"group"``, ``"batch"`` or ``"none"``.
-        num_groups: groups of ``GroupNorm``; must divide every width.
-        optical_density: feed ``-log x`` instead of ``x``.
+    Parameters
+    ----------
+    feature_dim : int
+        ``M``.
+    widths : Sequence[int]
+        channel widths of the conv blocks.
+    norm : NormName
+        ``"group"``, ``"batch"`` or ``"none"``.
+    num_groups : int
+        groups of ``GroupNorm``; must divide every width.
+    optical_density : bool
+        feed ``-log x`` instead of ``x``.
     """
 
     def __init__(
@@ -164,10 +184,14 @@ class TileEncoder(nn.Module):
     def forward(self, tiles: Tensor) -> Tensor:
         """Embed tiles.
 
-        Args:
-            tiles: ``[N, 3, T, T]`` RGB in ``[0, 1]``.
+        Parameters
+        ----------
+        tiles : Tensor
+            ``[N, 3, T, T]`` RGB in ``[0, 1]``.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             ``[N, M]`` embeddings ``h_k = f_θ(x_k)``.
         """
         if self.optical_density:
@@ -185,11 +209,16 @@ class MeanPooling(nn.Module):
     def forward(self, h: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pool a batch of bags.
 
-        Args:
-            h: ``[B, K, F]`` instance embeddings (or ``F = 1`` instance logits).
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        h : Tensor
+            ``[B, K, F]`` instance embeddings (or ``F = 1`` instance logits).
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        tuple[Tensor, Tensor]
             ``(z [B, F], weights [B, K])``: the mean and the uniform weights ``1/K``
             (0 on padding), so ``z = Σ_k weights_k h_k``.
         """
@@ -205,11 +234,16 @@ class MaxPooling(nn.Module):
     def forward(self, h: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pool a batch of bags.
 
-        Args:
-            h: ``[B, K, F]`` instance embeddings (or ``F = 1`` instance logits).
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        h : Tensor
+            ``[B, K, F]`` instance embeddings (or ``F = 1`` instance logits).
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        tuple[Tensor, Tensor]
             ``(z [B, F], weights [B, K])``: the per-feature maximum and each tile's
             share of the features it wins, ``(1/F) Σ_f 1[k = argmax_j h_jf]``
             (one-hot for ``F = 1``; 0 on padding).
@@ -223,7 +257,7 @@ class MaxPooling(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """Attention-based MIL pooling (Ilse et al. 2018, eq. 8–9; lecture, "Attention-based MIL pooling").
+    """Attention-based MIL pooling (Ilse et al. 2018, eq. 8–9, arXiv:1802.04712).
 
     .. math::
         a_k = \\frac{\\exp(w^\\top \\tanh(V h_k))}{\\sum_{j=1}^K \\exp(w^\\top \\tanh(V h_j))},
@@ -232,9 +266,12 @@ class AttentionPooling(nn.Module):
     ``V ∈ R^{L×M}``, ``w ∈ R^{L×1}`` (bias-free, as in the equation). Padded
     tiles are left out of the softmax (``a_k = 0``).
 
-    Args:
-        feature_dim: ``M``.
-        attention_dim: ``L``.
+    Parameters
+    ----------
+    feature_dim : int
+        ``M``.
+    attention_dim : int
+        ``L``.
     """
 
     def __init__(self, feature_dim: int, attention_dim: int = 32) -> None:
@@ -249,11 +286,16 @@ class AttentionPooling(nn.Module):
     def attention(self, h: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Attention weights ``a_k = softmax_k(wᵀ hidden(h_k))`` over unpadded tiles.
 
-        Args:
-            h: ``[B, K, M]`` instance embeddings.
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        h : Tensor
+            ``[B, K, M]`` instance embeddings.
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        Tensor
             ``[B, K]`` weights, summing to 1 per bag, 0 on padding.
         """
         mask = check_mask(key_padding_mask, h.shape[0], h.shape[1])
@@ -265,11 +307,16 @@ class AttentionPooling(nn.Module):
     def forward(self, h: Tensor, key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Pool a batch of bags.
 
-        Args:
-            h: ``[B, K, M]`` instance embeddings.
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        h : Tensor
+            ``[B, K, M]`` instance embeddings.
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        tuple[Tensor, Tensor]
             ``(z [B, M], a [B, K])`` with ``z = Σ_k a_k h_k``.
         """
         a = self.attention(h, key_padding_mask)
@@ -277,7 +324,7 @@ class AttentionPooling(nn.Module):
 
 
 class GatedAttentionPooling(AttentionPooling):
-    """Gated attention MIL pooling (Ilse et al. 2018, eq. 10; lecture, "Gated attention variant").
+    """Gated attention MIL pooling (Ilse et al. 2018, eq. 10, arXiv:1802.04712).
 
     .. math::
         a_k = \\frac{\\exp(w^\\top (\\tanh(V h_k) \\odot \\mathrm{sigm}(U h_k)))}
@@ -302,11 +349,15 @@ class GatedAttentionPooling(AttentionPooling):
 class MILOutput(NamedTuple):
     """Everything a forward pass computes.
 
-    Attributes:
-        logits: ``[B]`` bag logits ``S(X)``.
-        weights: ``[B, K]`` pooling weights (attention ``a_k``; uniform for mean;
-            the argmax share for max), 0 on padding.
-        instance_logits: ``[B, K]`` tile logits ``s_k`` (instance mode), else ``None``.
+    Attributes
+    ----------
+    logits : Tensor
+        ``[B]`` bag logits ``S(X)``.
+    weights : Tensor
+        ``[B, K]`` pooling weights (attention ``a_k``; uniform for mean;
+        the argmax share for max), 0 on padding.
+    instance_logits : Tensor | None
+        ``[B, K]`` tile logits ``s_k`` (instance mode), else ``None``.
     """
 
     logits: Tensor
@@ -323,11 +374,15 @@ class MILModel(nn.Module):
       ``Σ_k a_k s_k`` with ``a_k`` the (gated) attention of the embeddings
       ``h_k`` (attention pooling over instance logits).
 
-    Args:
-        encoder: ``f_θ``, ``[N, 3, T, T] -> [N, M]``, with attribute ``feature_dim``.
-        pooling: one of :class:`MeanPooling`, :class:`MaxPooling`,
-            :class:`AttentionPooling`, :class:`GatedAttentionPooling`.
-        mode: ``"embedding"`` or ``"instance"``.
+    Parameters
+    ----------
+    encoder : TileEncoder
+        ``f_θ``, ``[N, 3, T, T] -> [N, M]``, with attribute ``feature_dim``.
+    pooling : nn.Module
+        one of :class:`MeanPooling`, :class:`MaxPooling`,
+        :class:`AttentionPooling`, :class:`GatedAttentionPooling`.
+    mode : Mode
+        ``"embedding"`` or ``"instance"``.
     """
 
     def __init__(self, encoder: TileEncoder, pooling: nn.Module, mode: Mode = "embedding") -> None:
@@ -342,11 +397,16 @@ class MILModel(nn.Module):
     def embed(self, bags: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Encode the unpadded tiles of a batch of bags.
 
-        Args:
-            bags: ``[B, K, 3, T, T]``.
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding (not encoded).
+        Parameters
+        ----------
+        bags : Tensor
+            ``[B, K, 3, T, T]``.
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding (not encoded).
 
-        Returns:
+        Returns
+        -------
+        Tensor
             ``[B, K, M]`` embeddings ``h_k``, zero on padding.
         """
         batch, tiles = bags.shape[:2]
@@ -362,11 +422,16 @@ class MILModel(nn.Module):
     def forward_detailed(self, bags: Tensor, key_padding_mask: Tensor | None = None) -> MILOutput:
         """Bag logits with pooling weights and instance logits.
 
-        Args:
-            bags: ``[B, K, 3, T, T]``.
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        bags : Tensor
+            ``[B, K, 3, T, T]``.
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        MILOutput
             :class:`MILOutput`.
         """
         h = self.embed(bags, key_padding_mask)
@@ -391,11 +456,16 @@ class MILModel(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Bag logits and per-tile scores for localisation.
 
-        Args:
-            bags: ``[B, K, 3, T, T]``.
-            key_padding_mask: ``[B, K]`` bool, ``True`` = padding.
+        Parameters
+        ----------
+        bags : Tensor
+            ``[B, K, 3, T, T]``.
+        key_padding_mask : Tensor | None
+            ``[B, K]`` bool, ``True`` = padding.
 
-        Returns:
+        Returns
+        -------
+        tuple[Tensor, Tensor]
             ``(logits [B], scores [B, K])``: the attention weights ``a_k`` for
             (gated) attention pooling in either mode; the instance probabilities
             ``sigm(s_k)`` for instance-mode max/mean; the pooling weights
@@ -424,19 +494,30 @@ def build_mil_model(
     Weights are drawn from ``torch.manual_seed(derive_seed(seed, "model-init"))``
     inside ``torch.random.fork_rng``, so the global torch RNG is left untouched.
 
-    Args:
-        pooling: ``"max"``, ``"mean"``, ``"attention"`` or ``"gated_attention"``.
-        mode: ``"embedding"`` or ``"instance"`` (see :class:`MILModel`).
-        feature_dim: embedding size ``M``.
-        attention_dim: attention hidden size ``L``.
-        norm: encoder normalisation, ``"group"``, ``"batch"`` or ``"none"``.
-        seed: scenario seed.
+    Parameters
+    ----------
+    pooling : PoolingName
+        ``"max"``, ``"mean"``, ``"attention"`` or ``"gated_attention"``.
+    mode : Mode
+        ``"embedding"`` or ``"instance"`` (see :class:`MILModel`).
+    feature_dim : int
+        embedding size ``M``.
+    attention_dim : int
+        attention hidden size ``L``.
+    norm : NormName
+        encoder normalisation, ``"group"``, ``"batch"`` or ``"none"``.
+    seed : int
+        scenario seed.
 
-    Returns:
+    Returns
+    -------
+    MILModel
         The model: ``[B, K, 3, T, T]`` bags to ``[B]`` logits.
 
-    Raises:
-        ValueError: unknown pooling, mode or norm.
+    Raises
+    ------
+    ValueError
+        unknown pooling, mode or norm.
     """
     if pooling not in POOLING_NAMES:
         raise ValueError(f"unknown MIL pooling {pooling!r}; choose one of {', '.join(POOLING_NAMES)}")

@@ -33,13 +33,20 @@ def plot_bags(
 ) -> None:
     """Write rows of tiles | attention heatmap | tile truth, the tiles on a ``⌈√K⌉``-column grid.
 
-    Args:
-        bags: ``[N, K, 3, T, T]`` RGB in ``[0, 1]``.
-        scores: ``[N, K]`` attention weights (or tile probabilities).
-        tile_labels: ``[N, K]`` tile truth: 1, 0, or negative = unknown (drawn blank).
-        probs: ``[N]`` predicted ``P(Y = 1)``.
-        path: PNG file to write (parent folders are created).
-        padding: ``[N, K]`` bool, ``True`` = padded slot (drawn blank), or ``None``.
+    Parameters
+    ----------
+    bags : np.ndarray
+        ``[N, K, 3, T, T]`` RGB in ``[0, 1]``.
+    scores : np.ndarray
+        ``[N, K]`` attention weights (or tile probabilities).
+    tile_labels : np.ndarray
+        ``[N, K]`` tile truth: 1, 0, or negative = unknown (drawn blank).
+    probs : np.ndarray
+        ``[N]`` predicted ``P(Y = 1)``.
+    path : Path
+        PNG file to write (parent folders are created).
+    padding : np.ndarray | None
+        ``[N, K]`` bool, ``True`` = padded slot (drawn blank), or ``None``.
     """
     from matplotlib.figure import Figure
 

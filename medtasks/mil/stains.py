@@ -19,7 +19,7 @@ demo (:mod:`medtasks.mil.ihc`) and the re-staining of real tiles.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -67,12 +67,18 @@ def shift_stains(stains: np.ndarray, rotations: Sequence[float], scales: Sequenc
     """A site's stain matrix: row ``i < len(rotations)`` becomes ``s_i R(α_i) v_i``; later rows
     (e.g. a residual) are kept.
 
-    Args:
-        stains: ``[S, 3]`` unit OD vectors.
-        rotations: ``α_i`` in radians about the grey axis (:func:`rotate_about_grey`).
-        scales: ``s_i`` (stain strength), same length as ``rotations``.
+    Parameters
+    ----------
+    stains : np.ndarray
+        ``[S, 3]`` unit OD vectors.
+    rotations : Sequence[float]
+        ``α_i`` in radians about the grey axis (:func:`rotate_about_grey`).
+    scales : Sequence[float]
+        ``s_i`` (stain strength), same length as ``rotations``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[S, 3]`` float64.
     """
     if len(rotations) != len(scales) or len(rotations) > len(stains):
@@ -88,13 +94,20 @@ def beer_lambert(
 ) -> np.ndarray:
     """Image stain concentrations: ``RGB = G_σ * clip_[0,1](b exp(-Wᵀ c))``.
 
-    Args:
-        concentrations: ``[..., S, T, T]``.
-        stains: ``[S, 3]`` OD vectors ``W``.
-        brightness: ``b``.
-        blur_sigma: Gaussian blur ``σ`` in pixels (0 = none).
+    Parameters
+    ----------
+    concentrations : np.ndarray
+        ``[..., S, T, T]``.
+    stains : np.ndarray
+        ``[S, 3]`` OD vectors ``W``.
+    brightness : float
+        ``b``.
+    blur_sigma : float
+        Gaussian blur ``σ`` in pixels (0 = none).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
     stains = np.asarray(stains, dtype=np.float32)
@@ -111,11 +124,16 @@ def beer_lambert(
 def deconvolve(tiles: np.ndarray, stains: np.ndarray) -> np.ndarray:
     """Colour deconvolution: ``c = OD · W^{-1}``, ``OD = -log(max(x, 1/255))``.
 
-    Args:
-        tiles: ``[..., 3, T, T]`` RGB in ``[0, 1]``.
-        stains: ``[3, 3]`` invertible OD matrix ``W`` (e.g. :func:`complete_stains`).
+    Parameters
+    ----------
+    tiles : np.ndarray
+        ``[..., 3, T, T]`` RGB in ``[0, 1]``.
+    stains : np.ndarray
+        ``[3, 3]`` invertible OD matrix ``W`` (e.g. :func:`complete_stains`).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[..., 3, T, T]`` float32 concentrations (may be slightly negative where a tile
         holds colours outside the stains' cone).
     """

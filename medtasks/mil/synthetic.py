@@ -1,6 +1,6 @@
 """Synthetic H&E-like slides for multiple-instance learning, and their per-site shifts.
 
-A *slide* is a bag of ``K`` tiles ``X = {x_1, ..., x_K}`` (lecture, Definition 26);
+A *slide* is a bag of ``K`` tiles ``X = {x_1, ..., x_K}`` (Ilse et al. 2018, §2.1, arXiv:1802.04712);
 each tile is an RGB image ``[3, T, T]`` in ``[0, 1]``. Tiles are drawn as two
 stain concentration maps, haematoxylin ``c_H`` (nuclei, blue-purple) and eosin
 ``c_E`` (stroma, pink), turned into colour by the Beer–Lambert colour
@@ -27,11 +27,12 @@ counterstain make the mean colour of tumour and normal tiles overlap (each RGB
 channel's effect size |d| is about 1 or less), so a model must look at nuclear
 size and shape.
 
-Bag labels follow the standard MIL assumption (lecture, Definition 26): ``Y = 1``
+Bag labels follow the standard MIL assumption (Dietterich, Lathrop & Lozano-Pérez 1997,
+Artificial Intelligence 89; Ilse et al. 2018, §2.1): ``Y = 1``
 iff the slide holds at least one tumour tile. Tile truth is kept for
 localisation metrics.
 
-Per-site shifts (DESIGN.md §5b) are parameterised like the other tasks
+Per-site shifts (the non-IID kinds of :mod:`medtasks.partition`) are parameterised like the other tasks
 (:class:`medtasks.partition.ParamRange`, drawn by :func:`medtasks.partition.draw_site_profiles`):
 
 * :func:`acquire` (``feature_skew``, ``P_k(x)`` differs): stain vector rotation and
@@ -49,13 +50,19 @@ Pure NumPy/SciPy, vectorised over tiles, deterministic given the generator passe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 from scipy import ndimage, special
 
-from medtasks.mil.stains import STAIN_MATRIX, beer_lambert, complete_stains, deconvolve, shift_stains
+from medtasks.mil.stains import (
+    STAIN_MATRIX,
+    beer_lambert,
+    complete_stains,
+    deconvolve,
+    shift_stains,
+)
 from medtasks.partition import ParamRange, resolve_site_params
 
 #: Feature-skew (scanner / staining protocol) parameters; see :func:`acquire`.
@@ -88,18 +95,28 @@ REFERENCE_TILE_SIZE = 32
 class TissueStyle:
     """Morphology and staining of one tile class, sizes in pixels of a 32-pixel tile.
 
-    Attributes:
-        nuclei: inclusive range of the number of nuclei per tile.
-        radius: range of the tile's mean nuclear radius.
-        pleomorphism: log-normal sigma of each nucleus' radius around the tile mean.
-        elongation: range of the axis ratio ``r_minor / r_major``.
-        irregularity: amplitude range of the contour harmonics ``a_2, a_3``.
-        chromatin: range of the nuclear haematoxylin concentration.
-        cluster_spread: standard deviation of nuclei around 1–2 cluster centres, as a
-            fraction of the tile side; ``None`` = nuclei spread uniformly.
-        stroma: range of the stroma's eosin concentration.
-        lumen: range of the fraction of the tile that is unstained space (gland
-            lumina, fat, tears).
+    Attributes
+    ----------
+    nuclei : tuple[int, int]
+        inclusive range of the number of nuclei per tile.
+    radius : tuple[float, float]
+        range of the tile's mean nuclear radius.
+    pleomorphism : float
+        log-normal sigma of each nucleus' radius around the tile mean.
+    elongation : tuple[float, float]
+        range of the axis ratio ``r_minor / r_major``.
+    irregularity : tuple[float, float]
+        amplitude range of the contour harmonics ``a_2, a_3``.
+    chromatin : tuple[float, float]
+        range of the nuclear haematoxylin concentration.
+    cluster_spread : float | None
+        standard deviation of nuclei around 1–2 cluster centres, as a
+        fraction of the tile side; ``None`` = nuclei spread uniformly.
+    stroma : tuple[float, float]
+        range of the stroma's eosin concentration.
+    lumen : tuple[float, float]
+        range of the fraction of the tile that is unstained space (gland
+        lumina, fat, tears).
     """
 
     nuclei: tuple[int, int]
@@ -171,13 +188,19 @@ _MAX_PLEOMORPHIC_Z = 2.0
 class Slides:
     """Bags of tiles of one site.
 
-    Attributes:
-        tiles: ``[S, K, 3, T, T]`` float32 RGB in ``[0, 1]`` (zeros on padding).
-        tile_labels: ``[S, K]`` int64 tile truth: 1 = positive (tumour) tile, 0 = negative,
-            :data:`UNKNOWN_TILE` where the truth is not known (real slides without it).
-        labels: ``[S]`` int64, the site's annotated bag label (:func:`annotate`).
-        tumour_fraction: ``[S]`` float64, fraction of positive tiles per slide (NaN when unknown).
-        padding: ``[S, K]`` bool, ``True`` = padded slot of a slide with fewer than ``K`` tiles.
+    Attributes
+    ----------
+    tiles : np.ndarray
+        ``[S, K, 3, T, T]`` float32 RGB in ``[0, 1]`` (zeros on padding).
+    tile_labels : np.ndarray
+        ``[S, K]`` int64 tile truth: 1 = positive (tumour) tile, 0 = negative,
+        :data:`UNKNOWN_TILE` where the truth is not known (real slides without it).
+    labels : np.ndarray
+        ``[S]`` int64, the site's annotated bag label (:func:`annotate`).
+    tumour_fraction : np.ndarray
+        ``[S]`` float64, fraction of positive tiles per slide (NaN when unknown).
+    padding : np.ndarray | None
+        ``[S, K]`` bool, ``True`` = padded slot of a slide with fewer than ``K`` tiles.
     """
 
     tiles: np.ndarray
@@ -287,7 +310,9 @@ def _membership(dy: np.ndarray, dx: np.ndarray, p: dict[str, np.ndarray]) -> np.
 def _nuclei(layout: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Nuclei drawn one slot at a time in a window around each centre.
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
         ``(membership [N, T, T], haematoxylin [N, T, T])``: the union ``max_m m_m``
         of the tile's nuclear masks (:func:`_membership`) and ``max_m m_m·chromatin_m``.
     """
@@ -325,7 +350,9 @@ def _stroma(rng: np.random.Generator, kind: np.ndarray, size: int) -> tuple[np.n
     set to 0 in lumina ``{n_2 > Φ^{-1}(1 - q)}`` covering a fraction ``q`` of the
     tile (``n_1, n_2`` smooth unit-variance noise fields).
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
         ``(c_E float, lumen bool)``.
     """
     n = kind.shape[0]
@@ -362,12 +389,18 @@ def render_concentrations(
     ``c_H = u (h_0 (1 - m)(1 - ℓ) + h (1 + 0.15 ε))`` and
     ``c_E = u · stroma · (1 - 0.8 m)`` (:func:`_stroma`).
 
-    Args:
-        rng: random stream (consumed).
-        kind: ``[N]`` style index of each tile (:func:`tissue_kinds`).
-        size: tile side ``T``.
+    Parameters
+    ----------
+    rng : np.random.Generator
+        random stream (consumed).
+    kind : np.ndarray
+        ``[N]`` style index of each tile (:func:`tissue_kinds`).
+    size : int
+        tile side ``T``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[N, 2, T, T]`` float32 concentrations ``(c_H, c_E)``, non-negative.
     """
     kind = np.asarray(kind, dtype=np.int64)
@@ -387,8 +420,10 @@ def render_concentrations(
 def site_stain_matrix(acquisition: Mapping[str, float] | None = None) -> np.ndarray:
     """The site's stain OD vectors ``[s_H R(α_H) v_H; s_E R(α_E) v_E]``, shape ``[2, 3]``.
 
-    Args:
-        acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
+    Parameters
+    ----------
+    acquisition : Mapping[str, float] | None
+        values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
     """
     value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
     return shift_stains(
@@ -407,11 +442,16 @@ def acquire(concentrations: np.ndarray, acquisition: Mapping[str, float] | None 
     brightness ``b`` and blur ``σ``. At neutral values this is the plain
     Beer–Lambert image with :data:`STAIN_MATRIX`. Deterministic.
 
-    Args:
-        concentrations: ``[..., 2, T, T]`` from :func:`render_concentrations`.
-        acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
+    Parameters
+    ----------
+    concentrations : np.ndarray
+        ``[..., 2, T, T]`` from :func:`render_concentrations`.
+    acquisition : Mapping[str, float] | None
+        values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
     value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
@@ -430,11 +470,16 @@ def restain(tiles: np.ndarray, acquisition: Mapping[str, float] | None = None) -
 
     At neutral values ``x' = x`` up to the ``1/255`` intensity floor.
 
-    Args:
-        tiles: ``[..., 3, T, T]`` RGB in ``[0, 1]``.
-        acquisition: values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
+    Parameters
+    ----------
+    tiles : np.ndarray
+        ``[..., 3, T, T]`` RGB in ``[0, 1]``.
+    acquisition : Mapping[str, float] | None
+        values for keys of :data:`ACQUISITION_SPACE` (missing = neutral).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[..., 3, T, T]`` float32 RGB in ``[0, 1]``.
     """
     value = resolve_site_params(acquisition, ACQUISITION_SPACE, "acquisition")
@@ -451,14 +496,20 @@ def annotate(
     ``Y = 1`` iff the slide holds a tumour tile and its tumour fraction
     ``q = (1/K) Σ_k y_k`` (over unpadded tiles) reaches the site's ``positive_threshold`` ``τ``:
     ``Y = 1[max_k y_k = 1 ∧ q >= τ]``. At ``τ = 0`` this is the standard MIL
-    assumption (lecture, Definition 26).
+    assumption (Dietterich et al. 1997; Ilse et al. 2018, §2.1).
 
-    Args:
-        tile_labels: ``[S, K]`` tile truth (1 = positive; any other value counts as not positive).
-        annotator: values for keys of :data:`ANNOTATOR_SPACE` (missing = neutral).
-        padding: ``[S, K]`` bool, ``True`` = padded slot (left out), or ``None``.
+    Parameters
+    ----------
+    tile_labels : np.ndarray
+        ``[S, K]`` tile truth (1 = positive; any other value counts as not positive).
+    annotator : Mapping[str, float] | None
+        values for keys of :data:`ANNOTATOR_SPACE` (missing = neutral).
+    padding : np.ndarray | None
+        ``[S, K]`` bool, ``True`` = padded slot (left out), or ``None``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[S]`` int64 bag labels.
     """
     value = resolve_site_params(annotator, ANNOTATOR_SPACE, "annotator")
@@ -514,17 +565,28 @@ def generate_slides(
     acquisition or annotator of a site changes neither the tiles' truth nor
     their tissue.
 
-    Args:
-        rng: the site's random stream (consumed).
-        num_slides: ``S``.
-        tiles_per_slide: ``K`` (fixed for the call).
-        tile_size: ``T``.
-        positive_rate: ``P(slide holds a tumour tile)``.
-        tumour_fraction: ``(low, high)`` fraction of tumour tiles of a positive slide.
-        acquisition: site stain/scanner parameters (:data:`ACQUISITION_SPACE`); ``None`` = neutral.
-        annotator: site annotator parameters (:data:`ANNOTATOR_SPACE`); ``None`` = neutral.
+    Parameters
+    ----------
+    rng : np.random.Generator
+        the site's random stream (consumed).
+    num_slides : int
+        ``S``.
+    tiles_per_slide : int
+        ``K`` (fixed for the call).
+    tile_size : int
+        ``T``.
+    positive_rate : float
+        ``P(slide holds a tumour tile)``.
+    tumour_fraction : tuple[float, float]
+        ``(low, high)`` fraction of tumour tiles of a positive slide.
+    acquisition : Mapping[str, float] | None
+        site stain/scanner parameters (:data:`ACQUISITION_SPACE`); ``None`` = neutral.
+    annotator : Mapping[str, float] | None
+        site annotator parameters (:data:`ANNOTATOR_SPACE`); ``None`` = neutral.
 
-    Returns:
+    Returns
+    -------
+    Slides
         The slides.
     """
     check_slide_args(num_slides, tiles_per_slide, tile_size, positive_rate)
@@ -594,11 +656,16 @@ def tiles_from_image(image: np.ndarray, tile_size: int) -> np.ndarray:
     Used to turn a real micrograph (e.g. ``skimage.data.immunohistochemistry()``)
     into a bag.
 
-    Args:
-        image: ``[H, W, 3]`` uint8.
-        tile_size: ``T``.
+    Parameters
+    ----------
+    image : np.ndarray
+        ``[H, W, 3]`` uint8.
+    tile_size : int
+        ``T``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         ``[n, 3, T, T]`` float32 in ``[0, 1]``, ``n = ⌊H/T⌋·⌊W/T⌋``.
     """
     image = np.asarray(image)

@@ -1,4 +1,6 @@
-"""Slide classification by attention-based multiple-instance learning (DESIGN.md §4, §5b).
+"""Slide classification by attention-based multiple-instance learning (Ilse et al. 2018,
+arXiv:1802.04712), as a :class:`medtasks.base.Task` with the non-IID kinds of
+:mod:`medtasks.partition`.
 
 A slide is a bag ``X = {x_1, ..., x_K}`` of RGB tiles with one weak label ``Y``; the
 model (:func:`medtasks.mil.models.build_mil_model`) scores the bag,
@@ -46,16 +48,18 @@ Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labe
 ``ClientData.stats``: ``n_train``, ``n_val``, ``label_histogram`` (``[negative, positive]``
 annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``; observed for
 folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``. ``data.params`` must be
-empty. Generated slides and folder reads are cached per process (DESIGN.md §9).
+empty. Generated slides and folder reads are cached per process (as the task is,
+``client/cache.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple, Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -127,7 +131,7 @@ class MILParams(TaskParams):
     )
 
     @model_validator(mode="after")
-    def _check_fractions(self) -> "MILParams":
+    def _check_fractions(self) -> MILParams:
         if self.tumour_fraction_min > self.tumour_fraction_max:
             raise ValueError(
                 f"tumour_fraction_min ({self.tumour_fraction_min}) exceeds "
@@ -146,7 +150,7 @@ class MILBatch(NamedTuple):
     site_log_odds: Tensor
 
     @classmethod
-    def of(cls, batch: Sequence[Tensor]) -> "MILBatch":
+    def of(cls, batch: Sequence[Tensor]) -> MILBatch:
         """A DataLoader batch as :class:`MILBatch`; a 3-tuple ``(bags, labels, tile_labels)`` gets
         no padding and log-odds 0 (a balanced site)."""
         if len(batch) == len(cls._fields):
@@ -182,14 +186,14 @@ class _SlideSpec:
 @functools.lru_cache(maxsize=16)
 def _generate(spec: _SlideSpec) -> Slides:
     """The slides of ``spec`` (cached per process)."""
-    common = dict(
-        tiles_per_slide=spec.tiles_per_slide,
-        tile_size=spec.tile_size,
-        positive_rate=spec.positive_rate,
-        tumour_fraction=spec.tumour_fraction,
-        acquisition=dict(spec.acquisition) or None,
-        annotator=dict(spec.annotator) or None,
-    )
+    common = {
+        "tiles_per_slide": spec.tiles_per_slide,
+        "tile_size": spec.tile_size,
+        "positive_rate": spec.positive_rate,
+        "tumour_fraction": spec.tumour_fraction,
+        "acquisition": dict(spec.acquisition) or None,
+        "annotator": dict(spec.annotator) or None,
+    }
     rng = numpy_rng(spec.seed, *spec.stream)
     if spec.tile_source == "skimage_ihc":
         return generate_ihc_slides(rng, spec.num_slides, held_out=spec.held_out, **common)  # type: ignore[arg-type]
@@ -334,7 +338,7 @@ class MILTask:
     def _split_site(self, slides: Slides, label_distribution: Sequence[float], partition_id: int) -> ClientData:
         """Hold out the last ``max(1, round(val_fraction · n))`` slides and describe the site."""
         n = len(slides.labels)
-        n_val = max(1, int(round(self.ctx.data.val_fraction * n)))
+        n_val = max(1, round(self.ctx.data.val_fraction * n))
         if n - n_val < 1:
             raise DataError(
                 f"site {partition_id} has {n} slides; it needs at least 2 (one to train, one to validate)"
@@ -458,7 +462,9 @@ class MILTask:
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """Bag loss, ROC AUC, accuracy, balanced accuracies and attention localisation AUC.
 
-        Returns:
+        Returns
+        -------
+        dict[str, float]
             * ``loss``: mean BCE of the prior-free logits ``S`` against the annotated labels;
             * ``auc``, ``accuracy``, ``balanced_accuracy``: of ``p = σ(S(X))``, predicting
               positive at ``p >= 0.5``;

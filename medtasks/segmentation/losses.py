@@ -1,4 +1,5 @@
-"""Segmentation losses (the lecture's "loss odyssey", Ma et al. 2021, arXiv:2005.13449).
+"""Segmentation losses (Ma et al. 2021, "Loss odyssey in medical image segmentation", Medical
+Image Analysis 71:102035, arXiv:2005.13449).
 
 :func:`build_loss` returns a callable ``loss(logits, target)`` with logits
 ``[B, C, *spatial]`` and integer targets ``[B, *spatial]``. Notation: ``p̂_i^k`` is
@@ -6,11 +7,12 @@ the softmax probability of class ``k`` at pixel ``i``, ``s_i^k`` the one-hot tru
 
 * ``"ce"``: cross-entropy ``CE = -(1/I) Σ_i Σ_k s_i^k log p̂_i^k`` (``torch.nn.CrossEntropyLoss``).
 * ``"dice"``: soft Dice loss per image and class, averaged,
-  ``D = 1 - 2⟨p̂, s⟩ / (⟨p̂, 1⟩ + ⟨s, 1⟩)`` (V-Net; MONAI ``DiceLoss``).
+  ``D = 1 - 2⟨p̂, s⟩ / (⟨p̂, 1⟩ + ⟨s, 1⟩)`` (V-Net, Milletari et al. 2016, arXiv:1606.04797;
+  MONAI ``DiceLoss``).
 * ``"dice_ce"``: ``D + CE`` (MONAI ``DiceCELoss``).
 * ``"focal"``: ``L = -(1/(C·I)) Σ_i Σ_k (1 - p̂_i^k)^γ s_i^k log p̂_i^k``, which down-weights
   easy pixels (Lin et al. 2017, arXiv:1708.02002; MONAI ``FocalLoss``, which averages over
-  classes too: the lecture's ``1/I`` form divided by ``C``).
+  classes too: the ``1/I`` form of Ma et al. 2021 divided by ``C``).
 * ``"tversky"``: ``1 - TI`` with the Tversky index
   ``TI = ⟨p̂, s⟩ / (⟨p̂, s⟩ + α⟨p̂, 1-s⟩ + β⟨1-p̂, s⟩)``; α weights false positives and
   β false negatives, α = β = ½ is Dice (Salehi et al. 2017, arXiv:1706.05721; MONAI ``TverskyLoss``).
@@ -23,7 +25,8 @@ numerator and denominator of the region ratios.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -69,19 +72,30 @@ def build_loss(
 ) -> LossFn:
     """Build a segmentation loss.
 
-    Args:
-        name: one of :data:`LOSS_NAMES`.
-        num_classes: ``C`` (background included).
-        tversky_alpha: Tversky weight α of false positives.
-        tversky_beta: Tversky weight β of false negatives.
-        focal_gamma: focusing exponent γ of the focal loss.
-        smooth: smoothing added to numerator and denominator of the Dice and Tversky ratios.
+    Parameters
+    ----------
+    name : str
+        one of :data:`LOSS_NAMES`.
+    num_classes : int
+        ``C`` (background included).
+    tversky_alpha : float
+        Tversky weight α of false positives.
+    tversky_beta : float
+        Tversky weight β of false negatives.
+    focal_gamma : float
+        focusing exponent γ of the focal loss.
+    smooth : float
+        smoothing added to numerator and denominator of the Dice and Tversky ratios.
 
-    Returns:
+    Returns
+    -------
+    LossFn
         ``loss(logits [B, C, *S] float, target [B, *S] int64) -> scalar tensor``.
 
-    Raises:
-        ValueError: unknown ``name``.
+    Raises
+    ------
+    ValueError
+        unknown ``name``.
     """
     from monai.losses import DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 

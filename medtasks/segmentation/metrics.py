@@ -12,8 +12,10 @@ Empty structures (Metrics Reloaded, Maier-Hein et al. 2024, arXiv:2206.01653):
   none scores 0 (the false positive is penalised), and a missed class scores 0.
   This differs from MONAI's ``ignore_empty=True``, which gives NaN whenever the
   truth is empty and so hides false-positive lesions in lesion-free images.
-* HD95 is undefined (NaN) when prediction or truth is empty (no contour to
-  measure from). Distances are in pixels.
+* HD95 (the 95th-percentile variant of the Hausdorff distance of Huttenlocher,
+  Klanderman & Rucklidge 1993, "Comparing images using the Hausdorff distance",
+  IEEE TPAMI 15(9); as in MONAI's ``compute_hausdorff_distance``) is undefined (NaN)
+  when prediction or truth is empty (no contour to measure from). Distances are in pixels.
 
 Aggregation: per class, the NaN-mean over images; the reported means are the
 NaN-mean over classes (a macro average, so a small lesion counts as much as a
@@ -51,11 +53,16 @@ def _check_labels(pred: torch.Tensor, target: torch.Tensor, num_classes: int) ->
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """One-hot encoding with the class axis second.
 
-    Args:
-        labels: ``[B, *spatial]`` integer labels.
-        num_classes: ``C``.
+    Parameters
+    ----------
+    labels : torch.Tensor
+        ``[B, *spatial]`` integer labels.
+    num_classes : int
+        ``C``.
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         ``[B, C, *spatial]`` float32.
     """
     return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
@@ -64,16 +71,24 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Dice ``D = 2|P ∩ T| / (|P| + |T|)`` of each image and foreground class.
 
-    Args:
-        pred: ``[B, *spatial]`` predicted labels.
-        target: ``[B, *spatial]`` true labels.
-        num_classes: ``C`` (background included).
+    Parameters
+    ----------
+    pred : torch.Tensor
+        ``[B, *spatial]`` predicted labels.
+    target : torch.Tensor
+        ``[B, *spatial]`` true labels.
+    num_classes : int
+        ``C`` (background included).
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         ``[B, C-1]`` float32; NaN where the class is absent from both prediction and truth.
 
-    Raises:
-        ValueError: shape mismatch or labels outside ``[0, C)``.
+    Raises
+    ------
+    ValueError
+        shape mismatch or labels outside ``[0, C)``.
     """
     _check_labels(pred, target, num_classes)
     p = one_hot(pred, num_classes).flatten(2)[:, 1:]
@@ -105,16 +120,24 @@ def hd95(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Te
     computed directly with SciPy's Euclidean distance transform: about 20× faster,
     as MONAI spends its time on per-image cropping of meta-tensors.
 
-    Args:
-        pred: ``[B, H, W]`` predicted labels.
-        target: ``[B, H, W]`` true labels.
-        num_classes: ``C`` (background included).
+    Parameters
+    ----------
+    pred : torch.Tensor
+        ``[B, H, W]`` predicted labels.
+    target : torch.Tensor
+        ``[B, H, W]`` true labels.
+    num_classes : int
+        ``C`` (background included).
 
-    Returns:
+    Returns
+    -------
+    torch.Tensor
         ``[B, C-1]`` float32; NaN where the class is absent from the prediction or the truth.
 
-    Raises:
-        ValueError: shape mismatch, labels outside ``[0, C)``, or not 2D.
+    Raises
+    ------
+    ValueError
+        shape mismatch, labels outside ``[0, C)``, or not 2D.
     """
     _check_labels(pred, target, num_classes)
     if pred.dim() != 3:
@@ -131,15 +154,19 @@ def hd95(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Te
 class SegmentationMetrics:
     """Dice and HD95 accumulated over batches (MONAI-style ``__call__`` / ``aggregate`` / ``reset``).
 
-    Example::
+    Parameters
+    ----------
+    num_classes : int
+        ``C`` (background included).
+
+    Examples
+    --------
+    ::
 
         metrics = SegmentationMetrics(num_classes=4)
         for images, masks in loader:
             metrics(model(images).argmax(1), masks)
         result = metrics.aggregate()   # {"dice": ..., "dice_per_class": [3], ...}
-
-    Args:
-        num_classes: ``C`` (background included).
     """
 
     def __init__(self, num_classes: int) -> None:
@@ -161,7 +188,9 @@ class SegmentationMetrics:
     def aggregate(self) -> dict[str, torch.Tensor]:
         """Per-class and mean metrics over all batches since the last :meth:`reset`.
 
-        Returns:
+        Returns
+        -------
+        dict[str, torch.Tensor]
             ``dice_per_class`` and ``hd95_per_class`` (``[C-1]``, NaN-mean over images),
             ``dice`` and ``hd95`` (scalars, NaN-mean over classes); NaN where undefined.
         """

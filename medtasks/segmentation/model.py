@@ -14,7 +14,8 @@ knob federated strategies care about:
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -61,19 +62,29 @@ def build_unet(
     The weights are drawn from ``torch.manual_seed(derive_seed(seed, "model-init"))``
     inside ``torch.random.fork_rng``, so the global torch RNG is left untouched.
 
-    Args:
-        num_classes: output channels ``C`` (background included).
-        channels: encoder widths; ``len(channels) - 1`` stride-2 levels, so the input
-            side must be a multiple of ``2 ** (len(channels) - 1)``.
-        norm: ``"batch"``, ``"instance"`` or ``"group"``.
-        num_groups: groups of ``GroupNorm`` (``norm == "group"`` only).
-        seed: scenario seed.
+    Parameters
+    ----------
+    num_classes : int
+        output channels ``C`` (background included).
+    channels : Sequence[int]
+        encoder widths; ``len(channels) - 1`` stride-2 levels, so the input
+        side must be a multiple of ``2 ** (len(channels) - 1)``.
+    norm : NormName
+        ``"batch"``, ``"instance"`` or ``"group"``.
+    num_groups : int
+        groups of ``GroupNorm`` (``norm == "group"`` only).
+    seed : int
+        scenario seed.
 
-    Returns:
+    Returns
+    -------
+    nn.Module
         A module mapping ``[B, 1, H, W]`` images to ``[B, C, H, W]`` logits.
 
-    Raises:
-        ValueError: fewer than two widths, unknown norm, or group counts that do not divide.
+    Raises
+    ------
+    ValueError
+        fewer than two widths, unknown norm, or group counts that do not divide.
     """
     from monai.networks.nets import UNet
 

@@ -10,7 +10,7 @@ whose radius is modulated by a few Fourier harmonics of the polar angle,
 so no two organs look alike. Labels (:data:`CLASS_NAMES`): 0 background
 (air and unlabelled body tissue), 1 organ, 2 second organ, 3 lesion.
 
-Two per-site transforms implement the non-IID kinds of DESIGN.md §5b:
+Two per-site transforms implement the non-IID kinds of :mod:`medtasks.partition`:
 
 * :func:`acquire` (``feature_skew``, ``P_k(x)`` differs): the site's scanner,
   applied to images only; masks are unchanged. Parameters in :data:`ACQUISITION_SPACE`.
@@ -25,9 +25,9 @@ deterministic given the ``numpy.random.Generator`` passed in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -115,15 +115,24 @@ def deformed_ellipse(
     A pixel at normalised polar coordinates ``(ρ, θ)`` of the rotated ellipse is
     inside when ``ρ <= 1 + Σ_k a_k cos(kθ + φ_k)``, ``k = 2, 3, ...``.
 
-    Args:
-        size: image side ``S``.
-        center: ``(cy, cx)`` in pixels.
-        radii: ``(ry, rx)`` semi-axes in pixels before rotation.
-        angle: rotation in radians.
-        harmonics: amplitudes ``a_k``, shape ``[K]``.
-        phases: phases ``φ_k``, shape ``[K]``.
+    Parameters
+    ----------
+    size : int
+        image side ``S``.
+    center : tuple[float, float]
+        ``(cy, cx)`` in pixels.
+    radii : tuple[float, float]
+        ``(ry, rx)`` semi-axes in pixels before rotation.
+    angle : float
+        rotation in radians.
+    harmonics : np.ndarray
+        amplitudes ``a_k``, shape ``[K]``.
+    phases : np.ndarray
+        phases ``φ_k``, shape ``[K]``.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         Mask ``[S, S]`` bool.
     """
     mask = np.zeros((size, size), dtype=bool)
@@ -196,13 +205,20 @@ def phantom(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic abdominal slice and its label map.
 
-    Args:
-        rng: random stream (consumed).
-        size: image side ``S`` in pixels.
-        has_lesion: whether the slice contains lesions (class 3) inside organ 1.
-        intensities: tissue intensity model.
+    Parameters
+    ----------
+    rng : np.random.Generator
+        random stream (consumed).
+    size : int
+        image side ``S`` in pixels.
+    has_lesion : bool
+        whether the slice contains lesions (class 3) inside organ 1.
+    intensities : Intensities
+        tissue intensity model.
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
         ``(image, mask)``: image ``[S, S]`` float32 roughly in ``[0, 1]``,
         mask ``[S, S]`` int64 with values in ``0..3``.
     """
@@ -261,12 +277,18 @@ def acquire(image: np.ndarray, params: Mapping[str, float], rng: np.random.Gener
     Missing parameters take their neutral value; at neutral values the image is
     returned unchanged.
 
-    Args:
-        image: ``[H, W]`` float.
-        params: values for the keys of :data:`ACQUISITION_SPACE`.
-        rng: random stream for the bias-field direction and the noise.
+    Parameters
+    ----------
+    image : np.ndarray
+        ``[H, W]`` float.
+    params : Mapping[str, float]
+        values for the keys of :data:`ACQUISITION_SPACE`.
+    rng : np.random.Generator
+        random stream for the bias-field direction and the noise.
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The acquired image, ``[H, W]`` float32.
     """
     value = resolve_site_params(params, ACQUISITION_SPACE, "acquisition")
@@ -349,13 +371,20 @@ def annotate(
     Missing parameters take their neutral value; at neutral values the mask is
     returned unchanged.
 
-    Args:
-        mask: ``[H, W]`` integer labels in ``0..num_classes-1``.
-        params: values for the keys of :data:`ANNOTATOR_SPACE`.
-        rng: random stream for the misses and the contour jitter.
-        num_classes: number of labels ``C`` (background included).
+    Parameters
+    ----------
+    mask : np.ndarray
+        ``[H, W]`` integer labels in ``0..num_classes-1``.
+    params : Mapping[str, float]
+        values for the keys of :data:`ANNOTATOR_SPACE`.
+    rng : np.random.Generator
+        random stream for the misses and the contour jitter.
+    num_classes : int
+        number of labels ``C`` (background included).
 
-    Returns:
+    Returns
+    -------
+    np.ndarray
         The annotated label map, ``[H, W]`` int64.
     """
     value = resolve_site_params(params, ANNOTATOR_SPACE, "annotator")
@@ -374,10 +403,14 @@ def annotate(
 class SyntheticSamples:
     """A batch of generated samples.
 
-    Attributes:
-        images: ``[N, S, S]`` float32 (after acquisition).
-        masks: ``[N, S, S]`` int64 (after annotation).
-        has_lesion: ``[N]`` bool, the drawn truth before annotation.
+    Attributes
+    ----------
+    images : np.ndarray
+        ``[N, S, S]`` float32 (after acquisition).
+    masks : np.ndarray
+        ``[N, S, S]`` int64 (after annotation).
+    has_lesion : np.ndarray
+        ``[N]`` bool, the drawn truth before annotation.
     """
 
     images: np.ndarray
@@ -399,15 +432,24 @@ def generate(
     independent child streams of ``rng``, so, e.g., changing the annotator leaves the
     images unchanged and changing the acquisition leaves the masks unchanged.
 
-    Args:
-        rng: the site's random stream (consumed).
-        n: number of samples.
-        size: image side ``S``.
-        lesion_probability: ``P(image contains a lesion)``.
-        acquisition: site scanner parameters (:func:`acquire`); ``None`` = neutral.
-        annotator: site annotator parameters (:func:`annotate`); ``None`` = neutral.
+    Parameters
+    ----------
+    rng : np.random.Generator
+        the site's random stream (consumed).
+    n : int
+        number of samples.
+    size : int
+        image side ``S``.
+    lesion_probability : float
+        ``P(image contains a lesion)``.
+    acquisition : Mapping[str, float] | None
+        site scanner parameters (:func:`acquire`); ``None`` = neutral.
+    annotator : Mapping[str, float] | None
+        site annotator parameters (:func:`annotate`); ``None`` = neutral.
 
-    Returns:
+    Returns
+    -------
+    SyntheticSamples
         The samples.
     """
     label_rng, shape_rng, shift_rng = rng.spawn(3)
@@ -432,15 +474,24 @@ def shift_samples(
 
     Acquisition and annotation draw from two independent child streams of ``rng``.
 
-    Args:
-        images: ``[N, H, W]`` float.
-        masks: ``[N, H, W]`` integer labels in ``0..num_classes-1``.
-        acquisition: parameters of :func:`acquire` (``{}`` = neutral).
-        annotator: parameters of :func:`annotate` (``{}`` = neutral).
-        rng: random stream (consumed).
-        num_classes: number of labels ``C``.
+    Parameters
+    ----------
+    images : np.ndarray
+        ``[N, H, W]`` float.
+    masks : np.ndarray
+        ``[N, H, W]`` integer labels in ``0..num_classes-1``.
+    acquisition : Mapping[str, float]
+        parameters of :func:`acquire` (``{}`` = neutral).
+    annotator : Mapping[str, float]
+        parameters of :func:`annotate` (``{}`` = neutral).
+    rng : np.random.Generator
+        random stream (consumed).
+    num_classes : int
+        number of labels ``C``.
 
-    Returns:
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
         ``(images [N, H, W] float32, masks [N, H, W] int64)``, new arrays.
     """
     acquisition_rng, annotator_rng = rng.spawn(2)

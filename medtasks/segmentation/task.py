@@ -1,4 +1,6 @@
-"""Multi-class 2D segmentation of abdominal slices with a U-Net (DESIGN.md §4, §5b).
+"""Multi-class 2D segmentation of abdominal slices with a U-Net (Ronneberger et al. 2015,
+arXiv:1505.04597), as a :class:`medtasks.base.Task` with the non-IID kinds of
+:mod:`medtasks.partition`.
 
 Data sources (``data.source``):
 
@@ -28,7 +30,7 @@ mask, train + val), ``pixel_class_fractions`` (``[C]``), ``acquisition``,
 sites, the empirical one for folder sites).
 
 ``data.params`` must be empty for both sources. Generated and loaded data are
-cached per process (DESIGN.md §9), so repeated calls are free.
+cached per process (as the task is, ``client/cache.py``), so repeated calls are free.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -47,7 +50,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks import io
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
-from medtasks.partition import SiteProfile, draw_site_profiles, label_histogram, neutral_values, split_indices
+from medtasks.partition import (
+    SiteProfile,
+    draw_site_profiles,
+    label_histogram,
+    neutral_values,
+    split_indices,
+)
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
 from medtasks.segmentation.losses import LossFn, LossName, build_loss
@@ -87,7 +96,7 @@ class SegmentationParams(TaskParams):
     )
 
     @model_validator(mode="after")
-    def _check_architecture(self) -> "SegmentationParams":
+    def _check_architecture(self) -> SegmentationParams:
         if any(c < 1 for c in self.channels):
             raise ValueError(f"channels must be positive, got {self.channels}")
         factor = max(8, 2 ** (len(self.channels) - 1))
@@ -315,14 +324,19 @@ class SegmentationTask:
     ) -> ClientData:
         """Hold out the last ``max(1, round(val_fraction · n))`` samples and describe the site.
 
-        Args:
-            images: ``[n, S, S]`` float32.
-            masks: ``[n, S, S]`` int64.
-            info: ``acquisition``, ``annotator`` and ``label_distribution`` of the site.
-            partition_id: the site (for error messages).
+        Parameters
+        ----------
+        images : np.ndarray
+            ``[n, S, S]`` float32.
+        masks : np.ndarray
+            ``[n, S, S]`` int64.
+        info : dict[str, Any]
+            ``acquisition``, ``annotator`` and ``label_distribution`` of the site.
+        partition_id : int
+            the site (for error messages).
         """
         n = len(images)
-        n_val = max(1, int(round(self.ctx.data.val_fraction * n)))
+        n_val = max(1, round(self.ctx.data.val_fraction * n))
         if n - n_val < 1:
             raise DataError(
                 f"site {partition_id} has {n} samples; it needs at least 2 (one to train, one to validate)"
@@ -348,7 +362,9 @@ class SegmentationTask:
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """Loss, Dice and HD95 of ``model`` on ``dataset`` (batches of 32, no gradients).
 
-        Returns:
+        Returns
+        -------
+        dict[str, float]
             ``loss`` (sample mean), ``dice`` (mean foreground Dice), ``dice_<class>``,
             ``hd95`` (pixels); NaN where a metric is undefined on the whole dataset.
         """
@@ -400,12 +416,18 @@ def _plot_overlays(
 ) -> None:
     """Write rows of image | truth overlay | prediction overlay to ``path``.
 
-    Args:
-        images: ``[N, S, S]`` float.
-        truth: ``[N, S, S]`` integer labels.
-        pred: ``[N, S, S]`` integer labels.
-        num_classes: ``C``.
-        path: PNG file to write (parent folders are created).
+    Parameters
+    ----------
+    images : np.ndarray
+        ``[N, S, S]`` float.
+    truth : np.ndarray
+        ``[N, S, S]`` integer labels.
+    pred : np.ndarray
+        ``[N, S, S]`` integer labels.
+    num_classes : int
+        ``C``.
+    path : Path
+        PNG file to write (parent folders are created).
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
