@@ -8,7 +8,7 @@ AISTATS 2017, arXiv:1602.05629, Algorithm 1):
 
 The algorithm-specific parts (FedProx term, SCAFFOLD correction, ...) come from
 the :class:`~strategies.base.ClientRule`; the task supplies the loss; an optional
-:class:`PrivateTraining` mechanism (DP-SGD) replaces optimiser and loader.
+:class:`privacy.PrivateTraining` mechanism (DP-SGD) replaces optimiser and loader.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medtasks.base import PooledSites, Task
 from medtasks.scenario import LocalSection
+from privacy import PrivateTraining
 from strategies.base import ClientRule
 
 
@@ -58,29 +59,6 @@ class _SiteBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return sum(math.ceil(len(site) / self.batch_size) for site in self.pooled.datasets)
-
-
-class PrivateTraining(Protocol):
-    """Sample-level differential privacy of the local loop (implemented in :mod:`privacy`).
-
-    The mechanism owns the gradient that reaches the optimiser: :func:`fit` does not
-    call ``rule.after_backward`` on the raw gradient (the private optimiser would
-    discard the edit, or worse, it would act on unprotected data); the mechanism
-    applies such edits itself after adding the noise.
-    """
-
-    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
-        """The private optimiser and loader to train ``model`` with (``model`` is trained in place)."""
-        ...
-
-    def is_empty(self, batch: Any) -> bool:
-        """Whether the private loader drew a batch without any example (Poisson sampling)."""
-        ...
-
-    def noise_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The step taken for an empty batch (noise only; no loss is computed)."""
-        ...
 
 
 def make_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -173,7 +151,7 @@ def _gradient_step(model: torch.nn.Module, task: Task, rule: ClientRule, optimiz
     """One optimiser step on ``batch``; returns the task loss (before rule terms).
 
     Under a private mechanism ``rule.after_backward`` is left to the mechanism
-    (:class:`PrivateTraining`), which applies it after the noise.
+    (:class:`privacy.PrivateTraining`), which applies it after the noise.
 
     Raises
     ------

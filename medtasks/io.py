@@ -126,7 +126,7 @@ def read_array(path: str | Path) -> np.ndarray:
         array = np.asarray(_READERS[ext](path), dtype=np.float64)
     except DataError:
         raise
-    except Exception as error:  # noqa: BLE001 - any reader failure is a data problem
+    except Exception as error:
         raise DataError(f"cannot read {path}: {type(error).__name__}: {error}") from None
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]

@@ -164,7 +164,7 @@ def _as_params(kind: str, params: Mapping[str, Any] | BaseModel | None) -> BaseM
     if isinstance(params, BaseModel):
         validate_params(kind, {})  # unknown-kind check
         if not isinstance(params, PARAMS_MODELS[kind]):
-            raise ValueError(  # noqa: TRY004 - callers catch ValueError for every bad config
+            raise ValueError(
                 f"partition params of type {type(params).__name__} do not match kind "
                 f"{kind!r} (expected {PARAMS_MODELS[kind].__name__})"
             )

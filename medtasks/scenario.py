@@ -53,7 +53,7 @@ class DataSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _folder_needs_path(self) -> "DataSection":
+    def _folder_needs_path(self) -> DataSection:
         if self.source == "folder" and not self.path:
             raise ValueError("source 'folder' needs data.path")
         return self
@@ -172,7 +172,7 @@ class Scenario(_Section):
         return None
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Scenario":
+    def _cross_checks(self) -> Scenario:
         if self.strategy.min_clients > self.partition.clients:
             raise ValueError(
                 f"strategy.min_clients ({self.strategy.min_clients}) exceeds partition.clients ({self.partition.clients})"
@@ -210,7 +210,7 @@ class Scenario(_Section):
         return self.model_dump_json(exclude=exclude or None)
 
     @classmethod
-    def from_json(cls, text: str) -> "Scenario":
+    def from_json(cls, text: str) -> Scenario:
         """Inverse of :meth:`to_json` (the text was validated when it was produced)."""
         return cls.model_validate_json(text)
 

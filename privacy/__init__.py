@@ -40,8 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
     from pydantic import BaseModel
+    from torch.utils.data import DataLoader
 
-    from client.trainer import PrivateTraining
     from medtasks.scenario import LocalSection, Scenario
     from strategies.base import ClientRule, Cohort
 
@@ -51,9 +51,27 @@ MECHANISMS: tuple[str, ...] = get_args(MechanismName)
 MODULES: dict[str, str] = {"dpsgd": "privacy.dpsgd", "nbafl": "privacy.nbafl", "central": "privacy.central"}
 """Mechanism → the module that implements it (its ``client_privacy`` factory and params schema)."""
 
-BUDGET_ERRORS = ("PrivacyBudgetExhausted:", "ExposureLimitReached:")
-"""How the reason of a client's error reply starts when its privacy budget is spent (the exception's class
-name: :class:`privacy.dpsgd.PrivacyBudgetExhausted`, :class:`privacy.nbafl.ExposureLimitReached`)."""
+class PrivateTraining(Protocol):
+    """Sample-level differential privacy of the local loop (:mod:`privacy.dpsgd` implements it; :func:`client.trainer.fit` uses it).
+
+    The mechanism owns the gradient that reaches the optimiser: :func:`client.trainer.fit` does not
+    call ``rule.after_backward`` on the raw gradient (the private optimiser would
+    discard the edit, or worse, it would act on unprotected data); the mechanism
+    applies such edits itself after adding the noise.
+    """
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loader: DataLoader) -> tuple[torch.optim.Optimizer, DataLoader]:
+        """The private optimiser and loader to train ``model`` with (``model`` is trained in place)."""
+        ...
+
+    def is_empty(self, batch: Any) -> bool:
+        """Whether the private loader drew a batch without any example (Poisson sampling)."""
+        ...
+
+    def noise_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The step taken for an empty batch (noise only; no loss is computed)."""
+        ...
 
 
 class ServerPrivacy(Protocol):
@@ -110,7 +128,7 @@ class ClientPrivacy(Protocol):
         ...
 
     def private_training(self) -> PrivateTraining | None:
-        """What replaces the trainer's optimiser and loader (:class:`client.trainer.PrivateTraining`), or ``None``."""
+        """What replaces the trainer's optimiser and loader (:class:`PrivateTraining`), or ``None``."""
         ...
 
     def protect(self, records: Mapping[str, Any], model: torch.nn.Module, received: RecordDict,

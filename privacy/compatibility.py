@@ -34,8 +34,6 @@ privacy.compatibility`` prints it).
 
 from __future__ import annotations
 
-import re
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -134,7 +132,7 @@ def declare(scenario: Scenario) -> Declaration:
     from_data = any(upload.from_data for upload in uploads.values())
     return Declaration(
         strategy=scenario.strategy.name,
-        label=_label(algorithm, scenario.strategy.name),
+        label=algorithm.title,
         combine=algorithm.combine,
         rule=aggregation_rule(scenario),
         uploads=uploads,
@@ -146,14 +144,6 @@ def declare(scenario: Scenario) -> Declaration:
         norm=scenario.task.params.get("norm"),
         per_sample_gradients=bool(getattr(get_task_class(scenario.task.name), "per_sample_gradients", True)),
     )
-
-
-def _label(algorithm: Algorithm, name: str) -> str:
-    """``name`` as the first line of the algorithm's module docstring spells it (``name`` if it does not)."""
-    module = sys.modules.get(getattr(algorithm.build_strategy, "__module__", ""), None)
-    doc = (getattr(module, "__doc__", None) or "").strip()
-    first = doc.splitlines()[0] if doc else ""
-    return next((word for word in re.findall(r"[A-Za-z][A-Za-z0-9]*", first) if word.lower() == name.lower()), name)
 
 
 def _from_data_settings(algorithm: Algorithm, given: Mapping[str, Any], model: torch.nn.Module) -> str:

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("medfed: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into a reader that stopped (``| head``): not an error
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter's final flush quiet
+        sys.stdout = open(os.devnull, "w")
         return EXIT_OK
 
 

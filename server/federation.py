@@ -56,6 +56,7 @@ from strategies.base import (
     SCENARIO_KEY,
     Cohort,
     Personalized,
+    Stateful,
     StrategyContext,
     load_into,
 )
@@ -173,13 +174,13 @@ class Federation:
         checks = ReplyCheck(cohort, algorithm.client_rule(params).uploads(template), stats,
                             bounded=scenario.strategy.example_counts == "bounded", pooled=algorithm.combine == "pooled")
         self.plugins = Plugins([checks, node_states, self.privacy])
-        self._global_model_complete = getattr(strategy, "central_evaluation", True)
+        self._global_model_complete = algorithm.central_evaluation
         arrays, checkpoint = ArrayRecord(template.state_dict()), None
         first_round = 1
         if self.resume:
             checkpoint = self.run_dir.load_checkpoint()
             arrays = ArrayRecord(checkpoint.arrays)
-            if hasattr(strategy, "load_state_dict"):
+            if isinstance(strategy, Stateful):
                 strategy.load_state_dict(checkpoint.strategy_state)
             first_round = checkpoint.round + 1
             self.run_dir.truncate_metrics(checkpoint.round)
@@ -309,11 +310,12 @@ class Federation:
         A :class:`~strategies.base.Personalized` strategy is judged by its sites' own
         models: each is evaluated, recorded per client, and the phase's aggregate is
         their unweighted mean (every model sees the same test set). A strategy whose
-        global model is incomplete by design (FedBN: BatchNorm stays at the sites) sets
-        ``central_evaluation = False`` and is judged by federated evaluation only.
+        global model is incomplete by design (FedBN: BatchNorm stays at the sites) declares
+        ``central_evaluation=False`` in its :class:`~strategies.base.Algorithm` and is judged by
+        federated evaluation only.
         """
         dataset = self.task.server_data()
-        if dataset is None or not getattr(strategy, "central_evaluation", True):
+        if dataset is None or not self._global_model_complete:
             return None
         started = time.perf_counter()
         if isinstance(strategy, Personalized):
@@ -350,7 +352,7 @@ class Federation:
         checkpoint = Checkpoint(
             round=server_round,
             arrays=round_.arrays.to_torch_state_dict(),
-            strategy_state=strategy.state_dict() if hasattr(strategy, "state_dict") else {},
+            strategy_state=strategy.state_dict() if isinstance(strategy, Stateful) else {},
             best_value=previous.best_value if previous else None,
             best_round=previous.best_round if previous else None,
             extra=self.plugins.checkpoint(),
@@ -393,7 +395,7 @@ class Federation:
                 dataset = self.task.client_data(0).val
             path.parent.mkdir(parents=True, exist_ok=True)
             self.task.plot_examples(self._model_with(arrays), dataset, path)
-        except Exception as error:  # noqa: BLE001 - a picture must not lose the run's results
+        except Exception as error:
             log.warning("could not draw example predictions: %s", error)
 
 

@@ -88,10 +88,10 @@ class Round:
     number: int
     arrays: ArrayRecord
     config: ConfigRecord
-    cohort: "Cohort"
-    grid: "Grid"
+    cohort: Cohort
+    grid: Grid
     messages: list[Message] = field(default_factory=list)
-    train: "Exchange | None" = None
+    train: Exchange | None = None
     train_metrics: MetricRecord | None = None
     headline: dict[str, float] = field(default_factory=dict)
 
@@ -107,7 +107,7 @@ class RoundPlugin:
     def configure(self, round_: Round) -> None:
         """Before ``configure_train``: add to ``round_.config``, or raise :class:`BudgetSpent`."""
 
-    def inspect(self, round_: Round, phase: str, done: "Exchange", sent: list[Message]) -> None:
+    def inspect(self, round_: Round, phase: str, done: Exchange, sent: list[Message]) -> None:
         """A phase's replies are in (``phase``: ``"train"`` or ``"evaluate"``; ``sent``: its messages).
 
         Replace a reply in ``done.replies`` by an error reply to drop it; the strategy never sees the
@@ -149,7 +149,7 @@ class Plugins(RoundPlugin):
         for plugin in self.plugins:
             plugin.configure(round_)
 
-    def inspect(self, round_: Round, phase: str, done: "Exchange", sent: list[Message]) -> None:
+    def inspect(self, round_: Round, phase: str, done: Exchange, sent: list[Message]) -> None:
         for plugin in self.plugins:
             plugin.inspect(round_, phase, done, sent)
 

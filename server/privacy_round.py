@@ -10,7 +10,8 @@ the run's ε so far and what it means (:meth:`PrivacyRound.stamp`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import Message
 

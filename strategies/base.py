@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
-    Iterable,
     Literal,
-    Mapping,
     Protocol,
     runtime_checkable,
 )
@@ -104,7 +102,7 @@ class ClientRule:
     def __init__(self, params: StrategyParams) -> None:
         self.params = params
 
-    def training_data(self, task: "Task", partition_id: int, sites: int) -> "Dataset":
+    def training_data(self, task: Task, partition_id: int, sites: int) -> Dataset:
         """The examples this site trains on (default: its own training split).
 
         Args:
@@ -112,7 +110,7 @@ class ClientRule:
         """
         return task.client_data(partition_id).train
 
-    def local_section(self, local: "LocalSection", train_size: int) -> "LocalSection":
+    def local_section(self, local: LocalSection, train_size: int) -> LocalSection:
         """The local-training settings to use (default: the scenario's ``local`` section).
 
         An algorithm that prescribes its own local schedule (FedSGD: one full-batch
@@ -120,8 +118,8 @@ class ClientRule:
         """
         return local
 
-    def before_training(self, model: torch.nn.Module, task: "Task", dataset: "Dataset",
-                        local: "LocalSection") -> None:
+    def before_training(self, model: torch.nn.Module, task: Task, dataset: Dataset,
+                        local: LocalSection) -> None:
         """Called once after :meth:`receive` and before the first local step (e.g. SCAFFOLD
         option I computes its full local gradient at w_t here)."""
 
@@ -176,6 +174,20 @@ class Personalized(Protocol):
 
     def personal_arrays(self) -> Mapping[int, ArrayRecord]:
         """Partition id → that site's current full model (every tensor of the state dict)."""
+        ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A server half with state of its own beyond the global arrays (SCAFFOLD's c, pFedHN's hypernetwork,
+    each site's model of the local baseline): checkpoints save it and ``--resume`` loads it back."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain data (tensors, numbers, strings)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
         ...
 
 
@@ -333,7 +345,7 @@ def batchnorm_buffer_names(model: torch.nn.Module) -> set[str]:
 class StrategyContext:
     """What the server half of an algorithm is built from."""
 
-    scenario: "Scenario"
+    scenario: Scenario
     params: StrategyParams
     cohort: Cohort
     model: torch.nn.Module  # a freshly built model of the task: names, shapes, BN layout
@@ -352,11 +364,22 @@ class Algorithm:
             combinations the algorithm does not support.
         combine: how the server half uses the uploads the client half declares
             (:meth:`ClientRule.uploads`): see :data:`Combine`.
+        label: the algorithm's name as its paper writes it, for messages (default: ``name``).
+        central_evaluation: whether the server's global model is a complete model the server's
+            own test set can judge (FedBN and FedPer keep layers at the sites: judged by federated
+            evaluation only).
     """
 
     name: str
     Params: type[StrategyParams]
-    build_strategy: Callable[[StrategyContext], "Strategy"]
+    build_strategy: Callable[[StrategyContext], Strategy]
     client_rule: Callable[[StrategyParams], ClientRule]
-    check_compatible: Callable[["Scenario"], None] = field(default=lambda scenario: None)
+    check_compatible: Callable[[Scenario], None] = field(default=lambda scenario: None)
     combine: Combine = "average"
+    label: str = ""
+    central_evaluation: bool = True
+
+    @property
+    def title(self) -> str:
+        """:attr:`label`, or :attr:`name` without one."""
+        return self.label or self.name

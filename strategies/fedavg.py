@@ -278,4 +278,5 @@ def build_strategy(context: StrategyContext) -> FedAvg:
                   aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 
-ALGORITHM = Algorithm(name="fedavg", Params=FedAvgParams, build_strategy=build_strategy, client_rule=FedAvgClient)
+ALGORITHM = Algorithm(name="fedavg", Params=FedAvgParams, build_strategy=build_strategy, client_rule=FedAvgClient,
+                      label="FedAvg")

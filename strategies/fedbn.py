@@ -94,5 +94,5 @@ def check_compatible(scenario: Scenario) -> None:
 
 ALGORITHM = Algorithm(
     name="fedbn", Params=FedBNParams, build_strategy=build_strategy, client_rule=FedBNClient,
-    check_compatible=check_compatible,
+    check_compatible=check_compatible, label="FedBN", central_evaluation=False,
 )

@@ -143,7 +143,7 @@ class FedPer(FedAvg):
     The clients MUST send only W_B (:class:`FedPerClient` does). Before round 1 the
     server holds the whole initial model and sends it, so every site's local
     tensors start from the global initialisation; afterwards it holds and sends only
-    the shared part. ``central_evaluation`` is off: the global model lacks the
+    the shared part. ``central_evaluation`` is off (:class:`~strategies.base.Algorithm`): the global model lacks the
     personalization layers by design, so it is judged by federated evaluation, each
     site scoring its own W_B + W_P,k on its validation split.
 
@@ -160,7 +160,6 @@ class FedPer(FedAvg):
         shared tensors; w_t for its norm bound is what was sent, restricted to the shared names).
     """
 
-    central_evaluation: ClassVar[bool] = False
     label: ClassVar[str] = "FedPer"
 
     def __init__(self, cohort: Cohort, *, template: torch.nn.Module, local_names: Collection[str],
@@ -228,5 +227,5 @@ def check_compatible(scenario: Scenario) -> None:
 
 ALGORITHM = Algorithm(
     name="fedper", Params=FedPerParams, build_strategy=build_strategy, client_rule=FedPerClient,
-    check_compatible=check_compatible,
+    check_compatible=check_compatible, label="FedPer", central_evaluation=False,
 )

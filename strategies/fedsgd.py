@@ -249,4 +249,4 @@ def build_strategy(context: StrategyContext) -> FedSGD:
 
 
 ALGORITHM = Algorithm(name="fedsgd", Params=FedSGDParams, build_strategy=build_strategy, client_rule=FedSGDClient,
-                      check_compatible=check_compatible)
+                      check_compatible=check_compatible, label="FedSGD")

@@ -23,7 +23,7 @@ site models in the strategy state.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from flwr.app import (
     ArrayRecord,

@@ -50,7 +50,8 @@ integer counters take the maximum), which the round loop stores as
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Literal, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from flwr.app import (
@@ -380,4 +381,4 @@ def build_strategy(context: StrategyContext) -> PFedHN:
 
 
 ALGORITHM = Algorithm(name="pfedhn", Params=PFedHNParams, build_strategy=build_strategy, client_rule=PFedHNClient,
-                      combine="per-site")
+                      combine="per-site", label="pFedHN")

@@ -358,4 +358,4 @@ def build_strategy(context: StrategyContext) -> Scaffold:
 
 
 ALGORITHM = Algorithm(name="scaffold", Params=ScaffoldParams, build_strategy=build_strategy,
-                      client_rule=ScaffoldClient, check_compatible=check_compatible)
+                      client_rule=ScaffoldClient, check_compatible=check_compatible, label="SCAFFOLD")

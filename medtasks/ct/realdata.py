@@ -239,7 +239,7 @@ def read_hu(path: str | Path, frame: int | None = None) -> tuple[np.ndarray, tup
     try:
         dataset = pydicom.dcmread(str(path))
         pixels = np.asarray(dataset.pixel_array, dtype=np.float64)
-    except Exception as error:  # noqa: BLE001 - any reader or decoder failure is a data problem
+    except Exception as error:
         raise DataError(f"cannot read {path}: {type(error).__name__}: {error}") from None
     if frame is not None:
         if pixels.ndim != 3 or not 0 <= frame < len(pixels):

@@ -142,7 +142,7 @@ def read_tile(path: Path, tile_size: int) -> np.ndarray:
     """
     try:
         array = _tile_array(path)
-    except Exception as error:  # noqa: BLE001 - any reader failure is a data problem
+    except Exception as error:
         raise DataError(f"cannot read tile {path}: {type(error).__name__}: {error}") from None
     if array.ndim != 3 or array.shape[2] != 3 or min(array.shape[:2]) < 1:
         raise DataError(f"tile {path} has shape {array.shape}; expected an RGB image [H, W, 3]")

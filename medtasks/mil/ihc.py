@@ -91,7 +91,7 @@ def load_ihc_image() -> np.ndarray:
         raise DataError(f"the IHC demo source needs scikit-image: {INSTALL_HINT}") from None
     try:
         image = np.asarray(data.immunohistochemistry())
-    except Exception as error:  # noqa: BLE001 - a missing bundled file surfaces as many types
+    except Exception as error:
         raise DataError(
             f"scikit-image's bundled immunohistochemistry image is unavailable "
             f"({type(error).__name__}: {error}); reinstall it: {INSTALL_HINT}"

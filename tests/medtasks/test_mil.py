@@ -491,7 +491,7 @@ def test_tiles_from_skimage_immunohistochemistry():
     data = pytest.importorskip("skimage.data")
     try:
         image = data.immunohistochemistry()
-    except Exception as error:  # noqa: BLE001 - bundled file missing or unreadable
+    except Exception as error:
         pytest.skip(f"skimage IHC image unavailable: {error}")
     tiles = synthetic.tiles_from_image(image, 32)
     assert tiles.shape == ((image.shape[0] // 32) * (image.shape[1] // 32), 3, 32, 32)

@@ -16,11 +16,9 @@ import torch
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.mil import MILParams, MILTask, ihc
 from medtasks.mil.folder import fixed_size_bags, load_slide_folder
-from medtasks.mil.metrics import roc_auc
 from medtasks.mil.stains import deconvolve
 from medtasks.mil.task import _generate, _read_folder
 from tests.helpers import single_torch_thread
-
 
 one_thread = pytest.fixture(autouse=True)(single_torch_thread)  # small models: threads only add overhead
 

@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import torch
 
-from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
+from medtasks.base import DataSpec, PartitionSpec, TaskContext
 from medtasks.mil import MILParams, MILTask
 from medtasks.mil.task import _generate
 from server import scenario as scenario_module

@@ -11,8 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
-from medtasks.segmentation import SegmentationParams, SegmentationTask
-from medtasks.segmentation import synthetic
+from medtasks.segmentation import SegmentationParams, SegmentationTask, synthetic
 from medtasks.segmentation.losses import LOSS_NAMES, build_loss
 from medtasks.segmentation.metrics import SegmentationMetrics, dice_per_class, hd95, one_hot
 from medtasks.segmentation.model import build_unet

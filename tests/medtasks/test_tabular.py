@@ -14,8 +14,7 @@ from medtasks.partition import heterogeneity
 from medtasks.registry import get_task_class
 from medtasks.tabular import TabularParams, TabularTask, confusion_matrix
 from server.scenario import Scenario, ScenarioError, validate
-from tests.helpers import ONE_SGD_EPOCH, run, toy_scenario
-from tests.helpers import single_torch_thread
+from tests.helpers import ONE_SGD_EPOCH, run, single_torch_thread, toy_scenario
 
 TASK = "tabular"
 FEATURES, CLASSES = 12, 5

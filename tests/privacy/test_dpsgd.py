@@ -278,7 +278,7 @@ def test_budget_check_raises_at_the_first_round_that_would_overspend() -> None:
     target, round_steps = 4.0, [(1.0, 0.1, 10)]
     reference = make_accountant([], "rdp")  # an independent count: Opacus stepping one step at a time
     history: list = []
-    for k in range(1, 50):
+    for k in range(1, 50):  # noqa: B007 - read after the loop
         for _ in range(10):
             reference.step(noise_multiplier=1.0, sample_rate=0.1)
         if reference.get_epsilon(DELTA) > target:

@@ -11,8 +11,9 @@ the SuperLink's own node id, after which the node restarts with an empty ``conte
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from server import scenario as scenario_module
 from server.cli import main
 from server.federation import FederationError
 from server.results import RunDirectory

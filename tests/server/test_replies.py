@@ -8,8 +8,8 @@ site would: a tensor of the wrong shape, a tensor missing, a negative or huge ex
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pytest

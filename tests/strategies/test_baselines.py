@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from torch.utils.data import TensorDataset
 
 from client.cache import task_for

@@ -54,7 +54,7 @@ def test_after_a_round_local_heads_differ_per_site_and_shared_layers_are_equal(t
     assert set(shared) == set(blobs_model().state_dict()) - {"3.weight", "3.bias"}
 
     rule, models = FedPerClient(FedPerParams(local_layers=["3"])), []
-    for pid, plain in sorted(checkpoint.extra["node_states"].items()):
+    for _pid, plain in sorted(checkpoint.extra["node_states"].items()):
         local = plain["arrays"][LOCAL_TENSORS_STATE_KEY]
         assert set(local) == {"3.weight", "3.bias"}
         state = RecordDict({LOCAL_TENSORS_STATE_KEY: ArrayRecord(local)})
