@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, ConfigRecordValues, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import privacy
 from client.cache import scenario_from_json, task_for
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
-from client.trainer import fit
+from client.trainer import dataset_size, fit
 from medtasks.scenario import Scenario
 from medtasks.seeding import seed_everything, torch_generator
 from privacy.accounting import BUDGET_EXHAUSTED_CODE, BudgetExhausted
@@ -97,13 +97,20 @@ def _replying_errors(handler: Callable[[Message, Context], Message]) -> Callable
 
 def _prepare(message: Message, context: Context, purpose: str) -> tuple[Scenario, int, int]:
     """Scenario, partition id and round of a message; threads and seeds set for it."""
-    config = message.content[CONFIG_KEY]
+    config = message.content.config_records[CONFIG_KEY]
     scenario = scenario_from_json(str(config[SCENARIO_KEY]))
     pid = partition_id(context)
-    server_round = int(config.get(ROUND_KEY, 0))
+    server_round = _config_int(config.get(ROUND_KEY, 0), ROUND_KEY)
     torch.set_num_threads(scenario.engine.cpus_per_client)
     seed_everything(scenario.seed, purpose, server_round, pid)
     return scenario, pid, server_round
+
+
+def _config_int(value: ConfigRecordValues, key: str) -> int:
+    """``int(value)`` for a scalar config value (a ValueError for a list)."""
+    if isinstance(value, list):
+        raise ValueError(f"config value '{key}' is a list, not a number")
+    return int(value)
 
 
 def site_data(scenario: Scenario, context: Context, pid: int) -> tuple[Task, int, int]:
@@ -131,7 +138,10 @@ def _client_rule(scenario: Scenario) -> ClientRule:
 
 def _count_participation(context: Context) -> int:
     """Rounds this node has trained in, this one included (kept in the node's persistent state)."""
-    count = int(context.state[PARTICIPATION_KEY]["rounds"]) + 1 if PARTICIPATION_KEY in context.state else 1
+    if PARTICIPATION_KEY in context.state:
+        count = _config_int(context.state.config_records[PARTICIPATION_KEY]["rounds"], "rounds") + 1
+    else:
+        count = 1
     context.state[PARTICIPATION_KEY] = ConfigRecord({"rounds": count})
     return count
 
@@ -157,11 +167,11 @@ def train(message: Message, context: Context) -> Message:
     model = task.build_model()
     rule = _client_rule(scenario)
     dataset = rule.training_data(task, index, sites)
-    local = rule.local_section(scenario.local, len(dataset))
+    local = rule.local_section(scenario.local, dataset_size(dataset))
     rule.receive(model, message.content, context.state)
     rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
-    mechanism = privacy.client_privacy(scenario, server_round, pid, len(dataset), local, rule)
+    mechanism = privacy.client_privacy(scenario, server_round, pid, dataset_size(dataset), local, rule)
     mechanism.admit(context.state)
     with contextlib.closing(mechanism):  # e.g. Opacus's hooks on the model
         result = fit(model, task, dataset, local, rule, generator, mechanism.private_training())
@@ -192,7 +202,7 @@ def evaluate(message: Message, context: Context) -> Message:
     _client_rule(scenario).receive(model, message.content, context.state)
     metrics = task.evaluate(model, data.val)
     record = MetricRecord({key: float(value) for key, value in metrics.items()})
-    record[NUM_EXAMPLES_KEY] = len(data.val)
+    record[NUM_EXAMPLES_KEY] = dataset_size(data.val)
     return Message(RecordDict({METRICS_KEY: record}), reply_to=message)
 
 

@@ -14,9 +14,9 @@ the :class:`~strategies.base.ClientRule`; the task supplies the loss; an optiona
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -40,6 +40,11 @@ class FitResult:
     num_examples: int  # |P_k|, the aggregation weight n_k
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """``len(dataset)``: the tasks' datasets are map-style and define ``__len__`` (``Dataset`` does not declare it)."""
+    return len(cast(Sized, dataset))
+
+
 class _SiteBatches(Sampler[list[int]]):
     """Batches of ``batch_size`` indices into a :class:`PooledSites`, never mixing sites."""
 
@@ -58,7 +63,7 @@ class _SiteBatches(Sampler[list[int]]):
         return iter(self._batches())
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(site) / self.batch_size) for site in self.pooled.datasets)
+        return sum(math.ceil(dataset_size(site) / self.batch_size) for site in self.pooled.datasets)
 
 
 def make_loader(dataset: Dataset, batch_size: int, generator: torch.Generator) -> DataLoader:
@@ -132,7 +137,7 @@ def fit(
             continue
         total_loss += _gradient_step(model, task, rule, optimizer, batch, steps, private=private is not None)
         loss_steps += 1
-    return FitResult(loss=total_loss / max(loss_steps, 1), steps=steps, num_examples=len(dataset))
+    return FitResult(loss=total_loss / max(loss_steps, 1), steps=steps, num_examples=dataset_size(dataset))
 
 
 def _batches(loader: DataLoader, epochs: int, max_steps: int | None) -> Iterator[Any]:

@@ -107,7 +107,7 @@ class ClientData:
     stats: dict[str, Any]
 
 
-def checked_params(task: type, ctx: TaskContext) -> TaskParams:
+def checked_params(task: type[Task], ctx: TaskContext) -> TaskParams:
     """``ctx.params`` as an instance of ``task.Params``, after the checks every task shares.
 
     Raises
@@ -152,6 +152,9 @@ class Task(Protocol):
     models: ClassVar[tuple[str, ...]]
     primary_metric: ClassVar[str]
     higher_is_better: ClassVar[bool]
+
+    def __init__(self, ctx: TaskContext) -> None:
+        """Build the task for one scenario (validate ``ctx``; data and model are made lazily)."""
 
     def build_model(self) -> torch.nn.Module:
         """A freshly initialised model (deterministic given the scenario seed)."""

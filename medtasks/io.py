@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from medtasks.base import DataError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pydicom
+    from nibabel.dataobj_images import DataobjImage
 
 #: Supported file extensions, longest first so ``.nii.gz`` wins over ``.gz``.
 EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".npy", ".dcm")
@@ -74,7 +75,10 @@ def _read_npy(path: Path) -> np.ndarray:
 def _read_nifti(path: Path) -> np.ndarray:
     import nibabel
 
-    return np.asarray(nibabel.load(str(path)).get_fdata(dtype=np.float64))
+    # nibabel.load is annotated as returning a FileBasedImage; a .nii / .nii.gz loads as a
+    # Nifti1Image or Nifti2Image, both DataobjImage subclasses with get_fdata.
+    image = cast("DataobjImage", nibabel.load(str(path)))
+    return np.asarray(image.get_fdata(dtype=np.float64))
 
 
 def dicom_rescale(dataset: pydicom.Dataset) -> tuple[float, float]:

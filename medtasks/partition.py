@@ -398,7 +398,7 @@ def draw_site_profiles(
     *,
     num_clients: int,
     samples_per_client: int,
-    label_prior: Sequence[float],
+    label_prior: Sequence[float] | np.ndarray,
     acquisition_space: Mapping[str, ParamRange] = {},
     annotator_space: Mapping[str, ParamRange] = {},
     seed: int,
@@ -427,7 +427,7 @@ def draw_site_profiles(
         number of sites ``K``.
     samples_per_client : int
         mean site size; ``N = K * samples_per_client``.
-    label_prior : Sequence[float]
+    label_prior : Sequence[float] | np.ndarray
         the task's ``P(y)``, shape ``(L,)``, non-negative (normalised here).
     acquisition_space : Mapping[str, ParamRange]
         feature-skew parameters the task exposes, by name.

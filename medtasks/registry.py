@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - a runtime import would load torch before any task is asked for
+    from medtasks.base import Task
 
 BUILTIN_TASKS: dict[str, str] = {
     "segmentation": "medtasks.segmentation:SegmentationTask",
@@ -22,7 +26,7 @@ class UnknownTaskError(LookupError):
 
 
 @cache
-def get_task_class(name: str) -> type:
+def get_task_class(name: str) -> type[Task]:
     """The task class registered as ``name`` or importable as ``"pkg.module:Class"``.
 
     Raises

@@ -29,7 +29,7 @@ Batches are ``(x [B, F] float32, y [B] int64)``; models map ``[B, F]`` to logits
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ class TabularTask:
     DEFAULT_MODEL: ClassVar[str] = "mlp"
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = checked_params(type(self), ctx)
+        params = cast(TabularParams, checked_params(type(self), ctx))  # an instance of self.Params
         if ctx.data.source != "synthetic":
             raise ValueError(f"the tabular task has synthetic data only; got data.source {ctx.data.source!r}")
         self.ctx = ctx

@@ -52,7 +52,8 @@ MODULES: dict[str, str] = {"dpsgd": "privacy.dpsgd", "nbafl": "privacy.nbafl", "
 """Mechanism → the module that implements it (its ``client_privacy`` factory and params schema)."""
 
 class PrivateTraining(Protocol):
-    """Sample-level differential privacy of the local loop (:mod:`privacy.dpsgd` implements it; :func:`client.trainer.fit` uses it).
+    """Sample-level differential privacy of the local loop (:mod:`privacy.dpsgd` implements it;
+    :func:`client.trainer.fit` uses it).
 
     The mechanism owns the gradient that reaches the optimiser: :func:`client.trainer.fit` does not
     call ``rule.after_backward`` on the raw gradient (the private optimiser would

@@ -215,7 +215,7 @@ class CentralDPClient:
         """
         record, upload = protected_upload(self.rule.uploads(model))
         tensors = records[record].to_torch_state_dict()
-        reference = received[upload.reference].to_torch_state_dict() if upload.kind == "weights" else None
+        reference = received.array_records[upload.reference].to_torch_state_dict() if upload.kind == "weights" else None
         clipped, norm = clipped_upload(tensors, reference, self.params.clip)
         self._metrics = {UPDATE_NORM_METRIC: norm, CLIPPED_METRIC: float(norm > self.params.clip)}
         return {**records, record: ArrayRecord(clipped)}
@@ -344,11 +344,11 @@ class CentralDPServer:
             Node id ↔ partition id (site k's noise stream is (seed, "central-dp", t, k)).
         """
         reference = sent.to_torch_state_dict() if self.upload == "weights" else None
-        count, names = 0, set()
+        count, names = 0, set[str]()
         for reply in replies:
             if not reply.has_content() or self.record not in reply.content.array_records:
                 continue
-            tensors = reply.content[self.record].to_torch_state_dict()
+            tensors = reply.content.array_records[self.record].to_torch_state_dict()
             clipped, norm = clipped_upload(tensors, reference, self.params.clip)
             if not math.isfinite(norm):
                 continue  # the strategy discards non-finite updates
@@ -361,7 +361,7 @@ class CentralDPServer:
                 clipped.update(add_gaussian_noise(floating, self.noise_multiplier * self.params.clip, generator))
             reply.content[self.record] = ArrayRecord(clipped)
             if METRICS_KEY in reply.content.metric_records:
-                reply.content[METRICS_KEY][AGGREGATION_WEIGHT_KEY] = 1.0
+                reply.content.metric_records[METRICS_KEY][AGGREGATION_WEIGHT_KEY] = 1.0
             count += 1
             names.update(name for name, t in clipped.items() if torch.is_floating_point(t))
         self._aggregated = (count, sorted(names))

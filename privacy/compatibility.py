@@ -289,7 +289,8 @@ def _prefix(decl: Declaration, mechanism: str, *, settings: bool = False) -> str
 
 
 def _stray(decl: Declaration, names: Iterable[str], mechanism: str) -> Refusal | None:
-    """Floating-point tensors of an upload that are not trained parameters (:func:`privacy.gaussian.protected_names`)."""
+    """Floating-point tensors of an upload that are not trained parameters
+    (:func:`privacy.gaussian.protected_names`)."""
     from privacy.gaussian import protected_names
 
     wanted = set(names)
@@ -320,8 +321,8 @@ def _dpsgd(decl: Declaration) -> Refusal | None:
                     "instance"),
                     "DP-SGD cannot use BatchNorm")
         if decl.norm == "batch":
-            return ((f"privacy.mechanism dpsgd with {NORM_KEY}: batch: DP-SGD cannot use BatchNorm ({BATCHNORM_REASON}); "
-                    "set it to group or instance"),
+            return ((f"privacy.mechanism dpsgd with {NORM_KEY}: batch: DP-SGD cannot use BatchNorm "
+                     f"({BATCHNORM_REASON}); set it to group or instance"),
                     "DP-SGD cannot use BatchNorm")
         return ((f"privacy.mechanism dpsgd: the model of task '{decl.task}' has BatchNorm layers: DP-SGD cannot use "
                 f"BatchNorm ({BATCHNORM_REASON}); choose a task.model without BatchNorm"),
@@ -340,7 +341,8 @@ def _nbafl(decl: Declaration) -> Refusal | None:
         return f"{prefix}: the data are pooled, there are no site uploads to perturb", "the data are pooled"
     kinds = decl.kinds()
     if "gradient" in kinds:
-        return (f"{prefix}: {decl.label} uploads gradients, not weights, and Δs_U = 2C/m bounds clipped weights{advice}",
+        return (f"{prefix}: {decl.label} uploads gradients, not weights, and Δs_U = 2C/m bounds clipped "
+                f"weights{advice}",
                 "it uploads gradients, Δs_U bounds weights")
     if "variate-update" in kinds:
         return ((f"{prefix}: {decl.label}'s control-variate update Δc_k travels beside the weights without clipping or "
@@ -403,7 +405,8 @@ def _central(decl: Declaration) -> Refusal | None:
                   for name in decl.floating(upload.names)]
     if statistics:
         shown = ", ".join(statistics[:2]) + (" ..." if len(statistics) > 2 else "")
-        return ((f"{prefix}: the model's buffers ({shown}) travel beside {'Δw' if expected == 'update' else 'the weights'} unprotected; use a model "
+        beside = "Δw" if expected == "update" else "the weights"
+        return ((f"{prefix}: the model's buffers ({shown}) travel beside {beside} unprotected; use a model "
                 f"without BatchNorm (e.g. {NORM_KEY}: group)"),
                 "its buffers travel unprotected")
     return _stray(decl, decl.uploads[main[0]].names, "central")

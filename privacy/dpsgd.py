@@ -38,8 +38,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence, Sized
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -140,12 +140,20 @@ def load_history(state: RecordDict) -> list[Entry]:
     """The history stored by :func:`save_history` (empty for a node that never trained)."""
     if ACCOUNTANT_KEY not in state:
         return []
-    record = state[ACCOUNTANT_KEY]
-    sigmas, rates, steps = record["noise-multiplier"], record["sample-rate"], record["steps"]
+    record = state.config_records[ACCOUNTANT_KEY]
+    sigmas, rates, steps = (_history_list(record, key) for key in ("noise-multiplier", "sample-rate", "steps"))
     if not len(sigmas) == len(rates) == len(steps):
         lengths = f"{len(sigmas)}, {len(rates)}, {len(steps)}"
         raise ValueError(f"corrupt '{ACCOUNTANT_KEY}' state: lists of lengths {lengths}")
     return [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps)]
+
+
+def _history_list(record: ConfigRecord, key: str) -> Sequence[int | float | str | bytes | bool]:
+    """The list ``record[key]`` of a stored history (a ValueError if it is a scalar: the state is corrupt)."""
+    value = record[key]
+    if not isinstance(value, list):
+        raise ValueError(f"corrupt '{ACCOUNTANT_KEY}' state: '{key}' is not a list")
+    return value
 
 
 def append_history(state: RecordDict, entries: Sequence[Entry]) -> list[Entry]:
@@ -349,8 +357,9 @@ class DPSGDClient:
                          accountant=self.params.accountant, target_epsilon=self.params.target_epsilon)
         if sigma == 0.0:
             log.warning("dpsgd: noise_multiplier 0 clips without noise: this is not differential privacy (ε = ∞)")
-        if self.params.delta * len(loader.dataset) > 1.0:
-            log.warning("dpsgd: delta %g is not below 1/n = 1/%d", self.params.delta, len(loader.dataset))
+        examples = len(cast(Sized, loader.dataset))  # the tasks' datasets are map-style: they define __len__
+        if self.params.delta * examples > 1.0:
+            log.warning("dpsgd: delta %g is not below 1/n = 1/%d", self.params.delta, examples)
 
         from opacus import PrivacyEngine
 

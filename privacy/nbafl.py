@@ -394,7 +394,12 @@ def _replaced(tensors: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tenso
 
 def exposures_so_far(state: RecordDict) -> int:
     """How often this node has uploaded its weights under NbAFL (0 before its first upload)."""
-    return int(state[EXPOSURES_KEY]["count"]) if EXPOSURES_KEY in state else 0
+    if EXPOSURES_KEY not in state:
+        return 0
+    count = state.config_records[EXPOSURES_KEY]["count"]
+    if isinstance(count, list):
+        raise ValueError(f"corrupt '{EXPOSURES_KEY}' state: 'count' is a list")
+    return int(count)
 
 
 # --- the server half (Algorithm 1, steps 6-7) ----------------------------------------------------------
@@ -572,7 +577,7 @@ class NbAFLClient:
         """
         from privacy.compatibility import protected_upload
 
-        sigma = self._sigma_up(received[CONFIG_KEY])
+        sigma = self._sigma_up(received.config_records[CONFIG_KEY])
         record = ARRAYS_KEY if self.rule is None else protected_upload(self.rule.uploads(model))[0]
         others = sorted(name for name, value in records.items() if isinstance(value, ArrayRecord) and name != record)
         if others:
@@ -605,7 +610,10 @@ class NbAFLClient:
         if SIGMA_UP_KEY not in config:
             raise ValueError(f"privacy.mechanism nbafl: the train message has no '{SIGMA_UP_KEY}' (the server's half "
                              "of NbAFL did not run)")
-        sigma = float(config[SIGMA_UP_KEY])
+        value = config[SIGMA_UP_KEY]
+        if isinstance(value, list):
+            raise ValueError(f"privacy.mechanism nbafl: '{SIGMA_UP_KEY}' is a list, not a number")
+        sigma = float(value)
         p = self.params
         needed = uplink_sigma(p.clip, self.exposures, self.train_size, p.epsilon, p.delta)
         if not sigma >= needed * (1 - 1e-9):

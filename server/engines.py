@@ -184,7 +184,7 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
         except RunInterrupted:  # Ctrl-C in the main thread; it reports the interruption
             log.debug("ServerApp thread stopped on request")
 
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
         "init_args": {
             "num_cpus": engine.workers * engine.cpus_per_client,

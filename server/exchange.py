@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
@@ -50,12 +50,19 @@ class Exchange:
 def record_nbytes(content: RecordDict) -> int:
     """Payload bytes of a message: serialised arrays plus config/metric values."""
     total = 0
-    for record in content.array_records.values():
-        total += sum(len(array.data) for array in record.values())
-    for record in [*content.config_records.values(), *content.metric_records.values()]:
-        for key, value in record.items():
-            total += len(key) + (len(value.encode()) if isinstance(value, str) else 8)
+    for name in content.array_records:
+        arrays = content.array_records[name]
+        total += sum(len(arrays[key].data) for key in arrays)
+    for name in content.config_records:
+        total += _values_nbytes(content.config_records[name])
+    for name in content.metric_records:
+        total += _values_nbytes(content.metric_records[name])
     return total
+
+
+def _values_nbytes(record: ConfigRecord | MetricRecord) -> int:
+    """Bytes of a config or metric record: each key, and each value's text (8 for a number)."""
+    return sum(len(key) + (len(value.encode()) if isinstance(value, str) else 8) for key, value in record.items())
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
@@ -118,8 +125,14 @@ def _from_destination(reply: Message, message: Message) -> Message:
     if reply.metadata.src_node_id == message.metadata.dst_node_id:
         return reply
     error = reply.error if reply.has_error() else Error(code=ErrorCode.UNKNOWN, reason="reply from another node")
-    log.warning("node %d: %s", message.metadata.dst_node_id, error.reason.strip().splitlines()[0])
+    log.warning("node %d: %s", message.metadata.dst_node_id, first_line(error.reason))
     return Message(error, reply_to=message)
+
+
+def first_line(reason: str | None) -> str:
+    """The first line of an error reply's reason (Flower allows none)."""
+    lines = (reason or "").strip().splitlines()
+    return lines[0] if lines else "no reason given"
 
 
 def is_lost(reply: Message) -> bool:

@@ -91,8 +91,8 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
     node_to_partition: dict[int, int] = {}
     stats: dict[int, Any] = {}
     for reply in replies:
-        info = reply.content[INFO_KEY]
-        pid = int(info[PARTITION_ID_KEY])
+        info = reply.content.config_records[INFO_KEY]
+        pid = int(str(info[PARTITION_ID_KEY]))
         node_to_partition[reply.metadata.src_node_id] = pid
         stats[pid] = json.loads(str(info["stats"]))
     missing = sorted(set(range(expected)) - set(stats))
@@ -197,7 +197,8 @@ class Federation:
                 round_ = self.run_round(Round(server_round, arrays, self._config(server_round), cohort, grid), strategy)
                 arrays = round_.arrays
                 checkpoint = self._checkpoint(strategy, round_, checkpoint)
-                self.progress.round_done(server_round, round_.headline)
+                self.progress.round_done(server_round, {key: value for key, value in round_.headline.items()
+                                                        if value is not None})
                 completed = server_round
         except BudgetSpent as reason:
             log.info("%s; the run ends after round %d", reason, completed)
@@ -215,35 +216,35 @@ class Federation:
         plugins, t = self.plugins, round_.number
         plugins.configure(round_)                                     # σ for the sites, the run's budget
         round_.messages = list(strategy.configure_train(t, round_.arrays, round_.config, round_.grid))
-        round_.train = self._phase(round_, "train", round_.messages)  # exchange + inspect
+        round_.train = train = self._phase(round_, "train", round_.messages)  # exchange + inspect
         plugins.before_aggregate(round_)                              # e.g. the server's clip of each update
-        aggregated, round_.train_metrics = strategy.aggregate_train(t, round_.train.replies)
-        usable = sum(1 for reply in round_.train.replies if not reply.has_error())
+        aggregated, round_.train_metrics = strategy.aggregate_train(t, train.replies)
+        usable = sum(1 for reply in train.replies if not reply.has_error())
         if aggregated is None or usable < self.scenario.strategy.min_clients:
-            self._too_few_updates(round_, usable)
+            raise self._too_few_updates(round_, train, usable)
         round_.arrays = aggregated
         plugins.after_aggregate(round_)                               # e.g. noise on the aggregate
-        self._record(t, "train", round_.cohort, round_.train, round_.train_metrics)
-        round_.headline = {"train loss": _metric(round_.train_metrics, "loss"), "ε": self.privacy.run_epsilon()}
+        self._record(t, "train", round_.cohort, train, round_.train_metrics)
+        round_.headline = {"train loss": _metric(round_.train_metrics, "loss"),
+                           "ε": self.privacy.run_epsilon() if self.privacy is not None else None}
         if t % self.scenario.strategy.evaluate_every == 0 or t == self.scenario.strategy.rounds:
             self._evaluate(round_, strategy)
         every = self.scenario.output.examples_every
         if self.scenario.output.plots and every and t % every == 0:
             self._draw_examples(round_.arrays, self.run_dir.plots / "examples" / f"round-{t:03d}.png")
         plugins.round_done(round_)
-        round_.headline = {key: value for key, value in round_.headline.items() if value is not None}
         return round_
 
-    def _too_few_updates(self, round_: Round, usable: int) -> None:
-        """End the run: the budget's doing (:class:`BudgetSpent`), else a :class:`FederationError`."""
+    def _too_few_updates(self, round_: Round, train: Exchange, usable: int) -> FederationError:
+        """Why the run ends: the budget's doing (raises :class:`BudgetSpent`), else the error to raise."""
         try:
             self.plugins.aggregate_failed(round_)
         except BudgetSpent:
-            self._record(round_.number, "train", round_.cohort, round_.train, None)
+            self._record(round_.number, "train", round_.cohort, train, None)
             raise
-        reasons = [reply.error.reason for reply in round_.train.replies if reply.has_error()]
+        reasons = [reply.error.reason for reply in train.replies if reply.has_error()]
         detail = f"; first failure: {reasons[0]}" if reasons else ""
-        raise FederationError(
+        return FederationError(
             f"round {round_.number}: {usable} of {len(round_.messages)} clients returned a usable update, "
             f"strategy.min_clients is {self.scenario.strategy.min_clients}{detail}"
         )
@@ -287,7 +288,7 @@ class Federation:
         Its ``epsilon`` is the run's so far, with ``delta`` and ``accountant`` saying what it means
         (:meth:`server.privacy_round.PrivacyRound.stamp`).
         """
-        record = {
+        record: dict[str, Any] = {
             "round": server_round,
             "phase": phase,
             "clients": per_client(done.replies, cohort) if clients is None else clients,
@@ -329,7 +330,7 @@ class Federation:
         else:
             clients, metrics = {}, self._evaluate_central(arrays, dataset)
         done = Exchange(seconds=time.perf_counter() - started)
-        self._record(server_round, "central", cohort, done, MetricRecord(metrics), clients=clients)
+        self._record(server_round, "central", cohort, done, MetricRecord(dict(metrics.items())), clients=clients)
         return metrics
 
     def _evaluate_central(self, arrays: ArrayRecord, dataset: Any) -> dict[str, float]:
@@ -345,7 +346,8 @@ class Federation:
     # --- checkpoints and the end ----------------------------------------------------------------
     def _checkpoint(self, strategy: Any, round_: Round, previous: Checkpoint | None) -> Checkpoint | None:
         headline, server_round = round_.headline, round_.number
-        primary = headline.get(f"central {self.task.primary_metric}", headline.get(self.task.primary_metric))
+        keys = (f"central {self.task.primary_metric}", self.task.primary_metric)  # central set first, if it has one
+        primary = next((value for key in keys if (value := headline.get(key)) is not None), None)
         last = server_round == self.scenario.strategy.rounds
         if server_round % self.scenario.output.checkpoint_every and not last:
             return previous
@@ -400,6 +402,5 @@ class Federation:
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
-    if metrics is None or key not in metrics:
-        return None
-    return float(metrics[key])
+    value = metrics.get(key) if metrics is not None else None
+    return float(value) if isinstance(value, (int, float)) else None

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from client.app import PARTICIPATION_KEY
 from client.state import EXPORT_ACTION, IMPORT_ACTION, from_plain, to_plain
-from server.exchange import Exchange, exchange, is_lost
+from server.exchange import Exchange, exchange, first_line, is_lost
 from server.pipeline import FederationError, Round, RoundPlugin
 from strategies.base import Cohort
 
@@ -120,7 +120,7 @@ class NodeStates(RoundPlugin):
             elif pid not in self.lost:
                 self.lost[pid] = round_.number
                 log.warning("round %d %s: site %d lost (%s); the run goes on without it until it answers again",
-                            round_.number, phase, pid, reply.error.reason.strip().splitlines()[0])
+                            round_.number, phase, pid, first_line(reply.error.reason))
         if phase == "train" and self.keep_copies and answered:
             self.copies.update(export_node_states(round_.grid, self.cohort, answered, self.timeout, self.stop))
 

@@ -93,7 +93,7 @@ class Round:
     messages: list[Message] = field(default_factory=list)
     train: Exchange | None = None
     train_metrics: MetricRecord | None = None
-    headline: dict[str, float] = field(default_factory=dict)
+    headline: dict[str, float | None] = field(default_factory=dict)
 
     def sent_to(self, reply: Message) -> Message:
         """The train message ``reply`` answers."""

@@ -82,11 +82,11 @@ class ReplyCheck(RoundPlugin):
         return problem
 
     def _count_problem(self, content: RecordDict, phase: str, pid: int) -> str | None:
-        if METRICS_KEY not in content.metric_records or NUM_EXAMPLES_KEY not in content[METRICS_KEY]:
+        if METRICS_KEY not in content.metric_records or NUM_EXAMPLES_KEY not in content.metric_records[METRICS_KEY]:
             return f"no '{NUM_EXAMPLES_KEY}' metric"
-        metrics = content[METRICS_KEY]
+        metrics = content.metric_records[METRICS_KEY]
         count = metrics[NUM_EXAMPLES_KEY]
-        if isinstance(count, list) or not math.isfinite(float(count)) or float(count) != int(count) or count < 1:
+        if not isinstance(count, (int, float)) or not math.isfinite(count) or count != int(count) or count < 1:
             return f"'{NUM_EXAMPLES_KEY}' is {count!r}, not a whole number of at least 1"
         known = self._known_size(phase, pid)
         if self.bounded and known is not None and count > known:
@@ -112,15 +112,16 @@ class ReplyCheck(RoundPlugin):
         for name, upload in self.uploads.items():
             if name not in content.array_records:
                 return f"record '{name}' is missing"
-            record = content[name]
+            record = content.array_records[name]
             missing = sorted(upload.names - set(record))
             unexpected = sorted(set(record) - upload.names)
             if missing or unexpected:
                 which = f"'{name}.{missing[0]}' is missing" if missing else f"unexpected tensor '{name}.{unexpected[0]}'"
                 return which
             reference = sent.array_records.get(upload.reference)
-            for key, array in record.items():
-                like = reference.get(key) if reference is not None else None
+            for key in record:
+                array = record[key]
+                like = reference[key] if reference is not None and key in reference else None
                 if like is not None and (tuple(array.shape) != tuple(like.shape) or array.dtype != like.dtype):
                     return (f"'{name}.{key}' is {array.dtype} {list(array.shape)} where {like.dtype} "
                             f"{list(like.shape)} was sent")

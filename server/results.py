@@ -310,7 +310,7 @@ class RunDirectory:
         _check_loadable(checkpoint.arrays, "arrays")
         _check_loadable(checkpoint.strategy_state, "strategy_state")
         _check_loadable(checkpoint.extra, "extra")
-        if _improves(primary_value, checkpoint.best_value, higher_is_better):
+        if primary_value is not None and _improves(primary_value, checkpoint.best_value, higher_is_better):
             checkpoint = replace(
                 checkpoint, best_value=float(primary_value), best_round=checkpoint.round
             )
@@ -402,7 +402,7 @@ def build_summary(
         privacy budget.
     """
     final: dict[str, dict] = {}
-    final_round: dict[str, int] = {}
+    final_round: dict[str, int | None] = {}
     for rec in records:
         phase = rec.get("phase", "")
         final[phase], final_round[phase] = rec.get("aggregate") or {}, rec.get("round")

@@ -53,13 +53,22 @@ class ScenarioError(ValueError):
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Scenario:
     """Load, override, validate and resolve a scenario file.
 
-    Args:
-        path: the YAML file.
-        overrides: ``"a.b=value"`` strings; ``value`` is parsed as YAML (``5``, ``0.1``,
-            ``true``, ``[1, 2]``, ``adam``).
+    Parameters
+    ----------
+    path : str or Path
+        The YAML file.
+    overrides : sequence of str
+        ``"a.b=value"`` strings; ``value`` is parsed as YAML (``5``, ``0.1``, ``true``, ``[1, 2]``, ``adam``).
 
-    Raises:
-        ScenarioError: one line naming the file, the key path and what is allowed.
+    Returns
+    -------
+    Scenario
+        The validated scenario with every default resolved.
+
+    Raises
+    ------
+    ScenarioError
+        One line naming the file, the key path and what is allowed.
     """
     path = Path(path)
     raw = _read_yaml(path)
@@ -135,7 +144,8 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
     except UnknownStrategyError as error:
         raise ScenarioError(f"{source}: strategy.name: {error}") from None
 
-    checks = [
+    Named = TaskSection | StrategySection | PartitionSection | PrivacySection | DefenseSection
+    checks: list[tuple[str, type[BaseModel] | None, Named]] = [
         ("task.params", task_class.Params, scenario.task),
         ("strategy.params", algorithm.Params, scenario.strategy),
         ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import (
     TYPE_CHECKING,
@@ -95,8 +95,10 @@ class ClientRule:
     An algorithm overrides the hooks it needs (FedProx adds a loss term, SCAFFOLD
     corrects gradients, FedBN keeps BatchNorm tensors in the node's state).
 
-    Args:
-        params: the algorithm's validated ``strategy.params``.
+    Parameters
+    ----------
+    params : StrategyParams
+        The algorithm's validated ``strategy.params``.
     """
 
     def __init__(self, params: StrategyParams) -> None:
@@ -105,8 +107,14 @@ class ClientRule:
     def training_data(self, task: Task, partition_id: int, sites: int) -> Dataset:
         """The examples this site trains on (default: its own training split).
 
-        Args:
-            sites: number of sites in the federation (``partition.clients``).
+        Parameters
+        ----------
+        task : Task
+            The scenario's task.
+        partition_id : int
+            This site's partition id.
+        sites : int
+            Number of sites in the federation (``partition.clients``).
         """
         return task.client_data(partition_id).train
 
@@ -125,7 +133,7 @@ class ClientRule:
 
     def receive(self, model: torch.nn.Module, content: RecordDict, state: RecordDict) -> None:
         """Load what the server sent into ``model`` (before training or evaluation)."""
-        received = content[ARRAYS_KEY].to_torch_state_dict()
+        received = content.array_records[ARRAYS_KEY].to_torch_state_dict()
         load_into(model, received)
 
     def loss(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
@@ -151,8 +159,10 @@ class ClientRule:
 def load_into(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """Copy ``tensors`` into ``model``'s parameters and buffers of the same names.
 
-    Raises:
-        KeyError: if a tensor name is not in the model (a message from another model).
+    Raises
+    ------
+    KeyError
+        If a tensor name is not in the model (a message from another model).
     """
     own = model.state_dict()
     unknown = [name for name in tensors if name not in own]
@@ -197,7 +207,7 @@ class Cohort:
 
     Sampling is over sorted partition ids with a stream derived from
     (seed, "sample", phase, round), so the same scenario picks the same sites on
-    every engine (DESIGN.md §4).
+    every engine (:mod:`medtasks.seeding`).
     """
 
     node_to_partition: Mapping[int, int]
@@ -263,6 +273,22 @@ WORST_CASE_METRICS = frozenset({"epsilon"})
 """Metrics aggregated as the maximum over clients, not a mean: a privacy guarantee is the weakest site's."""
 
 
+def metric_value(record: MetricRecord, key: str) -> float:
+    """``record[key]``, a scalar metric, as a float.
+
+    Raises
+    ------
+    KeyError
+        If ``record`` has no ``key``.
+    TypeError
+        If the metric is a list (as ``float()`` of it would).
+    """
+    value = record[key]
+    if isinstance(value, list):
+        raise TypeError(f"metric '{key}' is a list, not a number")
+    return float(value)
+
+
 def aggregate_metrics(replies: list[Message]) -> MetricRecord:
     """Σ_k n_k m_k / Σ_k n_k for every metric, weighted by ``num-examples``.
 
@@ -274,8 +300,8 @@ def aggregate_metrics(replies: list[Message]) -> MetricRecord:
     weights: dict[str, float] = {}
     worst: dict[str, float] = {}
     for reply in replies:
-        record = reply.content[METRICS_KEY]
-        weight = float(record[NUM_EXAMPLES_KEY])
+        record = reply.content.metric_records[METRICS_KEY]
+        weight = metric_value(record, NUM_EXAMPLES_KEY)
         for key, value in record.items():
             if key in (NUM_EXAMPLES_KEY, AGGREGATION_WEIGHT_KEY) or isinstance(value, list) or math.isnan(float(value)):
                 continue
@@ -286,18 +312,20 @@ def aggregate_metrics(replies: list[Message]) -> MetricRecord:
                 weights[key] = weights.get(key, 0.0) + weight
     aggregated = MetricRecord({key: sums[key] / weights[key] for key in sums if weights[key] > 0})
     aggregated.update(worst)
-    aggregated[NUM_EXAMPLES_KEY] = int(sum(float(r.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for r in replies))
+    aggregated[NUM_EXAMPLES_KEY] = int(sum(metric_value(r.content.metric_records[METRICS_KEY], NUM_EXAMPLES_KEY)
+                                           for r in replies))
     return aggregated
 
 
 def aggregation_weight(reply: Message) -> float:
     """A train reply's weight in a weighted average: n_k (``num-examples``), unless a privacy mechanism set
     ``aggregation-weight`` (client-level DP weighs every site 1, so one site's influence is bounded)."""
-    metrics = reply.content[METRICS_KEY]
-    return float(metrics[AGGREGATION_WEIGHT_KEY] if AGGREGATION_WEIGHT_KEY in metrics else metrics[NUM_EXAMPLES_KEY])
+    metrics = reply.content.metric_records[METRICS_KEY]
+    return metric_value(metrics, AGGREGATION_WEIGHT_KEY if AGGREGATION_WEIGHT_KEY in metrics else NUM_EXAMPLES_KEY)
 
 
-def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]],
+                     weights: Sequence[float]) -> dict[str, torch.Tensor]:
     """Σ_k (w_k / Σ_j w_j) · state_k for every tensor name, accumulated in float64.
 
     Integer tensors (e.g. BatchNorm's ``num_batches_tracked``) cannot be averaged;
@@ -326,7 +354,7 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter
 
 def batchnorm_tensor_names(model: torch.nn.Module) -> set[str]:
     """State-dict names of every BatchNorm tensor: weight, bias, running stats, counter."""
-    names = set()
+    names: set[str] = set()
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             prefix = f"{module_name}." if module_name else ""
@@ -355,19 +383,26 @@ class StrategyContext:
 class Algorithm:
     """A registered algorithm: its params schema and its two halves.
 
-    Attributes:
-        name: the ``strategy.name`` it is selected by.
-        Params: pydantic schema of ``strategy.params``.
-        build_strategy: server half, a Flower ``Strategy`` built from a :class:`StrategyContext`.
-        client_rule: client half, a :class:`ClientRule` built from the validated params.
-        check_compatible: raises ``ValueError`` (one line, naming the key) for scenario
-            combinations the algorithm does not support.
-        combine: how the server half uses the uploads the client half declares
-            (:meth:`ClientRule.uploads`): see :data:`Combine`.
-        label: the algorithm's name as its paper writes it, for messages (default: ``name``).
-        central_evaluation: whether the server's global model is a complete model the server's
-            own test set can judge (FedBN and FedPer keep layers at the sites: judged by federated
-            evaluation only).
+    Attributes
+    ----------
+    name : str
+        The ``strategy.name`` it is selected by.
+    Params : type of StrategyParams
+        Pydantic schema of ``strategy.params``.
+    build_strategy : callable
+        Server half, a Flower ``Strategy`` built from a :class:`StrategyContext`.
+    client_rule : callable
+        Client half, a :class:`ClientRule` built from the validated params.
+    check_compatible : callable
+        Raises ``ValueError`` (one line, naming the key) for scenario combinations the algorithm does
+        not support.
+    combine : Combine
+        How the server half uses the uploads the client half declares (:meth:`ClientRule.uploads`).
+    label : str
+        The algorithm's name as its paper writes it, for messages (default: ``name``).
+    central_evaluation : bool
+        Whether the server's global model is a complete model the server's own test set can judge
+        (FedBN and FedPer keep layers at the sites: judged by federated evaluation only).
     """
 
     name: str

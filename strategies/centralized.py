@@ -1,8 +1,8 @@
 """Centralized training: all hospitals' training data pooled in one place.
 
-The upper baseline of every federated comparison (what the lecture calls
-"collect all data centrally", the setting federated learning tries to match
-without moving data): one model minimises the pooled empirical risk
+The upper baseline of every federated comparison (all data collected centrally, the
+setting federated learning tries to match without moving data; McMahan et al. 2017,
+arXiv:1602.05629, compare against it): one model minimises the pooled empirical risk
 
     F(w) = Σ_k (n_k / n) F_k(w) = 1/n Σ_{i ∈ ∪_k P_k} ℓ(w; x_i, y_i)
 
@@ -77,7 +77,9 @@ class CentralizedClient(ClientRule):
 
 def build_strategy(context: StrategyContext) -> Centralized:
     """Server half from a scenario."""
-    return Centralized(context.cohort, **{**sampling_options(context), "fraction_train": 1.0, "min_train_nodes": 1})
+    options = sampling_options(context)
+    options["fraction_train"], options["min_train_nodes"] = 1.0, 1  # every round: the pooling node alone
+    return Centralized(context.cohort, **options)
 
 
 def check_compatible(scenario: Scenario) -> None:

@@ -32,8 +32,8 @@ choice, not a given:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, TypedDict, cast
 
 import torch
 from flwr.app import (
@@ -170,14 +170,15 @@ class FedAvg(FlowerFedAvg):
         usable = usable_replies(replies, self.cohort, "train")
         if not usable:
             return None, None
-        states = [reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable]
+        states = [reply.content.array_records[ARRAYS_KEY].to_torch_state_dict() for reply in usable]
         weights = [aggregation_weight(reply) for reply in usable]
         aggregated = self.aggregate_states(server_round, states, weights, self._sent)
         if aggregated is None:
             return None, None
         return ArrayRecord(aggregated), aggregate_metrics(usable)
 
-    def aggregate_states(self, server_round: int, states: list[Mapping[str, torch.Tensor]], weights: list[float],
+    def aggregate_states(self, server_round: int, states: Sequence[Mapping[str, torch.Tensor]],
+                         weights: Sequence[float],
                          origin: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The sites' tensors combined by :attr:`aggregator`; ``None`` (logged) when too few for its rule.
 
@@ -185,9 +186,9 @@ class FedAvg(FlowerFedAvg):
         ----------
         server_round : int
             For the log.
-        states : list of mappings of str to torch.Tensor
+        states : sequence of mappings of str to torch.Tensor
             The sites' tensors x_k, in partition-id order.
-        weights : list of float
+        weights : sequence of float
             Their weights in the mean.
         origin : mapping of str to torch.Tensor
             x_t, the tensors sent this round (used by the norm bound only).
@@ -224,7 +225,7 @@ class FedAvgClient(ClientRule):
         super().receive(model, content, state)
         self._anchor = [p.detach().clone() for p in model.parameters()]
         if self.params.bn_stats == "local" and LOCAL_BN_STATE_KEY in state:
-            load_into(model, state[LOCAL_BN_STATE_KEY].to_torch_state_dict())
+            load_into(model, state.array_records[LOCAL_BN_STATE_KEY].to_torch_state_dict())
 
     def after_backward(self, model: torch.nn.Module) -> None:
         """∇F_k(w) + μ (w − w_t): the gradient of FedProx's local objective F_k(w) + μ/2 ‖w − w_t‖² (Eq. 2).
@@ -249,7 +250,16 @@ class FedAvgClient(ClientRule):
         return super().reply(model, state, steps=steps)
 
 
-def sampling_options(context: StrategyContext) -> dict[str, float | int]:
+class SamplingOptions(TypedDict):
+    """The sampling keyword arguments of :class:`FedAvg` (:func:`sampling_options`)."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+
+
+def sampling_options(context: StrategyContext) -> SamplingOptions:
     """The scenario's sampling settings as :class:`FedAvg` keyword arguments (shared by its subclasses).
 
     Parameters
@@ -259,21 +269,22 @@ def sampling_options(context: StrategyContext) -> dict[str, float | int]:
 
     Returns
     -------
-    dict
+    SamplingOptions
         ``fraction_train``, ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``.
     """
     section = context.scenario.strategy
-    return {
-        "fraction_train": section.fraction_train,
-        "fraction_evaluate": section.fraction_evaluate,
-        "min_train_nodes": section.min_clients,
-        "min_evaluate_nodes": 1,
-    }
+    return SamplingOptions(
+        fraction_train=section.fraction_train,
+        fraction_evaluate=section.fraction_evaluate,
+        min_train_nodes=section.min_clients,
+        min_evaluate_nodes=1,
+    )
 
 
 def build_strategy(context: StrategyContext) -> FedAvg:
     """Server half from a scenario (also of the robust strategy names of :mod:`strategies.robust`)."""
-    params = context.params
+    # the server validates strategy.params with ALGORITHM.Params: FedAvgParams, or a robust alias's subclass of it
+    params = cast(FedAvgParams, context.params)
     return FedAvg(context.cohort, proximal_mu=params.proximal_mu, bn_stats=params.bn_stats,
                   aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 

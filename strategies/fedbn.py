@@ -78,7 +78,7 @@ class FedBNClient(FedPerClient):
 
 def build_strategy(context: StrategyContext) -> FedBN:
     """Server half from a scenario."""
-    return build_partial_strategy(context, FedBN, batchnorm_tensor_names(context.model))  # type: ignore[return-value]
+    return build_partial_strategy(context, FedBN, batchnorm_tensor_names(context.model))
 
 
 def check_compatible(scenario: Scenario) -> None:

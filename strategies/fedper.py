@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -122,12 +122,13 @@ def personal_tensor_names(model: torch.nn.Module, params: FedPerParams) -> set[s
             chosen |= matched
     else:
         key, owners = "last_modules", _module_tensor_names(model)
-        if params.last_modules > len(owners):
+        last = cast(int, params.last_modules)  # FedPerParams._one_selection sets it when local_layers is None
+        if last > len(owners):
             raise ValueError(
-                f"strategy.params.last_modules: {params.last_modules} exceeds the {len(owners)} modules "
+                f"strategy.params.last_modules: {last} exceeds the {len(owners)} modules "
                 "with parameters of the task's model"
             )
-        chosen = set().union(*owners[len(owners) - params.last_modules:])
+        chosen = set().union(*owners[len(owners) - last:])
     if len(chosen) == len(names):
         raise ValueError(f"strategy.params.{key}: every tensor of the model would stay local and nothing "
                          "would be shared (use strategy 'local' for that)")
@@ -179,8 +180,11 @@ class FedPer(FedAvg):
                  100 * self.local_share, shown, self.fraction_train, self.fraction_evaluate, self.min_train_nodes)
 
 
-def build_partial_strategy(context: StrategyContext, strategy_class: type[FedPer],
-                           local_names: Collection[str]) -> FedPer:
+PartialStrategy = TypeVar("PartialStrategy", bound=FedPer)
+
+
+def build_partial_strategy(context: StrategyContext, strategy_class: type[PartialStrategy],
+                           local_names: Collection[str]) -> PartialStrategy:
     """A :class:`FedPer`-family server half from a scenario."""
     return strategy_class(context.cohort, template=context.model, local_names=local_names,
                           aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
@@ -201,7 +205,7 @@ class FedPerClient(ClientRule):
         """Load the received tensors (round 1: the whole initial model), then this site's own local ones."""
         super().receive(model, content, state)
         if self.state_key in state:
-            load_into(model, state[self.state_key].to_torch_state_dict())
+            load_into(model, state.array_records[self.state_key].to_torch_state_dict())
 
     def reply(self, model: torch.nn.Module, state: RecordDict, *, steps: int) -> dict[str, ArrayRecord]:
         """Keep W_P,k in the node state; send W_B,k only."""
@@ -217,7 +221,8 @@ class FedPerClient(ClientRule):
 
 def build_strategy(context: StrategyContext) -> FedPer:
     """Server half from a scenario."""
-    return build_partial_strategy(context, FedPer, personal_tensor_names(context.model, context.params))
+    params = cast(FedPerParams, context.params)  # the server validates strategy.params with ALGORITHM.Params
+    return build_partial_strategy(context, FedPer, personal_tensor_names(context.model, params))
 
 
 def check_compatible(scenario: Scenario) -> None:

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -164,8 +164,10 @@ class FedSGD(FedAvg):
                 return None, None
             updated = {name: aggregated[name].to(current.dtype) for name, current in self._current.items()}
             return ArrayRecord(updated), aggregate_metrics(usable)
-        gradient = weighted_average([reply.content[GRADIENT_KEY].to_torch_state_dict() for reply in usable], weights)
-        others = weighted_average([reply.content[ARRAYS_KEY].to_torch_state_dict() for reply in usable], weights)
+        gradient = weighted_average(
+            [reply.content.array_records[GRADIENT_KEY].to_torch_state_dict() for reply in usable], weights)
+        others = weighted_average(
+            [reply.content.array_records[ARRAYS_KEY].to_torch_state_dict() for reply in usable], weights)
         updated = {}
         for name, current in self._current.items():
             if name in gradient:
@@ -176,8 +178,8 @@ class FedSGD(FedAvg):
 
     def _proposal(self, reply: Message) -> dict[str, torch.Tensor]:
         """w_k = w_t − η g_k (float64) for the trained parameters, the site's statistics for the rest."""
-        gradient = reply.content[GRADIENT_KEY].to_torch_state_dict()
-        others = reply.content[ARRAYS_KEY].to_torch_state_dict()
+        gradient = reply.content.array_records[GRADIENT_KEY].to_torch_state_dict()
+        others = reply.content.array_records[ARRAYS_KEY].to_torch_state_dict()
         return {name: current.double() - self.server_lr * gradient[name].double() if name in gradient else others[name]
                 for name, current in self._current.items()}
 
@@ -244,7 +246,8 @@ def check_compatible(scenario: Scenario) -> None:
 
 def build_strategy(context: StrategyContext) -> FedSGD:
     """Server half from a scenario."""
-    return FedSGD(context.cohort, server_lr=context.params.server_lr,
+    params = cast(FedSGDParams, context.params)  # the server validates strategy.params with ALGORITHM.Params
+    return FedSGD(context.cohort, server_lr=params.server_lr,
                   aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 

@@ -1,7 +1,8 @@
 """Local-only training: every hospital trains its own model and nothing is averaged.
 
-The lower baseline of every federated comparison ("each hospital alone", as the
-lecture motivates federated learning): site k minimises its own empirical risk
+The lower baseline of every federated comparison (each hospital alone, the setting
+federated learning improves on; McMahan et al. 2017, arXiv:1602.05629, Section 1): site k
+minimises its own empirical risk
 
     w_k ← argmin_w F_k(w),   F_k(w) = 1/n_k Σ_{i∈P_k} ℓ(w; x_i, y_i),
 
@@ -23,8 +24,10 @@ site models in the strategy state.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import torch
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -110,7 +113,7 @@ class LocalOnly(Strategy):
         if not usable:
             return None, None
         for reply in usable:
-            self.models[self.cohort.partition_of(reply)] = reply.content[ARRAYS_KEY]
+            self.models[self.cohort.partition_of(reply)] = reply.content.array_records[ARRAYS_KEY]
         return ArrayRecord(), aggregate_metrics(usable)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -126,10 +129,12 @@ class LocalOnly(Strategy):
         return aggregate_metrics(usable) if usable else None
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, dict[str, object]]:
+    def state_dict(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """Every site's model (``"models"``: partition id as a string → tensors by name), for checkpoints."""
         return {"models": {str(pid): record.to_torch_state_dict() for pid, record in self.models.items()}}
 
-    def load_state_dict(self, state: dict[str, dict[str, object]]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
         self.models = {int(pid): ArrayRecord(tensors) for pid, tensors in state["models"].items()}
 
 

@@ -8,7 +8,7 @@ site; site k's model is generated, never averaged:
 
     w_k = h_φ(v_k),      min_{φ, v_1..v_K}  (1/K) Σ_k F_k(h_φ(v_k)).
 
-Round t (the lecture's / paper's Algorithm 1):
+Round t (Shamsian et al. 2021, Algorithm 1):
 
 1. sample S_t; send each k ∈ S_t its own w_k = h_φ(v_k) (one message per site);
 2. site k runs E local epochs of SGD from w_k and returns Δw_k = w̃_k − w_k;
@@ -50,8 +50,8 @@ integer counters take the maximum), which the round loop stores as
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, cast
 
 import torch
 from flwr.app import (
@@ -125,14 +125,22 @@ class HyperNetwork(nn.Module):
     starts near the common w_0 (where a FedAvg run starts; a norm layer's scale near
     1, not near 0) and differs from it by A_j u_k. Every tensor is float64.
 
-    Args:
-        targets: name → initial value w_0 of every generated tensor (any shape).
-        sites: K, the number of embeddings.
-        embedding_dim: d.
-        hidden_dim: H.
-        hidden_layers: H×H layers after the first.
-        head_init_std: std of the heads' initial weights.
-        seed: seed of the initialisation.
+    Parameters
+    ----------
+    targets : mapping of str to Tensor
+        Name → initial value w_0 of every generated tensor (any shape).
+    sites : int
+        K, the number of embeddings.
+    embedding_dim : int
+        d.
+    hidden_dim : int
+        H.
+    hidden_layers : int
+        H×H layers after the first.
+    head_init_std : float
+        Std of the heads' initial weights.
+    seed : int
+        Seed of the initialisation.
     """
 
     def __init__(self, targets: Mapping[str, Tensor], sites: int, embedding_dim: int, hidden_dim: int,
@@ -147,21 +155,25 @@ class HyperNetwork(nn.Module):
             for _ in range(hidden_layers):
                 layers += [nn.ReLU(), nn.Linear(hidden_dim, hidden_dim, dtype=torch.float64)]
             self.trunk = nn.Sequential(*layers)
-            self.heads = nn.ModuleList(nn.Linear(hidden_dim, value.numel(), dtype=torch.float64)
-                                       for value in targets.values())
+            heads = [nn.Linear(hidden_dim, value.numel(), dtype=torch.float64) for value in targets.values()]
+            self.heads = nn.ModuleList(heads)
             with torch.no_grad():
-                for head, value in zip(self.heads, targets.values()):
+                for head, value in zip(heads, targets.values()):
                     head.weight.normal_(0.0, head_init_std)  # std 0 gives zeros
                     head.bias.copy_(value.detach().reshape(-1))
 
     def forward(self, sites: Tensor) -> dict[str, Tensor]:
         """Generate the models of ``sites``.
 
-        Args:
-            sites: ``[B]`` int64 partition ids.
+        Parameters
+        ----------
+        sites : Tensor
+            ``[B]`` int64 partition ids.
 
-        Returns:
-            name → ``[B, *shape]`` float64 tensor, w_k = h_φ(v_k) for each listed site.
+        Returns
+        -------
+        dict of str to Tensor
+            Name → ``[B, *shape]`` float64 tensor, w_k = h_φ(v_k) for each listed site.
         """
         hidden = self.trunk(self.embeddings[sites])  # [B, H]: u_k
         return {
@@ -258,7 +270,7 @@ class PFedHN(FedAvg):
         """Partition id → h_φ(v_k) with the site's buffers, for every site (Personalized protocol)."""
         return {pid: ArrayRecord(state) for pid, state in self._personal_states(self.sites).items()}
 
-    def _messages(self, nodes: list[int], config: ConfigRecord, kind: str, server_round: int) -> list[Message]:
+    def _site_messages(self, nodes: list[int], config: ConfigRecord, kind: str, server_round: int) -> list[Message]:
         """One message per node holding its own site's model."""
         sites = [self.cohort.node_to_partition[node] for node in nodes]
         states = self._personal_states(sites)
@@ -272,7 +284,7 @@ class PFedHN(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         """Send each sampled site w_k = h_φ(v_k) (``arrays``, the mean model, is not used)."""
         nodes = self.cohort.sample(server_round, self.fraction_train, self.min_train_nodes, "train")
-        return self._messages(nodes, config, MessageType.TRAIN, server_round)
+        return self._site_messages(nodes, config, MessageType.TRAIN, server_round)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -280,7 +292,7 @@ class PFedHN(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self.cohort.sample(server_round, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate")
-        return self._messages(nodes, config, MessageType.EVALUATE, server_round)
+        return self._site_messages(nodes, config, MessageType.EVALUATE, server_round)
 
     # --- the update ---------------------------------------------------------------------------
     def aggregate_train(self, server_round: int,
@@ -290,19 +302,22 @@ class PFedHN(FedAvg):
         if not usable:
             return None, None
         sites = [self.cohort.partition_of(reply) for reply in usable]
-        deltas = [reply.content[DELTA_KEY].to_torch_state_dict() for reply in usable]
+        deltas = [reply.content.array_records[DELTA_KEY].to_torch_state_dict() for reply in usable]
         self.step(sites, deltas)
         for pid, reply in zip(sites, usable):
             if BUFFERS_KEY in reply.content.array_records:
-                self.buffers[pid] = dict(reply.content[BUFFERS_KEY].to_torch_state_dict())
+                self.buffers[pid] = dict(reply.content.array_records[BUFFERS_KEY].to_torch_state_dict())
         return ArrayRecord(self.mean_model()), aggregate_metrics(usable)
 
-    def step(self, sites: list[int], deltas: list[Mapping[str, Tensor]]) -> None:
+    def step(self, sites: list[int], deltas: Sequence[Mapping[str, Tensor]]) -> None:
         """(φ, v) ← opt((φ, v), Σ_{k∈S} −(∂w_k/∂(φ, v))ᵀ Δw_k), one backward pass for the round.
 
-        Args:
-            sites: the partition ids k ∈ S_t, in increasing order.
-            deltas: per site, name → Δw_k^(j) = w̃_k^(j) − w_k^(j) (the target tensor's shape).
+        Parameters
+        ----------
+        sites : list of int
+            The partition ids k ∈ S_t, in increasing order.
+        deltas : sequence of mapping
+            Per site, name → Δw_k^(j) = w̃_k^(j) − w_k^(j) (the target tensor's shape).
         """
         generated = self._generate(sites)  # φ is unchanged since configure_train: the w_k that were sent
         names = list(generated)
@@ -376,8 +391,8 @@ class PFedHNClient(ClientRule):
 
 def build_strategy(context: StrategyContext) -> PFedHN:
     """Server half from a scenario."""
-    return PFedHN(context.cohort, context.model, context.params,  # type: ignore[arg-type]
-                  seed=context.scenario.seed, **sampling_options(context))
+    params = cast(PFedHNParams, context.params)  # the server validates strategy.params with ALGORITHM.Params
+    return PFedHN(context.cohort, context.model, params, seed=context.scenario.seed, **sampling_options(context))
 
 
 ALGORITHM = Algorithm(name="pfedhn", Params=PFedHNParams, build_strategy=build_strategy, client_rule=PFedHNClient,

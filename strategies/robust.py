@@ -25,7 +25,6 @@ from strategies.aggregation import (
     KrumParams,
     MedianParams,
     MultiKrumParams,
-    RuleParams,
     TrimmedMeanParams,
     check_rule,
 )
@@ -53,7 +52,7 @@ class FedBulyanParams(FedAvgParams, BulyanParams):
     """``strategy.params`` of ``bulyan``: FedAvg's and ``num_malicious_nodes``."""
 
 
-def _alias(name: str, params: type[RuleParams]) -> Algorithm:
+def _alias(name: str, params: type[FedAvgParams]) -> Algorithm:
     """FedAvg's :data:`~strategies.fedavg.ALGORITHM` under ``name``; its server half reads the rule from the
     scenario (:meth:`strategies.aggregation.Aggregator.from_scenario`)."""
     return replace(fedavg.ALGORITHM, name=name, Params=params, check_compatible=check_rule)

@@ -70,8 +70,8 @@ and c_k⁺ is the gradient of the task loss alone, over the full local data, at 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Iterable, Mapping, Sized
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -183,11 +183,12 @@ class Scaffold(FedAvg):
         if not usable:
             return None, None
         equal = [1.0] * len(usable)
-        mean_model = self.aggregate_states(server_round, [r.content[ARRAYS_KEY].to_torch_state_dict() for r in usable],
-                                           equal, self._current)
+        models = [r.content.array_records[ARRAYS_KEY].to_torch_state_dict() for r in usable]
+        mean_model = self.aggregate_states(server_round, models, equal, self._current)
         if mean_model is None:
             return None, None
-        mean_delta = weighted_average([r.content[VARIATE_DELTA_KEY].to_torch_state_dict() for r in usable], equal)
+        mean_delta = weighted_average(
+            [r.content.array_records[VARIATE_DELTA_KEY].to_torch_state_dict() for r in usable], equal)
         updated = {}
         for name, current in self._current.items():
             if name in self.control:  # mean_k (w_k − w_t) = mean_k w_k − w_t (a rule: Rule(w_k) − w_t)
@@ -233,7 +234,11 @@ def full_gradient(model: torch.nn.Module, task: Task, dataset: Dataset, batch_si
     ------
     ValueError
         If ``dataset`` is empty.
+    TypeError
+        If ``dataset`` has no length (not a map-style dataset).
     """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"scaffold: the training data ({type(dataset).__name__}) has no len()")
     size = len(dataset)
     if size == 0:
         raise ValueError("scaffold: this site has no training examples")
@@ -267,12 +272,13 @@ class ScaffoldClient(ClientRule):
         self._control = None
         if SERVER_VARIATE_KEY not in content:  # evaluation: w only
             return
-        control = content[SERVER_VARIATE_KEY].to_torch_state_dict()
+        control = content.array_records[SERVER_VARIATE_KEY].to_torch_state_dict()
         parameters = trainable_parameters(model)
         if set(control) != set(parameters):
             raise ValueError(f"scaffold: '{SERVER_VARIATE_KEY}' does not match the model's trainable parameters")
+        local: dict[str, torch.Tensor]
         if LOCAL_VARIATE_KEY in state:
-            local = state[LOCAL_VARIATE_KEY].to_torch_state_dict()
+            local = state.array_records[LOCAL_VARIATE_KEY].to_torch_state_dict()
         else:
             local = {name: torch.zeros_like(p) for name, p in parameters.items()}
         self._start = {name: p.detach().clone() for name, p in parameters.items()}
@@ -303,7 +309,7 @@ class ScaffoldClient(ClientRule):
         Raises
         ------
         ValueError
-            Option II after zero local steps (K = 0).
+            Option II after zero local steps (K = 0), or without the server control variate c.
         FloatingPointError
             If w_k or c_k⁺ is not finite (c_k is then left unchanged).
         """
@@ -312,8 +318,12 @@ class ScaffoldClient(ClientRule):
         else:
             if steps == 0:
                 raise ValueError("scaffold: variate 'II' needs at least one local step (K = 0)")
+            control = self._control
+            if control is None:
+                raise ValueError(f"scaffold: the train message carries no server control variate "
+                                 f"'{SERVER_VARIATE_KEY}'")
             updated = {
-                name: (self._local[name].double() - self._control[name].double()
+                name: (self._local[name].double() - control[name].double()
                        + (self._start[name].double() - p.detach().double()) / (steps * self._lr)).float()
                 for name, p in trainable_parameters(model).items()
             }
@@ -353,7 +363,8 @@ def check_compatible(scenario: Scenario) -> None:
 def build_strategy(context: StrategyContext) -> Scaffold:
     """Server half from a scenario."""
     shapes = {name: p.shape for name, p in trainable_parameters(context.model).items()}
-    return Scaffold(context.cohort, shapes, server_lr=context.params.server_lr,
+    params = cast(ScaffoldParams, context.params)  # the server validates strategy.params with ALGORITHM.Params
+    return Scaffold(context.cohort, shapes, server_lr=params.server_lr,
                     aggregator=Aggregator.from_scenario(context.scenario), **sampling_options(context))
 
 

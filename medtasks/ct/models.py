@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,7 @@ class FBPConvNet(nn.Module):
         super().__init__()
         self.unet = build_unet(channels[0], channels, norm, num_groups, seed=seed)
         self.head = nn.Conv2d(channels[0], 1, kernel_size=1)
+        assert self.head.bias is not None  # nn.Conv2d has a bias unless built with bias=False
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -104,8 +106,10 @@ class ProximalCNN(nn.Module):
             nn.PReLU(width),
             nn.Conv2d(width, 1, 3, padding=1),
         )
-        nn.init.zeros_(self.layers[-1].weight)
-        nn.init.zeros_(self.layers[-1].bias)
+        last = cast(nn.Conv2d, self.layers[-1])  # Sequential indexing is typed as a plain Module
+        assert last.bias is not None  # nn.Conv2d has a bias unless built with bias=False
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Returns ``x + C(x)``, ``[B, 1, N, N]``."""

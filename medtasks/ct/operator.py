@@ -243,7 +243,7 @@ class _SparseLinearMap:
             if base_key not in self._cache:
                 m = self._cache[(not transpose, torch.float32, torch.device("cpu"))]
                 m_t = m.t().to_sparse_csr()  # the CSR layout of Mᵀ
-                shape = tuple(m_t.shape)
+                shape = (m_t.shape[0], m_t.shape[1])
                 self._cache[base_key] = _csr(m_t.crow_indices(), m_t.col_indices(), m_t.values(), shape)
             self._cache[key] = self._cache[base_key].to(dtype=dtype, device=device)
         return self._cache[key]
@@ -269,12 +269,12 @@ class _SparseMatmul(torch.autograd.Function):
     """``y = M x`` with ``∂L/∂x = Mᵀ ∂L/∂y``. Backward calls ``apply`` again, so double backward works too."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, linear_map: _SparseLinearMap, transpose: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, linear_map: _SparseLinearMap, transpose: bool) -> Tensor:
         ctx.linear_map, ctx.transpose = linear_map, transpose
         return linear_map.matmul(x, transpose)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         return _SparseMatmul.apply(grad, ctx.linear_map, not ctx.transpose), None, None
 
 

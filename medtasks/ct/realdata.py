@@ -349,7 +349,7 @@ def body_mask(mu: np.ndarray) -> np.ndarray:
 
     Table and head rest are separate components, so they are left out; an empty slice gives all False.
     """
-    dense = mu > hu_to_mu(np.float64(BODY_HU))
+    dense = mu > hu_to_mu(np.asarray(BODY_HU, dtype=np.float64))  # a 0-d array, as hu_to_mu returns
     components, count = ndimage.label(dense)
     if count == 0:
         return dense

@@ -49,9 +49,9 @@ train + val), ``label_distribution``, ``acquisition`` (the drawn values plus the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,7 @@ class CTReconstructionTask:
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = checked_params(type(self), ctx)
+        params = cast(CTParams, checked_params(type(self), ctx))  # an instance of self.Params
         if ctx.data.source not in ("synthetic", "folder"):
             raise ValueError(f"unknown data.source {ctx.data.source!r} for ct; use synthetic or folder")
         if ctx.data.source == "folder" and not ctx.data.path:
@@ -287,7 +287,7 @@ class CTReconstructionTask:
 
     def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
         """Save a PNG: one row per slice (up to 4): ground truth | FBP | network | |error| (HU)."""
-        rows = min(PLOT_ROWS, len(dataset))
+        rows = min(PLOT_ROWS, len(cast(Sized, dataset)))  # the task's datasets are map-style, with a len
         if rows == 0:
             raise DataError("cannot plot examples of an empty dataset")
         batch = next(iter(DataLoader(dataset, batch_size=rows, shuffle=False)))

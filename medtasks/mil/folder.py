@@ -88,8 +88,8 @@ def read_labels(path: Path) -> dict[str, SlideRow]:
         missing file, missing column, empty table, duplicate slide, bad label.
     """
     if not path.is_file():
-        columns = f"{SLIDE_COLUMN},{LABEL_COLUMN}[,{TILE_TRUTH_COLUMN}]"
-        raise DataError(f"no {path.name} in {path.parent} (columns {columns})")
+        expected = f"{SLIDE_COLUMN},{LABEL_COLUMN}[,{TILE_TRUTH_COLUMN}]"
+        raise DataError(f"no {path.name} in {path.parent} (columns {expected})")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)

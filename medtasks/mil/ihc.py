@@ -199,7 +199,7 @@ def sample_crops(rng: np.random.Generator, positive: np.ndarray, pool: CropPool)
     rows = corners[:, 0, None, None] + offsets[None, :, None]  # [N, T, 1]
     cols = corners[:, 1, None, None] + offsets[None, None, :]  # [N, 1, T]
     crops = pool.concentrations[:, rows, cols].transpose(1, 0, 2, 3)  # [N, 3, T, T]
-    return np.ascontiguousarray(_dihedral(crops, rng.integers(0, 8, size=positive.shape[0])))
+    return np.ascontiguousarray(_dihedral(crops, rng.integers(0, 8, size=len(positive))))
 
 
 def acquire_ihc(concentrations: np.ndarray, acquisition: Mapping[str, float] | None = None) -> np.ndarray:

@@ -38,6 +38,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -46,12 +47,12 @@ ClassBalance = Literal["none", "weight", "logit_adjust"]
 CLASS_BALANCES: tuple[str, ...] = ("none", "weight", "logit_adjust")
 
 
-def site_log_odds(labels: Sequence[int]) -> float:
+def site_log_odds(labels: Sequence[int] | np.ndarray) -> float:
     """Smoothed prior log-odds of a site, ``log(π̂ / (1 - π̂))`` with ``π̂ = (n_1 + 1) / (n + 2)``.
 
     Parameters
     ----------
-    labels : Sequence[int]
+    labels : Sequence[int] | np.ndarray
         the site's training bag labels (0/1).
 
     Returns

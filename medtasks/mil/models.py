@@ -27,7 +27,7 @@ not change the pooled value.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -523,10 +523,11 @@ def build_mil_model(
         raise ValueError(f"unknown MIL pooling {pooling!r}; choose one of {', '.join(POOLING_NAMES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
-        pool: nn.Module = {
+        builders: dict[str, Callable[[], nn.Module]] = {
             "max": MaxPooling,
             "mean": MeanPooling,
             "attention": lambda: AttentionPooling(feature_dim, attention_dim),
             "gated_attention": lambda: GatedAttentionPooling(feature_dim, attention_dim),
-        }[pooling]()
+        }
+        pool = builders[pooling]()
         return MILModel(TileEncoder(feature_dim, norm=norm), pool, mode)

@@ -22,16 +22,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 #: Darkest transmitted intensity a uint8 scanner records; bounds the optical density.
 MIN_INTENSITY = 1.0 / 255.0
 
 
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
+def unit_rows(matrix: ArrayLike) -> np.ndarray:
     """``matrix`` with every row scaled to unit Euclidean length (read-only float64 copy)."""
-    matrix = np.asarray(matrix, dtype=np.float64)
-    out = matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+    rows = np.asarray(matrix, dtype=np.float64)
+    out = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     out.setflags(write=False)
     return out
 

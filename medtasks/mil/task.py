@@ -56,10 +56,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -209,6 +209,7 @@ def _read_folder(path: str, tile_size: int) -> folder_io.SlideFolder:
 def _dataset(slides: Slides, rows: slice = slice(None), log_odds: float = 0.0) -> TensorDataset:
     """:class:`MILBatch` samples of ``rows``, each carrying the site prior ``log_odds``."""
     labels = slides.labels[rows]
+    assert slides.padding is not None  # Slides.__post_init__ fills in a missing padding
     return TensorDataset(
         torch.from_numpy(np.ascontiguousarray(slides.tiles[rows], dtype=np.float32)),
         torch.from_numpy(labels.astype(np.float32)),
@@ -235,7 +236,7 @@ class MILTask:
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = checked_params(type(self), ctx)
+        params = cast(MILParams, checked_params(type(self), ctx))  # an instance of self.Params
         if ctx.data.source not in ("synthetic", "folder"):
             raise ValueError(f"unknown data.source {ctx.data.source!r} for MIL; use synthetic or folder")
         if ctx.data.source == "folder":
@@ -373,8 +374,14 @@ class MILTask:
 
     # ------------------------------------------------------------------ folder data
 
+    def _folder_path(self) -> str:
+        """``data.path`` of folder data."""
+        path = self.ctx.data.path
+        assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
+        return path
+
     def _folder(self) -> folder_io.SlideFolder:
-        return _read_folder(str(Path(self.ctx.data.path).resolve()), self.params.tile_size)  # type: ignore[arg-type]
+        return _read_folder(str(Path(self._folder_path()).resolve()), self.params.tile_size)
 
     def _folder_split(self) -> tuple[np.ndarray, list[np.ndarray]]:
         """``(server slide indices, per-site slide indices)`` of the folder, seeded."""
@@ -413,7 +420,7 @@ class MILTask:
             if not data.has_tile_truth:
                 raise DataError(
                     f"concept_shift on folder data needs tile truth: add a {folder_io.TILE_TRUTH_COLUMN} "
-                    f"column to {Path(self.ctx.data.path) / folder_io.LABELS_FILE}"
+                    f"column to {Path(self._folder_path()) / folder_io.LABELS_FILE}"
                 )
             labels = labels * (slides.tumour_fraction >= threshold - 1e-12)
         return dataclasses.replace(slides, labels=labels.astype(np.int64))
@@ -449,7 +456,7 @@ class MILTask:
                 for batch in loader:
                     b = MILBatch.of(batch)
                     mask = b.mask()
-                    logits, scores = model.forward_with_attention(
+                    logits, scores = cast(MILModel, model).forward_with_attention(  # build_model's MILModel
                         b.bags.to(device), None if mask is None else mask.to(device)
                     )
                     outputs.append((logits.cpu(), scores.cpu(), b.labels, b.tile_labels, b.padding))
@@ -500,10 +507,11 @@ class MILTask:
 
         Falls back to the first bags when ``dataset`` holds no positive bag.
         """
-        if len(dataset) == 0:
+        n = len(cast(Sized, dataset))  # the task's datasets are map-style, with a len
+        if n == 0:
             raise DataError("cannot plot examples of an empty dataset")
-        positive = [i for i in range(len(dataset)) if float(dataset[i][1]) > 0.5]
-        rows = (positive or list(range(len(dataset))))[:PLOT_ROWS]
+        positive = [i for i in range(n) if float(dataset[i][1]) > 0.5]
+        rows = (positive or list(range(n)))[:PLOT_ROWS]
         subset = [dataset[i] for i in rows]
         logits, scores, _, tile_labels, padding = self._predict(model, subset)  # type: ignore[arg-type]
         bags = torch.stack([s[0] for s in subset])

@@ -26,7 +26,7 @@ numerator and denominator of the region ratios.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
@@ -35,6 +35,15 @@ LossName = Literal["ce", "dice", "dice_ce", "focal", "tversky"]
 LOSS_NAMES: tuple[str, ...] = ("ce", "dice", "dice_ce", "focal", "tversky")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _RegionKwargs(TypedDict):
+    """Keyword arguments shared by the MONAI region losses (Dice, Dice + CE, Tversky)."""
+
+    to_onehot_y: bool
+    softmax: bool
+    smooth_nr: float
+    smooth_dr: float
 
 
 class _ChannelTarget(nn.Module):
@@ -99,7 +108,7 @@ def build_loss(
     """
     from monai.losses import DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 
-    region = {"to_onehot_y": True, "softmax": True, "smooth_nr": smooth, "smooth_dr": smooth}
+    region: _RegionKwargs = {"to_onehot_y": True, "softmax": True, "smooth_nr": smooth, "smooth_dr": smooth}
     factories: dict[str, Callable[[], nn.Module]] = {
         "ce": nn.CrossEntropyLoss,
         "dice": lambda: _ChannelTarget(DiceLoss(**region)),

@@ -40,7 +40,7 @@ def check_group_norm(channels: Sequence[int], num_classes: int, num_groups: int)
 
 def _norm(norm: str, num_groups: int) -> tuple[str, dict]:
     """MONAI norm spec for ``norm``."""
-    specs = {
+    specs: dict[str, tuple[str, dict]] = {
         "batch": ("batch", {}),
         "instance": ("instance", {"affine": True}),
         "group": ("group", {"num_groups": num_groups}),

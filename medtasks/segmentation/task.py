@@ -38,9 +38,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -153,7 +153,7 @@ class SegmentationTask:
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
     def __init__(self, ctx: TaskContext) -> None:
-        params = checked_params(type(self), ctx)
+        params = cast(SegmentationParams, checked_params(type(self), ctx))  # an instance of self.Params
         if ctx.data.source == "synthetic":
             if params.num_classes != self.SYNTHETIC_NUM_CLASSES:
                 raise ValueError(
@@ -218,7 +218,7 @@ class SegmentationTask:
     def _cache_key(self, *what: Any) -> str:
         """Cache key of this task's data item ``what`` (scenario sections + seed + item)."""
         ctx = self.ctx
-        parts = [self.name, self.params.model_dump(mode="json"), dataclasses.asdict(ctx.data)]
+        parts: list[Any] = [self.name, self.params.model_dump(mode="json"), dataclasses.asdict(ctx.data)]
         parts += [dataclasses.asdict(ctx.partition), ctx.seed, *what]
         return json.dumps(parts, sort_keys=True, default=str)
 
@@ -256,11 +256,17 @@ class SegmentationTask:
         )
         return self._split_site(samples.images, samples.masks, profile.to_json(), partition_id)
 
+    def _folder_path(self) -> str:
+        """``data.path`` of folder data."""
+        path = self.ctx.data.path
+        assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
+        return path
+
     def _folder_pool(self) -> tuple[np.ndarray, np.ndarray]:
         """All folder samples, resampled and normalised: ``([N, S, S] float32, [N, S, S] int64)``."""
 
         def build() -> tuple[np.ndarray, np.ndarray]:
-            images, masks, _ = io.load_image_mask_pairs(self.ctx.data.path)
+            images, masks, _ = io.load_image_mask_pairs(self._folder_path())
             size = self.params.image_size
             pairs = [io.resample(io.normalize_intensity(x), y, size) for x, y in zip(images, masks)]
             pool_images = np.stack([x for x, _ in pairs])
@@ -272,7 +278,7 @@ class SegmentationTask:
                 )
             return pool_images, pool_masks
 
-        key = json.dumps([str(Path(self.ctx.data.path).resolve()), self.params.image_size, self.num_classes])
+        key = json.dumps([str(Path(self._folder_path()).resolve()), self.params.image_size, self.num_classes])
         return _cached(key, build)
 
     def _folder_shift(self, partition_id: int, labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -396,7 +402,8 @@ class SegmentationTask:
 
     def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
         """Save a PNG: one row per sample (up to 4): image | ground truth | prediction."""
-        samples = [dataset[i] for i in range(min(PLOT_ROWS, len(dataset)))]
+        n = len(cast(Sized, dataset))  # the task's datasets are map-style, with a len
+        samples = [dataset[i] for i in range(min(PLOT_ROWS, n))]
         if not samples:
             raise DataError("cannot plot examples of an empty dataset")
         images = torch.stack([s[0] for s in samples])

@@ -130,7 +130,7 @@ def test_loss_is_near_zero_for_a_perfect_prediction_and_large_for_a_wrong_one(na
     assert loss(wrong, target).item() > 0.3
 
 
-def test_dice_loss_is_one_minus_soft_dice_of_the_lecture_per_image_and_class():
+def test_dice_loss_is_one_minus_soft_dice_per_image_and_class():
     generator = torch.Generator().manual_seed(0)
     probabilities = torch.rand(2, 3, 4, 4, generator=generator).softmax(dim=1)
     target = torch.randint(0, 3, (2, 4, 4), generator=generator)
