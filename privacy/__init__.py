@@ -16,7 +16,7 @@ A scenario's ``privacy.mechanism`` names one of :data:`MECHANISMS`:
   :class:`~privacy.central.CentralDPParams`.
 
 Shared pieces: :mod:`privacy.accounting` (ε of a history of Gaussian steps, RDP
-or PRV, for every mechanism), :mod:`privacy.gaussian` (clipping and seeded noise)
+or PRV, for every mechanism), :mod:`privacy.gaussian` (seeded noise; clipping is :mod:`strategies.norms`)
 and :mod:`privacy.compatibility` (which mechanism can protect which scenario,
 decided from what the strategy declares it uploads).
 

@@ -78,8 +78,9 @@ from privacy.accounting import (
     epsilon,
 )
 from privacy.compatibility import declare, protected_upload
-from privacy.gaussian import add_gaussian_noise, clip_to_norm, l2_norm
+from privacy.gaussian import add_gaussian_noise
 from strategies.base import AGGREGATION_WEIGHT_KEY, METRICS_KEY, ClientRule, Cohort
+from strategies.norms import clip_to_norm, l2_norm
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import LocalSection, Scenario

@@ -1,9 +1,9 @@
-"""The Gaussian mechanism's two primitives on a model's tensors: L2 clipping and seeded noise.
+"""The Gaussian mechanism on a model's tensors: seeded noise, and which tensors an upload protects.
 
 Shared by the mechanisms that perturb what a site uploads or what the server
-broadcasts (:mod:`privacy.nbafl`, :mod:`privacy.central`):
+broadcasts (:mod:`privacy.nbafl`, :mod:`privacy.central`), which clip first with
+:func:`strategies.norms.clip_to_norm`:
 
-    x ← x / max(1, ‖x‖₂ / C)                  clip_to_norm  (one norm over all tensors)
     x̃ = x + n,   n ~ N(0, σ² I)               add_gaussian_noise
 
 and :func:`protected_names`, which says which tensors of an upload a mechanism
@@ -18,33 +18,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-
-def _check_floating(tensors: Mapping[str, torch.Tensor], caller: str) -> None:
-    for name, tensor in tensors.items():
-        if not torch.is_floating_point(tensor):
-            raise ValueError(f"{caller}: tensor {name!r} has dtype {tensor.dtype}; only floating-point tensors")
-
-
-def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """‖x‖₂ of the concatenation of all given tensors, computed in float64."""
-    return math.sqrt(sum(float(t.detach().double().pow(2).sum()) for t in tensors.values()))
-
-
-def clip_to_norm(tensors: Mapping[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
-    """x ← x / max(1, ‖x‖₂ / C): NbAFL's weight clipping, DP-FedAvg's update clipping.
-
-    x is the concatenation of all given tensors: one L2 norm over every entry of every tensor (computed
-    in float64), one common factor for all. Returns new tensors of the input dtypes, unchanged copies
-    when ‖x‖₂ ≤ C. Pass exactly the tensors the sensitivity is meant to cover.
-    """
-    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not math.isfinite(clip) or clip <= 0:
-        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
-    _check_floating(tensors, "clip_to_norm")
-    norm = l2_norm(tensors)
-    if norm <= clip:
-        return {name: t.detach().clone() for name, t in tensors.items()}
-    factor = clip / norm
-    return {name: (t.detach().double() * factor).to(t.dtype) for name, t in tensors.items()}
+from strategies.norms import check_floating
 
 
 def add_gaussian_noise(
@@ -58,7 +32,7 @@ def add_gaussian_noise(
     """
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    _check_floating(tensors, "add_gaussian_noise")
+    check_floating(tensors, "add_gaussian_noise")
     if sigma == 0:
         return {name: t.detach().clone() for name, t in tensors.items()}
     noisy: dict[str, torch.Tensor] = {}

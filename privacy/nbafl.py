@@ -94,15 +94,15 @@ from medtasks.seeding import torch_generator
 from privacy.accounting import BudgetExhausted
 from privacy.accounting import epsilon as accounted_epsilon
 from privacy.gaussian import add_gaussian_noise, protected_names
-from privacy.gaussian import (
-    clip_to_norm as clip_weights,  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
-)
 from strategies.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
     ClientRule,
     Cohort,
     trainable_parameters,
+)
+from strategies.norms import (
+    clip_to_norm as clip_weights,  # w ← w / max(1, ‖w‖₂/C), Algorithm 1 step 3
 )
 
 if TYPE_CHECKING:  # pragma: no cover

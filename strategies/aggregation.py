@@ -46,7 +46,6 @@ per round when loaded, and a round with fewer usable updates fails with the reas
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -58,6 +57,7 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from pydantic import BaseModel, ConfigDict, Field
 
 from strategies.base import Cohort, weighted_average
+from strategies.norms import l2_norm
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario
@@ -120,6 +120,10 @@ class RuleParams(BaseModel):
         """The rule and its settings, for the run's log."""
         return self.rule
 
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        """The robust rule on float64 ``vectors`` (``mean`` is weighted: :meth:`Aggregator.aggregate` does it)."""
+        raise ValueError(f"no robust rule for {type(self).__name__}")
+
 
 class MeanParams(RuleParams):
     """``mean``: Σ_k (w_k / Σ_j w_j) x_k (no settings)."""
@@ -129,6 +133,9 @@ class MedianParams(RuleParams):
     """``median``: x_{t+1}[j] = median_k x_k[j] for every coordinate j (no settings)."""
 
     rule: ClassVar[str] = "median"
+
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        return median(vectors)
 
 
 class TrimmedMeanParams(RuleParams):
@@ -146,6 +153,9 @@ class TrimmedMeanParams(RuleParams):
     def describe(self) -> str:
         return f"trimmed mean (beta {self.beta})"
 
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        return trimmed_mean(vectors, self.beta)
+
 
 class KrumParams(RuleParams):
     """``krum``: the update with the smallest sum of squared distances to its n − f − 2 nearest others."""
@@ -162,6 +172,9 @@ class KrumParams(RuleParams):
 
     def describe(self) -> str:
         return f"Krum (f = {self.num_malicious_nodes})"
+
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        return multikrum(vectors, self.num_malicious_nodes, 1)
 
 
 class MultiKrumParams(KrumParams):
@@ -185,6 +198,9 @@ class MultiKrumParams(KrumParams):
         m = self.num_nodes_to_select if self.num_nodes_to_select is not None else "n − f"
         return f"Multi-Krum (f = {self.num_malicious_nodes}, m = {m}, equal weights)"
 
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        return multikrum(vectors, self.num_malicious_nodes, self.selected(len(vectors)))
+
 
 class BulyanParams(RuleParams):
     """``bulyan``: θ = n − 2f repeated Krum picks; per coordinate, the mean of the β = θ − 2f picked values
@@ -202,6 +218,9 @@ class BulyanParams(RuleParams):
 
     def describe(self) -> str:
         return f"Bulyan (f = {self.num_malicious_nodes})"
+
+    def apply(self, vectors: Vectors) -> list[np.ndarray]:
+        return bulyan(vectors, self.num_malicious_nodes)
 
 
 RULES: dict[str, type[RuleParams]] = {
@@ -333,30 +352,11 @@ def bulyan(vectors: Vectors, f: int) -> list[np.ndarray]:
     return [np.asarray(a) for a in aggregate_n_closest_weights(medians, [list(v) for v in chosen], theta - 2 * f)]
 
 
-def apply_rule(params: RuleParams, vectors: Vectors) -> list[np.ndarray]:
-    """The robust rule ``params`` on float64 ``vectors`` (not ``mean``: see :meth:`Aggregator.aggregate`)."""
-    n = len(vectors)
-    if isinstance(params, MedianParams):
-        return median(vectors)
-    if isinstance(params, TrimmedMeanParams):
-        return trimmed_mean(vectors, params.beta)
-    if isinstance(params, MultiKrumParams):
-        return multikrum(vectors, params.num_malicious_nodes, params.selected(n))
-    if isinstance(params, KrumParams):
-        return multikrum(vectors, params.num_malicious_nodes, 1)
-    if isinstance(params, BulyanParams):
-        return bulyan(vectors, params.num_malicious_nodes)
-    raise ValueError(f"no robust rule for {type(params).__name__}")
-
-
 # --- the norm bound -------------------------------------------------------------------------------
 def update_norm(state: Mapping[str, torch.Tensor], origin: Mapping[str, torch.Tensor]) -> float:
     """‖Δ‖₂ = ‖state − origin‖₂ over the floating tensors of ``state``, in float64."""
-    total = 0.0
-    for name, value in state.items():
-        if value.is_floating_point():
-            total += float(((value.double() - origin[name].double()) ** 2).sum())
-    return math.sqrt(total)
+    return l2_norm({name: value.double() - origin[name].double() for name, value in state.items()
+                    if value.is_floating_point()})
 
 
 def bound_update(state: Mapping[str, torch.Tensor], origin: Mapping[str, torch.Tensor],
@@ -479,7 +479,7 @@ class Aggregator:
             return {name: value.to(dtypes[name]) for name, value in result.items()}
         names = list(dtypes)
         vectors = [[state[name].detach().cpu().numpy().astype(np.float64) for name in names] for state in states]
-        combined = apply_rule(self.params, vectors)
+        combined = self.params.apply(vectors)
         return {name: _as_tensor(value, states[0][name]) for name, value in zip(names, combined)}
 
 
