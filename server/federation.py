@@ -15,7 +15,6 @@ import json
 import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +33,7 @@ from client.app import INFO_KEY, PARTITION_ID_KEY
 from client.cache import task_for
 from medtasks.base import Task
 from medtasks.seeding import seed_everything
+from server.example_plots import ExamplePlots
 from server.exchange import (
     Exchange,
     RunInterrupted,
@@ -42,7 +42,7 @@ from server.exchange import (
     record_nbytes,
 )
 from server.node_states import NodeStates
-from server.pipeline import BudgetSpent, FederationError, Plugins, Round
+from server.pipeline import BudgetSpent, FederationError, Plugins, Round, RoundPlugin
 from server.privacy_round import PrivacyRound
 from server.progress import Progress
 from server.replies import ReplyCheck
@@ -173,8 +173,12 @@ class Federation:
                                  timeout=scenario.strategy.round_timeout, stop=self.stop)
         checks = ReplyCheck(cohort, algorithm.client_rule(params).uploads(template), stats,
                             bounded=scenario.strategy.example_counts == "bounded", pooled=algorithm.combine == "pooled")
-        self.plugins = Plugins([checks, node_states, self.privacy])
         self._global_model_complete = algorithm.central_evaluation
+        plugins: list[RoundPlugin] = [checks, node_states, self.privacy]
+        if scenario.output.plots and scenario.output.examples_every:
+            plugins.append(ExamplePlots(self.task, self._model_with, self.run_dir.plots,
+                                        every=scenario.output.examples_every, complete=self._global_model_complete))
+        self.plugins = Plugins(plugins)
         arrays, checkpoint = ArrayRecord(template.state_dict()), None
         first_round = 1
         if self.resume:
@@ -229,10 +233,7 @@ class Federation:
                            "ε": self.privacy.run_epsilon() if self.privacy is not None else None}
         if t % self.scenario.strategy.evaluate_every == 0 or t == self.scenario.strategy.rounds:
             self._evaluate(round_, strategy)
-        every = self.scenario.output.examples_every
-        if self.scenario.output.plots and every and t % every == 0:
-            self._draw_examples(round_.arrays, self.run_dir.plots / "examples" / f"round-{t:03d}.png")
-        plugins.round_done(round_)
+        plugins.round_done(round_)                                    # e.g. example pictures every k rounds
         return round_
 
     def _too_few_updates(self, round_: Round, train: Exchange, usable: int) -> FederationError:
@@ -385,20 +386,8 @@ class Federation:
         from server.plots import plot_metric_curves
 
         plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name)
-        self._draw_examples(arrays, self.run_dir.plots / "examples.png")
-
-    def _draw_examples(self, arrays: ArrayRecord, path: Path) -> None:
-        """The global model's output on a few test images (server set, else site 0's validation split)."""
-        if len(arrays) == 0 or not self._global_model_complete:
-            return  # no (complete) global model: local-only, pFedHN, FedBN, FedPer
-        try:
-            dataset = self.task.server_data()
-            if dataset is None:
-                dataset = self.task.client_data(0).val
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.task.plot_examples(self._model_with(arrays), dataset, path)
-        except Exception as error:
-            log.warning("could not draw example predictions: %s", error)
+        ExamplePlots(self.task, self._model_with, self.run_dir.plots, every=None,
+                     complete=self._global_model_complete).draw(arrays, self.run_dir.plots / "examples.png")
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:

@@ -22,7 +22,8 @@ and :meth:`RoundPlugin.checkpoint`.
 
 Plug-ins today: :class:`server.replies.ReplyCheck` (malformed and implausible updates),
 :class:`server.node_states.NodeStates` (lost sites, node-state copies), :class:`server.privacy_round.PrivacyRound`
-(the server half of a privacy mechanism and the run's ε). See ``docs/architecture.md`` for how to add one.
+(the server half of a privacy mechanism and the run's ε), :class:`server.example_plots.ExamplePlots` (the
+global model's output every k rounds). See ``docs/architecture.md`` for how to add one.
 """
 
 from __future__ import annotations
