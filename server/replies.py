@@ -6,7 +6,8 @@ in the train message it answers (the declared ``reference`` record), all finite.
 weight n_k of FedAvg's average (McMahan et al. 2017, Eq. 1), must be an integer of at least 1. The server
 already knows each site's size from discovery; with ``strategy.example_counts: bounded`` (the default) a
 count above it is cut to it, so no site can buy itself the global model by claiming 10¹² examples
-(``reported`` trusts the sites). Evaluate replies get the same count check against the validation size.
+(``reported`` trusts the sites). Nor can it name its own ``aggregation-weight``: only a server-side privacy
+mechanism sets that (:func:`strategies.base.aggregation_weight`). Evaluate replies get the same count check against the validation size.
 
 A reply that fails is replaced by an error reply (:data:`MALFORMED_CODE`) with a one-line reason: the
 strategy never sees it, ``metrics.jsonl`` records the reason, and the round goes on with the others, as for a
@@ -25,7 +26,7 @@ from flwr.app import Error, Message, RecordDict
 
 from server.exchange import Exchange
 from server.pipeline import Round, RoundPlugin
-from strategies.base import METRICS_KEY, NUM_EXAMPLES_KEY, Cohort, Upload
+from strategies.base import AGGREGATION_WEIGHT_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, Cohort, Upload
 
 log = logging.getLogger("medfed")
 
@@ -88,6 +89,8 @@ class ReplyCheck(RoundPlugin):
         count = metrics[NUM_EXAMPLES_KEY]
         if not isinstance(count, (int, float)) or not math.isfinite(count) or count != int(count) or count < 1:
             return f"'{NUM_EXAMPLES_KEY}' is {count!r}, not a whole number of at least 1"
+        if AGGREGATION_WEIGHT_KEY in metrics:
+            return f"'{AGGREGATION_WEIGHT_KEY}' is the server's to set (a privacy mechanism's), not a site's"
         known = self._known_size(phase, pid)
         if self.bounded and known is not None and count > known:
             log.warning("site %d reported %s examples for %s, %d at discovery: weighted as %d", pid, count, phase,

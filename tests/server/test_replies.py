@@ -86,6 +86,12 @@ def examples(count: float) -> Tamper:
     return tamper
 
 
+def weight(value: float) -> Tamper:
+    def tamper(content: RecordDict) -> None:
+        content["metrics"]["aggregation-weight"] = value
+    return tamper
+
+
 def train_records(run_dir: RunDirectory) -> list[dict]:
     return [record for record in run_dir.read_metrics() if record["phase"] == "train"]
 
@@ -95,7 +101,8 @@ def train_records(run_dir: RunDirectory) -> list[dict]:
     (missing_tensor, "is missing"),
     (examples(-50), "'num-examples' is -50, not a whole number of at least 1"),
     (examples(2.5), "not a whole number"),
-], ids=["wrong-shape", "missing-tensor", "negative-count", "fractional-count"])
+    (weight(1e12), "'aggregation-weight' is the server's to set"),
+], ids=["wrong-shape", "missing-tensor", "negative-count", "fractional-count", "own-aggregation-weight"])
 def test_a_malformed_update_is_dropped_and_recorded_and_the_run_goes_on(tmp_path: Path, tamper: Tamper,
                                                                        reason: str) -> None:
     run_dir = run_tampered(scenario_for(tmp_path), tamper)
