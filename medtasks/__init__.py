@@ -1,1 +1,2 @@
-"""Medical tasks (data, model, loss, metrics) and the generic non-IID partitioner."""
+"""Medical tasks (data, model, loss, metrics), the generic non-IID partitioner, seeding, and the scenario schema
+every layer reads (the lowest layer: docs/architecture.md)."""

@@ -1,1 +1,1 @@
-"""The ServerApp, the ``medfed`` command, engines and the run directory."""
+"""The round loop and its plug-ins, the ``medfed`` command, engines, deployment and the run directory."""
