@@ -21,12 +21,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import Error, Message, RecordDict
 
 from server.exchange import Exchange
 from server.pipeline import Round, RoundPlugin
-from strategies.base import AGGREGATION_WEIGHT_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, Cohort, Upload
+from strategies.base import AGGREGATION_WEIGHT_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, Cohort, Upload, non_finite
 
 log = logging.getLogger("medfed")
 
@@ -128,7 +127,5 @@ class ReplyCheck(RoundPlugin):
                 if like is not None and (tuple(array.shape) != tuple(like.shape) or array.dtype != like.dtype):
                     return (f"'{name}.{key}' is {array.dtype} {list(array.shape)} where {like.dtype} "
                             f"{list(like.shape)} was sent")
-                values = array.numpy()
-                if np.issubdtype(values.dtype, np.floating) and not bool(np.isfinite(values).all()):
-                    return f"non-finite values in '{name}.{key}'"
-        return None
+        bad = non_finite(content)
+        return f"non-finite values in '{bad}'" if bad is not None else None

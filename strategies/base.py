@@ -250,7 +250,7 @@ def usable_replies(replies: Iterable[Message], cohort: Cohort, phase: str) -> li
         if reply.has_error():
             log.warning("round %s %s: client %d failed: %s", reply.metadata.group_id, phase, pid, reply.error.reason)
             continue
-        bad = _non_finite(reply.content)
+        bad = non_finite(reply.content)
         if bad:
             log.warning("round %s %s: client %d sent non-finite values in '%s'; update ignored",
                         reply.metadata.group_id, phase, pid, bad)
@@ -259,7 +259,7 @@ def usable_replies(replies: Iterable[Message], cohort: Cohort, phase: str) -> li
     return sorted(usable, key=cohort.partition_of)
 
 
-def _non_finite(content: RecordDict) -> str | None:
+def non_finite(content: RecordDict) -> str | None:
     """Name of the first array holding NaN or ±inf, or ``None``."""
     for name, record in content.array_records.items():
         for key, array in record.items():
