@@ -45,6 +45,7 @@ from client.trainer import dataset_size, fit
 from medtasks.scenario import Scenario
 from medtasks.seeding import seed_everything, torch_generator
 from privacy.accounting import BUDGET_EXHAUSTED_CODE, BudgetExhausted
+from privacy.attacks import client_attack
 from strategies import get_algorithm
 from strategies.base import (
     CONFIG_KEY,
@@ -54,6 +55,7 @@ from strategies.base import (
     SCENARIO_KEY,
     ClientRule,
 )
+from strategies.pruning import prune_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.base import Task
@@ -167,8 +169,11 @@ def train(message: Message, context: Context) -> Message:
     model = task.build_model()
     rule = _client_rule(scenario)
     dataset = rule.training_data(task, index, sites)
-    local = rule.local_section(scenario.local, dataset_size(dataset))
     rule.receive(model, message.content, context.state)
+    attack = client_attack(scenario, server_round, pid, task)  # None unless this site is malicious this round
+    if attack is not None:
+        dataset = attack.training_data(dataset, model, context.state)
+    local = rule.local_section(scenario.local, dataset_size(dataset))
     rule.before_training(model, task, dataset, local)
     generator = torch_generator(scenario.seed, "batches", server_round, pid)
     mechanism = privacy.client_privacy(scenario, server_round, pid, dataset_size(dataset), local, rule)
@@ -176,8 +181,12 @@ def train(message: Message, context: Context) -> Message:
     with contextlib.closing(mechanism):  # e.g. Opacus's hooks on the model
         result = fit(model, task, dataset, local, rule, generator, mechanism.private_training())
         records = rule.reply(model, context.state, steps=result.steps)
+        if scenario.defense.prune is not None:
+            records = prune_records(records, rule.uploads(model), message.content, scenario.defense.prune)
         records = mechanism.protect(records, model, message.content, context.state)
         privacy_metrics = mechanism.spend(context.state)  # only once the reply is built: a failed round costs nothing
+    if attack is not None:
+        records = attack.tamper(records, model, message.content, context.state)
     metrics = MetricRecord(
         {
             "loss": result.loss,

@@ -130,7 +130,7 @@ def fit(
         optimizer, loader = private.attach(model, optimizer, loader)
     model.train()
     total_loss, loss_steps, steps = 0.0, 0, 0
-    for batch in _batches(loader, local.epochs, local.max_steps):
+    for batch in epoch_batches(loader, local.epochs, local.max_steps):
         steps += 1
         if private is not None and private.is_empty(batch):
             private.noise_step(optimizer)
@@ -140,7 +140,7 @@ def fit(
     return FitResult(loss=total_loss / max(loss_steps, 1), steps=steps, num_examples=dataset_size(dataset))
 
 
-def _batches(loader: DataLoader, epochs: int, max_steps: int | None) -> Iterator[Any]:
+def epoch_batches(loader: DataLoader, epochs: int, max_steps: int | None) -> Iterator[Any]:
     """The batches of ``epochs`` passes over ``loader``, stopping after ``max_steps`` of them."""
     taken = 0
     for _ in range(epochs):

@@ -29,6 +29,9 @@ MechanismName = Literal["none", "dpsgd", "nbafl", "central"]
 AggregationName = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
 """Allowed values of ``defense.aggregation`` (the rules of :mod:`strategies.aggregation`)."""
 
+AttackName = Literal["dlg", "idlg", "inverting_gradients", "loss_threshold", "lira", "backdoor", "label_flip", "gan"]
+"""Allowed values of ``attack.kind`` (each one's module is registered in :mod:`privacy.attacks`)."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -117,6 +120,42 @@ class DefenseSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict, description="validated by the rule's Params schema")
     norm_bound: float | None = Field(None, gt=0.0, allow_inf_nan=False,
                                      description="clip each site's update to this L2 norm (null = no bound)")
+    prune: float | None = Field(
+        None, gt=0.0, lt=1.0,
+        description="each site zeroes this fraction of its update's (or gradient's) smallest-magnitude entries, "
+                    "tensor by tensor, before it leaves the node (null = send everything)",
+    )
+
+
+class AttackSection(_Section):
+    """``attack``: one attack experiment inside the run (:mod:`privacy.attacks`).
+
+    ``victims`` are the partition ids whose uploads an honest-but-curious server attacks (gradient inversion,
+    membership inference on a site's update); ``attackers`` are the partition ids of malicious sites
+    (poisoning, model replacement, the GAN attack). Which of the two an attack needs, and what its ``params``
+    hold, is the attack's own schema (checked when a scenario is loaded).
+    """
+
+    kind: AttackName
+    victims: list[int] = Field(default_factory=list, description="partition ids whose uploads are attacked")
+    attackers: list[int] = Field(default_factory=list, description="partition ids of malicious sites")
+    rounds: list[int] | None = Field(None, description="rounds the attack acts in (null = every round)")
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the attack's Params schema")
+
+    @field_validator("victims", "attackers", "rounds")
+    @classmethod
+    def _distinct_non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(item < 0 for item in value):
+            raise ValueError(f"ids and rounds are non-negative, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists each id or round once, got {value}")
+        return sorted(value)
+
+    def acts_in(self, server_round: int) -> bool:
+        """Whether the attack acts in round ``server_round``."""
+        return self.rounds is None or server_round in self.rounds
 
 
 class EngineSection(_Section):
@@ -160,16 +199,9 @@ class Scenario(_Section):
     local: LocalSection = Field(default_factory=LocalSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
     defense: DefenseSection = Field(default_factory=DefenseSection)
-    attack: Any = Field(None, description="attack experiment (none are available in this version)")
+    attack: AttackSection | None = Field(None, description="attack experiment (null = none)")
     engine: EngineSection = Field(default_factory=EngineSection)
     output: OutputSection = Field(default_factory=OutputSection)
-
-    @field_validator("attack")
-    @classmethod
-    def _no_attacks_yet(cls, value: Any) -> None:
-        if value is not None:
-            raise ValueError("attacks are not available in this version (allowed: null)")
-        return None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
@@ -177,7 +209,19 @@ class Scenario(_Section):
             raise ValueError(
                 f"strategy.min_clients ({self.strategy.min_clients}) exceeds partition.clients ({self.partition.clients})"
             )
+        if self.attack is not None:
+            self._check_attack_ids(self.attack)
         return self
+
+    def _check_attack_ids(self, attack: AttackSection) -> None:
+        for key in ("victims", "attackers"):
+            outside = [pid for pid in getattr(attack, key) if pid >= self.partition.clients]
+            if outside:
+                raise ValueError(f"attack.{key}: partition ids {outside} do not exist "
+                                 f"(partition.clients {self.partition.clients}: ids 0..{self.partition.clients - 1})")
+        late = [t for t in attack.rounds or [] if not 1 <= t <= self.strategy.rounds]
+        if late:
+            raise ValueError(f"attack.rounds: {late} outside the run's rounds 1..{self.strategy.rounds}")
 
     # --- derived views -----------------------------------------------------------------
     def task_context(self) -> TaskContext:

@@ -33,6 +33,7 @@ from client.app import INFO_KEY, PARTITION_ID_KEY
 from client.cache import task_for
 from medtasks.base import Task
 from medtasks.seeding import seed_everything
+from server.attack_round import AttackRound, attack_plugin
 from server.example_plots import ExamplePlots
 from server.exchange import (
     Exchange,
@@ -150,6 +151,7 @@ class Federation:
         self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
         self._site_lines = scenario.engine.backend == "deployment"  # one log line per site and round (operators)
         self.privacy: PrivacyRound | None = None
+        self.attack: AttackRound | None = None
         self.plugins = Plugins([])
 
     # --- the run ----------------------------------------------------------------------------
@@ -171,10 +173,14 @@ class Federation:
         self.privacy.summary()
         node_states = NodeStates(cohort, keep_copies=scenario.output.checkpoint_node_state,
                                  timeout=scenario.strategy.round_timeout, stop=self.stop)
-        checks = ReplyCheck(cohort, algorithm.client_rule(params).uploads(template), stats,
+        rule = algorithm.client_rule(params)
+        checks = ReplyCheck(cohort, rule.uploads(template), stats,
                             bounded=scenario.strategy.example_counts == "bounded", pooled=algorithm.combine == "pooled")
         self._global_model_complete = algorithm.central_evaluation
-        plugins: list[RoundPlugin] = [checks, node_states, self.privacy]
+        # the attack first: it sees what the server receives, and removes what an attacker added for the experimenter
+        self.attack = attack_plugin(scenario, self.task, rule, template, self.run_dir, self._model_with,
+                                    complete=self._global_model_complete)
+        plugins: list[RoundPlugin] = [*([self.attack] if self.attack else []), checks, node_states, self.privacy]
         if scenario.output.plots and scenario.output.examples_every:
             plugins.append(ExamplePlots(self.task, self._model_with, self.run_dir.plots,
                                         every=scenario.output.examples_every, complete=self._global_model_complete))
@@ -375,7 +381,8 @@ class Federation:
             rounds_completed=completed,
             extra={"scenario": scenario.name, "task": scenario.task.name, "strategy": scenario.strategy.name,
                    "partition": scenario.partition.kind, "clients": scenario.partition.clients,
-                   "privacy": self.plugins.report()},
+                   "privacy": self.plugins.report(),
+                   **({"attack": self.attack.summary()} if self.attack is not None else {})},
         )
         self.run_dir.write_summary(summary)
         if scenario.output.plots:

@@ -5,8 +5,8 @@ The schema itself (:class:`~medtasks.scenario.Scenario` and its sections) lives 
 the sections that depend on a name (``task.params`` against the task's schema,
 ``strategy.params`` against the algorithm's, ``partition.params`` against the
 partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
-against the aggregation rule's), refuses the combinations a strategy, a defense
-or a privacy mechanism cannot run, and resolves every
+against the aggregation rule's, ``attack.params`` against the attack's), refuses the
+combinations a strategy, a defense, a privacy mechanism or an attack cannot run, and resolves every
 default, so the resolved scenario written to a run directory says exactly what ran.
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
@@ -27,6 +27,7 @@ import privacy
 from medtasks.partition import PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
 from medtasks.scenario import (
+    AttackSection,
     DataSection,
     DefenseSection,
     EngineSection,
@@ -40,7 +41,7 @@ from medtasks.scenario import (
 )
 
 __all__ = [
-    "DataSection", "DefenseSection", "EngineSection", "LocalSection", "OutputSection", "PartitionSection",
+    "AttackSection", "DataSection", "DefenseSection", "EngineSection", "LocalSection", "OutputSection", "PartitionSection",
     "PrivacySection", "Scenario", "ScenarioError", "StrategySection", "TaskSection", "load", "validate",
 ]
 
@@ -129,6 +130,7 @@ def _apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
 def _resolve_named_params(scenario: Scenario, source: str) -> None:
     """Validate the ``params`` of task, strategy, partition, privacy and defense against their own schemas,
     then the combinations the strategy, the defense and the privacy mechanism refuse."""
+    from privacy import attacks
     from strategies import UnknownStrategyError, aggregation, get_algorithm
 
     try:
@@ -144,7 +146,7 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
     except UnknownStrategyError as error:
         raise ScenarioError(f"{source}: strategy.name: {error}") from None
 
-    Named = TaskSection | StrategySection | PartitionSection | PrivacySection | DefenseSection
+    Named = TaskSection | StrategySection | PartitionSection | PrivacySection | DefenseSection | AttackSection
     checks: list[tuple[str, type[BaseModel] | None, Named]] = [
         ("task.params", task_class.Params, scenario.task),
         ("strategy.params", algorithm.Params, scenario.strategy),
@@ -152,6 +154,8 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
         ("privacy.params", _privacy_params_schema(scenario.privacy, source), scenario.privacy),
         ("defense.params", _defense_params_schema(scenario.defense, source), scenario.defense),
     ]
+    if scenario.attack is not None:
+        checks.append(("attack.params", attacks.get_attack(scenario.attack.kind).Params, scenario.attack))
     for prefix, params_model, section in checks:
         if params_model is None:
             continue
@@ -164,7 +168,8 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
     def check_defense(scenario: Scenario) -> None:
         aggregation.check_defense(scenario, algorithm.combine)
 
-    for check_compatible in (algorithm.check_compatible, check_defense, privacy.check_compatible):
+    for check_compatible in (algorithm.check_compatible, check_defense, privacy.check_compatible,
+                             attacks.check_compatible):
         try:
             check_compatible(scenario)
         except ValueError as error:
@@ -222,7 +227,9 @@ def _describe(error: ValidationError, model: type | None, prefix: str = "") -> s
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
     more = len(error.errors()) - 1
-    return f"{key}: {message}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+    # a cross-section check names its own keys: no "<root>" before it
+    described = message if key == "<root>" and kind == "value_error" else f"{key}: {message}"
+    return described + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
 def _allowed_keys(location: Iterable[str], model: type | None) -> list[str]:

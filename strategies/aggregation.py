@@ -549,6 +549,9 @@ def check_defense(scenario: Scenario, combine: Combine) -> None:
         raise ValueError(f"{key}: {value} is not possible with strategy '{name}', which "
                          f"{_NOTHING_TO_DEFEND.get(combine, 'does not average')} (allowed: the defaults, "
                          f"aggregation mean and norm_bound null)")
+    if defense.prune is not None and combine in ("none", "pooled"):
+        raise ValueError(f"defense.prune: {defense.prune} is not possible with strategy '{name}', which "
+                         f"{_NOTHING_TO_DEFEND[combine]}: no site's upload reaches anyone (allowed: null)")
     if name in ROBUST_STRATEGIES and key in ("defense.aggregation", "defense.params"):
         raise ValueError(f"{key}: strategy '{name}' already aggregates with {ROBUST_STRATEGIES[name]} (set in "
                          f"strategy.params); choose the rule in one place: strategy.name fedavg with "
