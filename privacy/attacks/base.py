@@ -197,3 +197,18 @@ class Attack:
     client_half: Callable[[AttackSetting, int, int], ClientAttack] | None = None
     check_compatible: Callable[[Scenario, Algorithm, AttackParams], None] = field(
         default=lambda scenario, algorithm, params: None)
+
+
+def model_sent(task: Task, content: RecordDict, record: str = "arrays") -> torch.nn.Module:
+    """A fresh model of ``task`` holding the weights of a message's ``record`` (w_t of a train message).
+
+    Raises
+    ------
+    KeyError
+        If the message has no such record.
+    """
+    from strategies.base import load_into
+
+    model = task.build_model()
+    load_into(model, content.array_records[record].to_torch_state_dict())
+    return model
