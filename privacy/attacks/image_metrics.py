@@ -61,7 +61,9 @@ def ssim(reconstruction: torch.Tensor, truth: torch.Tensor, data_range: float = 
     side = min(truth.shape[-2:])
     window = 7 if side >= 7 else 3
     metric = SSIMMetric(spatial_dims=2, data_range=data_range, win_size=window, reduction="none")
-    return metric(reconstruction.float(), truth.float()).reshape(truth.shape[0], -1).mean(dim=1)
+    values = metric(reconstruction.float(), truth.float())
+    assert isinstance(values, torch.Tensor)  # one tensor for one pair of batches
+    return values.reshape(truth.shape[0], -1).mean(dim=1)
 
 
 def match(reconstruction: torch.Tensor, truth: torch.Tensor, data_range: float = 1.0) -> np.ndarray:
