@@ -18,6 +18,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "ct": "medtasks.ct.task:CTReconstructionTask",
     "mil": "medtasks.mil.task:MILTask",
     "tabular": "medtasks.tabular:TabularTask",
+    "digits": "medtasks.digits:DigitsTask",
 }
 
 
