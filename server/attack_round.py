@@ -87,7 +87,8 @@ class AttackRound(RoundPlugin):
             for name in side:
                 del reply.content[name]
             started = time.perf_counter()
-            outcomes = self.attack.observe(self._observation(round_, pid, reply, side))
+            with torch.random.fork_rng(devices=[]):  # the run's own random streams stay where they were
+                outcomes = self.attack.observe(self._observation(round_, pid, reply, side))
             self._keep(outcomes, time.perf_counter() - started)
 
     def round_done(self, round_: Round) -> None:
