@@ -6,9 +6,11 @@
     medfed validate FILE ...
     medfed list [FOLDER]
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
+    medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
+                 [--out DIR] [--dry-run]                  (see server/sweep.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
 
-Exit codes: 0 success, 1 a run failed (one line says why), 2 invalid input
+Exit codes: 0 success, 1 a run failed (one line says why; for a sweep: a cell failed), 2 invalid input
 (scenario, option or file), 130 interrupted.
 """
 
@@ -78,8 +80,38 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     compare.set_defaults(handler=_compare)
 
+    _add_sweep_parser(commands)
     _add_deploy_parser(commands)
     return parser
+
+
+def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
+    """``medfed sweep``: one run per cell of a grid of settings × seeds (:mod:`server.sweep`)."""
+    sweep = commands.add_parser(
+        "sweep", help="run a scenario over a grid of settings and seeds; tables and a privacy/utility plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run SCENARIO once per cell of the Cartesian product of every --grid and the seeds, one\n"
+                    "after the other, each into its own run directory in the sweep folder; then write\n"
+                    "sweep.json, sweep.csv, sweep.md and privacy_utility.png there and print the table.\n"
+                    "Every cell is validated before the first one runs. A failed cell is recorded and the\n"
+                    "sweep goes on (exit 1).",
+        epilog="examples:\n"
+               "  medfed sweep s.yaml --grid local.lr=0.01,0.1 --grid defense.norm_bound=null,1.0,0.1\n"
+               "  medfed sweep s.yaml --set privacy.mechanism=dpsgd --grid privacy.params.target_epsilon=1,4,16 "
+               "--seeds 0,1,2")
+    sweep.add_argument("scenario", help="scenario YAML file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a scenario key in every cell, as for medfed run (repeatable)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a key and its values, one cell each; values are parsed like --set values (YAML: null, "
+                            "0.1, adam), so a value cannot contain a comma (repeatable, one --grid per key)")
+    sweep.add_argument("--seeds", metavar="S1,S2", help="run every cell with each of these seeds "
+                                                        "(default: the scenario's seed)")
+    sweep.add_argument("--engine", choices=["simulation", "inprocess"], help="override engine.backend of every cell")
+    sweep.add_argument("--out", metavar="DIR", help="the sweep folder, new or empty "
+                                                    "(default: <output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
+    sweep.set_defaults(handler=_sweep)
 
 
 def _add_deploy_parser(commands: argparse._SubParsersAction) -> None:
@@ -268,6 +300,39 @@ def _run_deployed(args: argparse.Namespace) -> int:
     print(f"run {launched.run_id} {launched.status}")
     print(f"results: {where} (on the SuperLink's machine)")
     return EXIT_OK
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``medfed sweep``: validate every cell, then run them through :func:`server.engines.run_scenario`."""
+    from server.sweep import SweepError, plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(args.scenario, args.overrides, args.grid, args.seeds, engine=args.engine, out=args.out)
+        if args.dry_run:
+            print(plan.describe())
+            return EXIT_OK
+        folder = plan.create_folder()
+    except SweepError as error:
+        return _fail(str(error), EXIT_INVALID)
+    log.info("sweep: %d cells of %s into %s", len(plan.cells), args.scenario, folder)
+    outcome = run_sweep(plan, folder, _run_cell)
+    print(outcome.markdown, end="")
+    print(f"results: {folder}")
+    if outcome.interrupted:
+        print(f"medfed: interrupted; the tables of what ran are in {folder}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.failed:
+        return _fail(f"{len(outcome.failed)} of {len(outcome.results)} cells failed (see {folder / 'sweep.md'})",
+                     EXIT_RUN_FAILED)
+    return EXIT_OK
+
+
+def _run_cell(scenario: Scenario, run_dir: RunDirectory) -> dict:
+    """One sweep cell, run as ``medfed run`` runs a scenario: its engine, a progress display, the summary."""
+    from server.engines import run_scenario
+    from server.progress import make_progress
+
+    return run_scenario(scenario, run_dir, make_progress(console=_CONSOLE))
 
 
 def _deploy(args: argparse.Namespace) -> int:

@@ -9,14 +9,20 @@ wall time and bytes communicated; with ``--target`` also the first round and the
 bytes (up + down) after which the run reached the target — the communication cost
 that separates, e.g., FedSGD from FedAvg. The figure plots the primary metric
 against rounds and against cumulative megabytes, and the training loss.
+
+Runs with an attack (an ``attack`` block in ``summary.json`` and ``"phase": "attack"``
+records in ``metrics.jsonl``) also get the attack's kind, its headline (success)
+metric and value, and the mean of each attack metric beside the primary metric, and
+a fourth panel: the headline metric against rounds (mean over a round's records).
+Runs without an attack show exactly what they showed before.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,76 @@ from medtasks.registry import get_task_class
 from server.results import RunDirectory, RunDirectoryError
 
 MEGABYTE = 1e6
+ATTACK_PHASE = "attack"
 
 
 class CompareError(ValueError):
     """Runs that cannot be compared (not run directories, different primary metrics); one line."""
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """The ``attack`` block of a run's ``summary.json``: which attack ran and how well it did.
+
+    Attributes
+    ----------
+    kind : str
+        The attack (e.g. ``"idlg"``).
+    headline : str
+        The name of its success metric (e.g. ``"psnr"``).
+    metrics : dict[str, float | None]
+        The mean of each attack metric over the run's attack records (``None``: no finite value).
+    records : int
+        How many attack records the means are over.
+    """
+
+    kind: str
+    headline: str
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    records: int = 0
+
+    @property
+    def value(self) -> float | None:
+        """The headline metric's mean (the attack's success)."""
+        return self.metrics.get(self.headline)
+
+    @classmethod
+    def from_summary(cls, summary: Mapping[str, Any] | None) -> AttackResult | None:
+        """The attack block of ``summary`` (a ``summary.json`` mapping), or ``None`` when the run had no attack."""
+        block = (summary or {}).get("attack")
+        if not isinstance(block, Mapping):
+            return None
+        metrics = block.get("metrics")
+        metrics = metrics if isinstance(metrics, Mapping) else {}
+        return cls(kind=str(block.get("kind")), headline=str(block.get("headline")),
+                   metrics={str(name): finite_number(value) for name, value in metrics.items()},
+                   records=int(block.get("records") or 0))
+
+
+def attack_metric_names(attacks: Sequence[AttackResult | None]) -> list[str]:
+    """Every attack metric of ``attacks``, in first-seen order (the attack columns of a table)."""
+    names: dict[str, None] = {}
+    for attack in attacks:
+        names.update(dict.fromkeys(attack.metrics if attack is not None else ()))
+    return list(names)
+
+
+def attack_cells(attack: AttackResult | None, metric_names: Sequence[str]) -> dict[str, Any]:
+    """The attack columns of one table row: kind, headline metric and value, then each metric's mean."""
+    metrics = attack.metrics if attack is not None else {}
+    return {
+        "attack": attack.kind if attack is not None else None,
+        "attack headline": attack.headline if attack is not None else None,
+        "attack value": attack.value if attack is not None else None,
+        **{f"attack {name}": metrics.get(name) for name in metric_names},
+    }
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else ``None`` (missing, NaN, ±inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 @dataclass
@@ -46,6 +118,7 @@ class RunView:
     records: list[dict]
     seconds: float | None  # None: the run did not finish (no summary.json)
     label: str = ""
+    attack: AttackResult | None = None  # None: the run had no attack (or did not finish)
 
     def curve(self, phase: str, metric: str) -> dict[int, float]:
         """Round → aggregate ``metric`` of ``phase`` (finite values only)."""
@@ -67,6 +140,22 @@ class RunView:
             total += per_round[server_round]
             cumulative[server_round] = total / MEGABYTE
         return cumulative
+
+    def attack_curve(self) -> dict[int, float]:
+        """Round → the attack's headline metric, the mean over that round's attack records (finite values only).
+
+        ``{}`` when the run has no attack block.
+        """
+        if self.attack is None:
+            return {}
+        per_round: dict[int, list[float]] = {}
+        for record in self.records:
+            if record.get("phase") != ATTACK_PHASE:
+                continue
+            value = finite_number((record.get("metrics") or {}).get(self.attack.headline))
+            if value is not None:
+                per_round.setdefault(int(record["round"]), []).append(value)
+        return {server_round: sum(values) / len(values) for server_round, values in sorted(per_round.items())}
 
     @property
     def headline_phase(self) -> str:
@@ -101,6 +190,7 @@ def load_run(path: str | Path) -> RunView:
         higher_is_better=task_class.higher_is_better,
         records=records,
         seconds=float(summary["seconds"]) if summary else None,
+        attack=AttackResult.from_summary(summary),
     )
 
 
@@ -133,8 +223,11 @@ def _reached(run: RunView, target: float) -> int | None:
 
 
 def comparison_rows(runs: list[RunView], target: float | None = None) -> list[dict[str, Any]]:
-    """One row per run: final and best primary metric, time, traffic (and the cost to reach ``target``)."""
+    """One row per run: final and best primary metric, the attack (when a run has one), time, traffic (and the
+    cost to reach ``target``)."""
     rows = []
+    attacked = any(run.attack is not None for run in runs)
+    attack_names = attack_metric_names([run.attack for run in runs])
     for run in runs:
         evaluate, central = run.curve("evaluate", run.primary), run.curve("central", run.primary)
         headline = central or evaluate
@@ -151,6 +244,7 @@ def comparison_rows(runs: list[RunView], target: float | None = None) -> list[di
             f"evaluate {run.primary}": evaluate[max(evaluate)] if evaluate else None,
             f"central {run.primary}": central[max(central)] if central else None,
             "best": f"{headline[best_round]:.4g} (r{best_round})" if best_round is not None else None,
+            **(attack_cells(run.attack, attack_names) if attacked else {}),
             "MB": megabytes[max(megabytes)] if megabytes else 0.0,
             "seconds": run.seconds,
         }
@@ -180,14 +274,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_comparison(runs: list[RunView], path: Path) -> Path:
-    """Primary metric vs round and vs cumulative MB (central solid, evaluate dashed), and train loss."""
+    """Primary metric vs round and vs cumulative MB (central solid, evaluate dashed), and train loss; with
+    attacks, a fourth panel: each attack's headline metric vs round."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     primary = runs[0].primary
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    attacked = any(run.attack_curve() for run in runs)
+    panels = 4 if attacked else 3
+    fig, axes = plt.subplots(1, panels, figsize=(16 * panels / 3, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, run in enumerate(runs):
         colour = colours[index % len(colours)]
@@ -202,8 +299,16 @@ def plot_comparison(runs: list[RunView], path: Path) -> Path:
             axes[1].plot([megabytes[r] for r in rounds], [values[r] for r in rounds], style, color=colour, label=label)
         loss = run.curve("train", "loss")
         axes[2].plot(sorted(loss), [loss[r] for r in sorted(loss)], color=colour, label=run.label)
-    for ax, xlabel, ylabel in ((axes[0], "round", primary), (axes[1], "MB communicated (up + down)", primary),
-                               (axes[2], "round", "train loss")):
+        attack = run.attack_curve()
+        if attack and run.attack is not None:
+            axes[3].plot(sorted(attack), [attack[r] for r in sorted(attack)], "o-", color=colour,
+                         label=f"{run.label} ({run.attack.kind} {run.attack.headline})")
+    labels = [(axes[0], "round", primary), (axes[1], "MB communicated (up + down)", primary),
+              (axes[2], "round", "train loss")]
+    if attacked:
+        labels.append((axes[3], "round", "attack headline metric (round mean)"))
+        axes[3].legend(fontsize=7)
+    for ax, xlabel, ylabel in labels:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -1,0 +1,694 @@
+"""``medfed sweep``: one scenario run over a grid of settings and seeds, and one table of the results.
+
+    medfed sweep SCENARIO [--set K=V ...] --grid KEY=V1,V2[,...] [--grid ...] [--seeds 0,1,2]
+                 [--engine E] [--out DIR] [--dry-run]
+
+The cells are the Cartesian product of every ``--grid`` axis and the seeds. A cell is
+the scenario loaded with ``--set`` and then the cell's assignments as further ``--set``
+overrides (:func:`server.scenario.load`), so a grid value is parsed exactly like a
+``--set`` value (YAML: ``null``, ``0.1``, ``adam``); a value cannot contain a comma.
+Every cell is built and validated before the first one runs: an invalid cell is one
+line naming its assignments, and nothing is written.
+
+The cells then run one after the other, each into a normal run directory
+(``scenario.yaml``, ``metrics.jsonl``, ``summary.json``, ...) named from its
+assignments inside the sweep folder::
+
+    <output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>/     (or --out DIR)
+      local.lr=0.01,seed=0/                          one run directory per cell
+      local.lr=0.1,seed=0/
+      sweep.json   the grid and, per cell: assignments, seed, run directory, status, the final
+                   primary metric, the attack's headline and metric means, ε, seconds
+      sweep.csv    the per-cell table
+      sweep.md     the per-cell table (and, with several seeds, mean ± std over the seeds)
+      privacy_utility.png
+
+A cell that fails (the run stops with an error) is recorded with its reason and the
+sweep goes on; Ctrl-C stops after recording the cell it interrupted (resumable with
+``medfed run --resume``) and writes the tables of what ran.
+
+``privacy_utility.png`` puts one point per cell (the mean over seeds, with the
+standard deviation as error bars) at x = the attack's success (its headline metric)
+when the runs have an attack, else ε when they have differential privacy, else the
+first grid key's value; y = the final primary metric. A cell without ε in a DP sweep
+(``privacy.mechanism=none``) is a dashed horizontal line: ε = ∞.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from server.compare import (
+    AttackResult,
+    attack_cells,
+    attack_metric_names,
+    finite_number,
+    format_cell,
+    markdown_table,
+)
+from server.results import RunDirectory
+from server.scenario import Scenario, ScenarioError, load
+
+__all__ = [
+    "Axis", "CellResult", "Plan", "PlannedCell", "SweepError", "SweepOutcome", "parse_axis", "parse_seeds",
+    "plan_sweep", "run_sweep",
+]
+
+log = logging.getLogger("medfed")
+
+VALUE_SEPARATOR = ","
+SEED_KEY = "seed"
+SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.md", "privacy_utility.png")
+RUNNABLE_ENGINES = ("simulation", "inprocess")
+_TIMESTAMP = "%Y%m%d-%H%M%S"
+_MAX_NAME = 100  # the scenario name's limit (medtasks.scenario.Scenario.name)
+_MAX_FOLDER = 150
+_DIGEST_CHARS = 8
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UNSAFE_FOLDER = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+Runner = Callable[[Scenario, RunDirectory], dict[str, Any]]
+"""Runs one scenario into a run directory and returns its summary (``server.engines.run_scenario``)."""
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start (bad ``--grid``/``--seeds``/``--out``, or an invalid cell); one line."""
+
+
+# --- the grid ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Axis:
+    """One ``--grid KEY=V1,V2`` option: a scenario key path and the value texts it takes (as typed)."""
+
+    key: str
+    texts: tuple[str, ...]
+
+
+def parse_axis(option: str) -> Axis:
+    """``"KEY=V1,V2,..."`` → :class:`Axis`.
+
+    Raises
+    ------
+    SweepError
+        no ``=``, an empty key or value, a value given twice, or the key ``seed`` (use ``--seeds``).
+    """
+    key, sep, text = option.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SweepError(f"--grid '{option}': expected KEY=V1,V2,...")
+    if key == SEED_KEY:
+        raise SweepError(f"--grid {key}: give the seeds with --seeds S1,S2,...")
+    texts = tuple(value.strip() for value in text.split(VALUE_SEPARATOR))
+    if not all(texts):
+        raise SweepError(f"--grid {key}: empty value in '{text}' (write null for no value; values cannot "
+                         f"contain '{VALUE_SEPARATOR}')")
+    if len(set(texts)) < len(texts):
+        raise SweepError(f"--grid {key}: a value is given twice in '{text}'")
+    return Axis(key, texts)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``.
+
+    Raises
+    ------
+    SweepError
+        a seed that is not a non-negative integer, or one given twice.
+    """
+    try:
+        seeds = [int(value) for value in text.split(VALUE_SEPARATOR)]
+    except ValueError:
+        raise SweepError(f"--seeds '{text}': expected integers such as 0,1,2") from None
+    if any(seed < 0 for seed in seeds) or len(set(seeds)) < len(seeds):
+        raise SweepError(f"--seeds '{text}': seeds must be distinct non-negative integers")
+    return seeds
+
+
+@dataclass
+class PlannedCell:
+    """One validated cell of the sweep.
+
+    Attributes
+    ----------
+    texts : dict[str, str]
+        Grid key → the value as typed (what the overrides were built from).
+    values : dict[str, Any]
+        Grid key → the value in the resolved scenario (what ran: ``null`` → None, ``0.1`` → 0.1).
+    seed : int
+        The cell's seed.
+    scenario : Scenario
+        The resolved scenario, named ``<name>-<slug of the assignments>``.
+    folder : str
+        The cell's run directory inside the sweep folder, named from the assignments.
+    """
+
+    texts: dict[str, str]
+    values: dict[str, Any]
+    seed: int
+    scenario: Scenario
+    folder: str = ""
+
+    @property
+    def label(self) -> str:
+        """The assignments, e.g. ``local.lr=0.01,seed=0``."""
+        return VALUE_SEPARATOR.join([*(f"{key}={text}" for key, text in self.texts.items()), f"{SEED_KEY}={self.seed}"])
+
+    @property
+    def group(self) -> str:
+        """The assignments without the seed (the cells a mean over seeds is taken of); ``all`` for none."""
+        return VALUE_SEPARATOR.join(f"{key}={text}" for key, text in self.texts.items()) or "all"
+
+
+@dataclass
+class Plan:
+    """What a sweep will run: the validated cells, and the folder they will go to."""
+
+    scenario_path: str
+    overrides: list[str]
+    axes: list[Axis]
+    seeds: list[int] | None  # None: the scenario's own
+    engine: str | None
+    base_name: str
+    cells: list[PlannedCell]
+    folder: Path
+    folder_given: bool  # --out DIR: used as it is, else a fresh timestamped folder
+
+    def describe(self) -> str:
+        """The cells, one line each (``--dry-run``)."""
+        lines = [f"{len(self.cells)} cells, into {self.folder}:"]
+        lines += [f"  {cell.folder}  ({cell.scenario.name}, engine {cell.scenario.engine.backend})"
+                  for cell in self.cells]
+        return "\n".join(lines)
+
+    def create_folder(self) -> Path:
+        """Make the sweep folder (a new one: ``-1``, ``-2``, ... when the timestamped one exists).
+
+        Raises
+        ------
+        SweepError
+            it cannot be made.
+        """
+        try:
+            if self.folder_given:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                return self.folder
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            stem, k = self.folder.name, 0
+            while True:
+                try:
+                    self.folder.mkdir()
+                    return self.folder
+                except FileExistsError:
+                    k += 1
+                    self.folder = self.folder.with_name(f"{stem}-{k}")
+        except OSError as error:
+            raise SweepError(f"cannot create the sweep folder {self.folder}: {error.strerror or error}") from None
+
+
+def plan_sweep(scenario_path: str | Path, overrides: Sequence[str], grid: Sequence[str], seeds: str | None = None,
+               *, engine: str | None = None, out: str | Path | None = None, now: datetime | None = None) -> Plan:
+    """Expand and validate every cell of a sweep; writes nothing.
+
+    Parameters
+    ----------
+    scenario_path : str or Path
+        The scenario file.
+    overrides : sequence of str
+        ``--set KEY=VALUE`` options, applied to every cell before its assignments.
+    grid : sequence of str
+        ``--grid KEY=V1,V2`` options; the cells are their Cartesian product (× the seeds), first key slowest.
+    seeds : str or None
+        ``--seeds 0,1,2``; None: the scenario's seed.
+    engine : str or None
+        ``--engine``; None: each cell's ``engine.backend``.
+    out : str, Path or None
+        ``--out DIR`` (must not hold files yet); None: ``<output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>``.
+    now : datetime or None
+        The timestamp of the default folder (default: now).
+
+    Returns
+    -------
+    Plan
+        The cells, each a resolved scenario named ``<name>-<slug>`` with its own run directory name.
+
+    Raises
+    ------
+    SweepError
+        A bad option, a key given twice in ``--grid``, an engine that cannot run here, or an invalid cell (the
+        message names the cell's assignments and the scenario's own one-line error).
+    """
+    if engine is not None and engine not in RUNNABLE_ENGINES:
+        raise SweepError(f"--engine {engine}: a sweep runs on {' or '.join(RUNNABLE_ENGINES)}")
+    axes = [parse_axis(option) for option in grid]
+    keys = [axis.key for axis in axes]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise SweepError(f"--grid {repeated[0]}: the key is given twice (one --grid per key, values comma-separated)")
+    seed_list = parse_seeds(seeds) if seeds is not None else None
+    cell_seeds: list[int | None] = list(seed_list) if seed_list is not None else [None]
+    cells = [_build_cell(scenario_path, overrides, dict(zip(keys, combination)), seed, engine)
+             for combination in itertools.product(*(axis.texts for axis in axes))
+             for seed in cell_seeds]
+    base_name = cells[0].scenario.name
+    _name_cells(cells)
+    if out is not None:
+        folder, given = Path(out), True
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise SweepError(f"--out {folder}: exists and is not an empty folder (choose a new one)")
+    else:
+        stamp = (now or datetime.now()).strftime(_TIMESTAMP)
+        folder, given = Path(cells[0].scenario.output.dir) / f"{base_name}-sweep-{stamp}", False
+    return Plan(str(scenario_path), list(overrides), axes, seed_list, engine, base_name, cells, folder, given)
+
+
+def _build_cell(scenario_path: str | Path, overrides: Sequence[str], texts: dict[str, str], seed: int | None,
+                engine: str | None) -> PlannedCell:
+    """Load the scenario with ``overrides``, then ``texts`` and ``seed`` as further overrides; one line if invalid."""
+    assignments = [f"{key}={text}" for key, text in texts.items()]
+    seeding = [f"{SEED_KEY}={seed}"] if seed is not None else []
+    described = VALUE_SEPARATOR.join(assignments + seeding) or "(no assignments)"
+    try:
+        scenario = load(scenario_path, [*overrides, *assignments, *seeding])
+    except ScenarioError as error:
+        raise SweepError(f"cell {described}: {error}") from None
+    if engine is not None:
+        scenario.engine.backend = engine  # type: ignore[assignment]  # one of RUNNABLE_ENGINES
+    if scenario.engine.backend not in RUNNABLE_ENGINES:
+        raise SweepError(f"cell {described}: engine.backend '{scenario.engine.backend}' cannot run in a sweep "
+                         f"(choose --engine {'|'.join(RUNNABLE_ENGINES)})")
+    resolved = scenario.model_dump(mode="json")
+    values = {key: _value_at(resolved, key, text) for key, text in texts.items()}
+    return PlannedCell(texts=texts, values=values, seed=scenario.seed, scenario=scenario)
+
+
+def _value_at(resolved: dict[str, Any], key: str, text: str) -> Any:
+    """The value at ``key`` (``a.b.c``) in the resolved scenario; ``text`` where the path is not there."""
+    node: Any = resolved
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return text
+        node = node[part]
+    return node
+
+
+def _name_cells(cells: list[PlannedCell]) -> None:
+    """Give each cell its scenario name (``<name>-<slug>``, e.g. ``tiny-lr-0.01_seed-0``, at most 100
+    characters) and its folder name (the assignments, e.g. ``local.lr=0.01,seed=0``), both unique: a digest
+    of the label replaces the end where slugs collide or are too long."""
+    names: set[str] = set()
+    folders: set[str] = set()
+    for cell in cells:
+        digest = hashlib.blake2b(cell.label.encode(), digest_size=_DIGEST_CHARS // 2).hexdigest()
+        slug = "_".join([*(f"{key.rsplit('.', 1)[-1]}-{text}" for key, text in cell.texts.items()),
+                         f"{SEED_KEY}-{cell.seed}"])
+        name = f"{cell.scenario.name}-{_UNSAFE_NAME.sub('-', slug)}"
+        if len(name) > _MAX_NAME or name in names:
+            name = f"{name[:_MAX_NAME - _DIGEST_CHARS - 1]}-{digest}"
+        folder = _UNSAFE_FOLDER.sub("-", cell.label).lstrip(".-")
+        if len(folder) > _MAX_FOLDER or folder in folders:
+            folder = f"{folder[:_MAX_FOLDER - _DIGEST_CHARS - 1]}-{digest}"
+        cell.scenario.name = name  # validated on assignment against the schema's name pattern
+        cell.folder = folder
+        names.add(name)
+        folders.add(folder)
+
+
+# --- running ---------------------------------------------------------------------------------------------
+@dataclass
+class CellResult:
+    """What one cell gave.
+
+    Attributes
+    ----------
+    status : str
+        ``ok``, ``failed`` (``reason`` says why), ``interrupted`` (Ctrl-C; resumable) or ``not run``.
+    main_metric, main_phase, main_value :
+        The task's primary metric, the phase it is read from (``central`` where the run evaluates centrally,
+        else ``evaluate``) and its value in the last round.
+    epsilon : float or None
+        ε of the run (``summary.json``'s ``privacy.epsilon``), None without differential privacy.
+    attack : AttackResult or None
+        The attack block of ``summary.json``, None without an attack.
+    seconds : float or None
+        Wall time of the cell.
+    """
+
+    cell: PlannedCell
+    status: str = "not run"
+    reason: str | None = None
+    run_dir: Path | None = None
+    main_metric: str | None = None
+    main_phase: str | None = None
+    main_value: float | None = None
+    epsilon: float | None = None
+    attack: AttackResult | None = None
+    seconds: float | None = None
+
+    def read_summary(self, summary: dict[str, Any]) -> None:
+        """Take the headline numbers from a run's ``summary.json`` content."""
+        best = summary.get("best") or {}
+        final = summary.get("final") or {}
+        metric = best.get("metric")
+        phase = next((p for p in ("central", "evaluate") if metric in (final.get(p) or {})), None)
+        self.main_metric, self.main_phase = metric, phase
+        self.main_value = finite_number(final[phase][metric]) if phase is not None else None
+        privacy = summary.get("privacy")
+        privacy = privacy if isinstance(privacy, dict) else {}
+        self.epsilon = finite_number(privacy.get("epsilon", summary.get("epsilon")))
+        self.attack = AttackResult.from_summary(summary)
+
+
+@dataclass
+class SweepOutcome:
+    """The results of every cell (in plan order) and the files written."""
+
+    results: list[CellResult]
+    files: list[Path] = field(default_factory=list)
+    markdown: str = ""
+
+    @property
+    def interrupted(self) -> bool:
+        return any(result.status == "interrupted" for result in self.results)
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [result for result in self.results if result.status == "failed"]
+
+
+def run_sweep(plan: Plan, folder: Path, runner: Runner) -> SweepOutcome:
+    """Run the cells one after the other into ``folder`` and write sweep.json/csv/md and the plot.
+
+    A cell whose run raises is recorded as failed (one line) and the sweep goes on; Ctrl-C stops the sweep
+    after recording the cell it interrupted. The tables are written in both cases.
+
+    Parameters
+    ----------
+    plan : Plan
+        From :func:`plan_sweep`.
+    folder : Path
+        The sweep folder (:meth:`Plan.create_folder`).
+    runner : Runner
+        What ``medfed run`` runs a scenario with (``server.engines.run_scenario`` with a progress display).
+
+    Returns
+    -------
+    SweepOutcome
+        Every cell's result, the files written and the Markdown tables.
+    """
+    results = [CellResult(cell) for cell in plan.cells]
+    for index, result in enumerate(results, start=1):
+        log.info("sweep cell %d/%d: %s", index, len(results), result.cell.label)
+        try:
+            _run_cell(result, folder, runner)
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            result.reason = (f"interrupted; resume with: medfed run --resume {result.run_dir}" if result.run_dir
+                             else "interrupted")
+            log.warning("sweep interrupted in cell %s; writing the tables of what ran", result.cell.label)
+            break
+        log.info("sweep cell %d/%d: %s", index, len(results), _one_line(result))
+    return _write_outputs(plan, folder, results)
+
+
+def _run_cell(result: CellResult, folder: Path, runner: Runner) -> None:
+    """Make the cell's run directory and run it; any error becomes ``failed`` with a one-line reason."""
+    started = time.perf_counter()
+    try:
+        path = folder / result.cell.folder
+        path.mkdir()
+        RunDirectory(path).write_scenario(result.cell.scenario.to_yaml())
+        result.run_dir = path
+        result.read_summary(runner(result.cell.scenario, RunDirectory.open(path)))
+        result.status = "ok"
+    except Exception as error:  # a cell's failure must not end the sweep
+        log.debug("sweep cell %s failed", result.cell.label, exc_info=True)
+        result.status = "failed"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        result.reason = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    finally:
+        result.seconds = time.perf_counter() - started
+
+
+def _one_line(result: CellResult) -> str:
+    if result.status != "ok":
+        return f"{result.status}: {result.reason}"
+    parts = [f"{result.main_phase} {result.main_metric} {format_cell(result.main_value)}"]
+    if result.epsilon is not None:
+        parts.append(f"ε {format_cell(result.epsilon)}")
+    if result.attack is not None:
+        parts.append(f"attack {result.attack.kind} {result.attack.headline} {format_cell(result.attack.value)}")
+    return f"ok: {', '.join(parts)} ({format_cell(result.seconds)} s)"
+
+
+# --- tables ------------------------------------------------------------------------------------------------
+def cell_rows(results: Sequence[CellResult]) -> list[dict[str, Any]]:
+    """One row per cell that ran: its assignments (as typed), seed, status, final primary metric, ε (when a
+    cell has one), the attack columns (when a cell has an attack), seconds and run directory."""
+    ran = [result for result in results if result.status != "not run"]
+    with_epsilon = any(result.epsilon is not None for result in ran)
+    attacks = [result.attack for result in ran]
+    attack_names = attack_metric_names(attacks)
+    rows = []
+    for result in ran:
+        row: dict[str, Any] = {**result.cell.texts, SEED_KEY: result.cell.seed, "status": result.status,
+                               "main metric": _metric_name(result), "final": result.main_value}
+        if with_epsilon:
+            row["ε"] = result.epsilon
+        if any(attack is not None for attack in attacks):
+            row.update(attack_cells(result.attack, attack_names))
+        row["seconds"] = result.seconds
+        row["run dir"] = result.cell.folder
+        rows.append(row)
+    return rows
+
+
+def seed_rows(results: Sequence[CellResult]) -> list[dict[str, Any]]:
+    """One row per cell over its seeds: the mean ± standard deviation (sample, n − 1) of the final primary
+    metric, ε and the attack's metrics over the seeds that finished."""
+    groups: dict[str, list[CellResult]] = {}
+    for result in results:
+        if result.status != "not run":
+            groups.setdefault(result.cell.group, []).append(result)
+    attack_names = attack_metric_names([result.attack for result in results])
+    rows = []
+    for members in groups.values():
+        ok = [result for result in members if result.status == "ok"]
+        row: dict[str, Any] = {**members[0].cell.texts, "seeds ok": f"{len(ok)}/{len(members)}",
+                               "main metric": _metric_name(ok[0]) if ok else None,
+                               "final": _mean_std([result.main_value for result in ok])}
+        if any(result.epsilon is not None for result in results):
+            row["ε"] = _mean_std([result.epsilon for result in ok])
+        if any(result.attack is not None for result in results):
+            row["attack value"] = _mean_std([result.attack.value if result.attack else None for result in ok])
+            for name in attack_names:
+                row[f"attack {name}"] = _mean_std([result.attack.metrics.get(name) if result.attack else None
+                                                   for result in ok])
+        row["seconds"] = _mean_std([result.seconds for result in ok])
+        rows.append(row)
+    return rows
+
+
+def _metric_name(result: CellResult) -> str | None:
+    return f"{result.main_phase} {result.main_metric}" if result.main_phase else None
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, float] | None:
+    """``{"mean", "std", "n"}`` of the numbers in ``values`` (std 0 for one value), None when there are none."""
+    numbers = [value for value in values if value is not None]
+    if not numbers:
+        return None
+    return {"mean": statistics.fmean(numbers), "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0,
+            "n": len(numbers)}
+
+
+def _display(value: Any) -> Any:
+    """A cell of a printed table: ``mean ± std`` for a mean over seeds."""
+    if isinstance(value, dict) and "mean" in value:
+        return f"{format_cell(value['mean'])} ± {format_cell(value['std'])}"
+    return value
+
+
+def markdown_report(plan: Plan, results: Sequence[CellResult]) -> str:
+    """sweep.md: the per-cell table, the table over seeds (several seeds), and the failed cells' reasons."""
+    rows = cell_rows(results)
+    lines = [f"# Sweep of {plan.scenario_path}", "",
+             f"{len(rows)} of {len(results)} cells ran; grid: "
+             + (", ".join(f"{axis.key} ∈ {{{', '.join(axis.texts)}}}" for axis in plan.axes) or "none")
+             + f"; seeds: {', '.join(str(seed) for seed in plan.seeds) if plan.seeds else 'the scenario seed'}", ""]
+    lines.append(markdown_table(rows) if rows else "No cell ran.")
+    if plan.seeds and len(plan.seeds) > 1 and rows:
+        lines += ["", "## Mean ± std over seeds", "",
+                  markdown_table([{key: _display(value) for key, value in row.items()} for row in seed_rows(results)])]
+    failed = [result for result in results if result.status in ("failed", "interrupted")]
+    if failed:
+        lines += ["", "## Cells that did not finish", ""]
+        lines += [f"- {result.cell.label}: {result.reason}" for result in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _write_outputs(plan: Plan, folder: Path, results: list[CellResult]) -> SweepOutcome:
+    outcome = SweepOutcome(results, markdown=markdown_report(plan, results))
+    json_path, csv_path, md_path, plot_path = (folder / name for name in SWEEP_FILES)
+    json_path.write_text(json.dumps(_sweep_json(plan, folder, results), indent=2, allow_nan=False) + "\n",
+                         encoding="utf-8")
+    csv_path.write_text(_csv(cell_rows(results)), encoding="utf-8")
+    md_path.write_text(outcome.markdown, encoding="utf-8")
+    outcome.files = [json_path, csv_path, md_path]
+    if plot_privacy_utility(results, plot_path, first_key=plan.axes[0].key if plan.axes else None):
+        outcome.files.append(plot_path)
+    return outcome
+
+
+def _sweep_json(plan: Plan, folder: Path, results: Sequence[CellResult]) -> dict[str, Any]:
+    cells = []
+    for result in results:
+        attack = result.attack
+        cells.append({
+            "label": result.cell.label, "assignments": result.cell.values, "seed": result.cell.seed,
+            "scenario_name": result.cell.scenario.name, "run_dir": result.cell.folder,
+            "status": result.status, "reason": result.reason,
+            "main_metric": result.main_metric, "main_phase": result.main_phase, "main_value": result.main_value,
+            "epsilon": result.epsilon,
+            "attack": None if attack is None else {"kind": attack.kind, "headline": attack.headline,
+                                                   "value": attack.value, "metrics": attack.metrics,
+                                                   "records": attack.records},
+            "seconds": result.seconds,
+        })
+    return {
+        "scenario": plan.scenario_path, "name": plan.base_name, "set": plan.overrides,
+        "grid": {axis.key: list(axis.texts) for axis in plan.axes},
+        "seeds": plan.seeds, "engine": plan.engine, "folder": str(folder),
+        "cells": cells,
+        "over_seeds": seed_rows(results) if plan.seeds and len(plan.seeds) > 1 else None,
+    }
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return buffer.getvalue()
+
+
+# --- the privacy-utility picture ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class XAxis:
+    """The x axis of ``privacy_utility.png``: its title, how to read a cell's x, and what a missing x means."""
+
+    title: str
+    read: Callable[[CellResult], Any]
+    missing: str = ""
+
+
+@dataclass
+class _Point:
+    label: str
+    x: float | str | None
+    y: float
+    x_std: float = 0.0
+    y_std: float = 0.0
+
+
+def x_axis(results: Sequence[CellResult], first_key: str | None) -> XAxis:
+    """The attack's success if a finished cell had an attack, else ε if one had DP, else the first grid key's
+    value (a number, or the value as typed), else nothing to tell the cells apart (one category)."""
+    ok = [result for result in results if result.status == "ok"]
+    attacks = [result.attack for result in ok if result.attack is not None and result.attack.value is not None]
+    if attacks:
+        return XAxis(f"attack success: {attacks[0].kind} {attacks[0].headline} (mean over its records)",
+                     lambda result: result.attack.value if result.attack is not None else None, "no attack")
+    if any(result.epsilon is not None for result in ok):
+        return XAxis("ε (privacy budget spent)", lambda result: result.epsilon, "no privacy: ε = ∞")
+    if first_key is not None:
+        def value(result: CellResult) -> Any:
+            number = finite_number(result.cell.values[first_key])
+            return number if number is not None else result.cell.texts[first_key]
+
+        return XAxis(first_key, value)
+    return XAxis("cells", lambda result: "all")
+
+
+def _points(results: Sequence[CellResult], axis: XAxis) -> list[_Point]:
+    """One point per cell over its seeds that finished: the means (and sample standard deviations) of x and y."""
+    groups: dict[str, list[CellResult]] = {}
+    for result in results:
+        if result.status == "ok" and result.main_value is not None:
+            groups.setdefault(result.cell.group, []).append(result)
+    points = []
+    for label, members in groups.items():
+        y = _mean_std([member.main_value for member in members]) or {"mean": math.nan, "std": 0.0}
+        xs = [axis.read(member) for member in members]
+        x = _mean_std(xs) if all(isinstance(value, float) for value in xs) else None
+        if x is not None:
+            points.append(_Point(label, x["mean"], y["mean"], x["std"], y["std"]))
+        else:  # a category (the value as typed), or missing where any seed lacks it
+            points.append(_Point(label, None if None in xs else str(xs[0]), y["mean"], 0.0, y["std"]))
+    return points
+
+
+def plot_privacy_utility(results: Sequence[CellResult], path: Path, *, first_key: str | None) -> bool:
+    """Draw ``privacy_utility.png``: the final primary metric (y) of each cell against :func:`x_axis`.
+
+    Numbers are placed on a number line (log scale when they span a factor of 10 or more), other values side
+    by side in grid order; a cell without an x (no ε: no privacy; no attack) is a dashed horizontal line.
+
+    Returns
+    -------
+    bool
+        False, and nothing drawn, when no cell finished with a primary metric.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    axis = x_axis(results, first_key)
+    points = _points(results, axis)
+    if not points:
+        return False
+    fig = Figure(figsize=(7.5, 5.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    placed = [point for point in points if point.x is not None]
+    numbers = [point.x for point in placed if isinstance(point.x, float)]
+    numeric = len(numbers) == len(placed)
+    categories = list(dict.fromkeys(str(point.x) for point in placed))
+    for point in placed:
+        x = point.x if numeric and isinstance(point.x, float) else categories.index(str(point.x))
+        ax.errorbar([x], [point.y], xerr=[point.x_std] if numeric else None, yerr=[point.y_std], fmt="o", capsize=3)
+        ax.annotate(point.label, (x, point.y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    for point in points:
+        if point.x is None:
+            ax.axhline(point.y, linestyle="--", color="grey", label=f"{point.label} ({axis.missing})")
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories)
+    elif numbers and min(numbers) > 0 and max(numbers) >= 10 * min(numbers):
+        ax.set_xscale("log")
+    if len(placed) < len(points):
+        ax.legend(fontsize=7)
+    ax.margins(x=0.15, y=0.1)  # room for the labels
+    metrics = sorted({name for name in map(_metric_name, results) if name is not None})
+    ax.set_xlabel(axis.title)
+    ax.set_ylabel(f"{', '.join(metrics)} (final; mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.set_title("privacy / utility: one point per cell")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    finally:
+        fig.clear()
+    return True
