@@ -304,7 +304,8 @@ def _run_deployed(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """``medfed sweep``: validate every cell, then run them through :func:`server.engines.run_scenario`."""
-    from server.sweep import SweepError, plan_sweep, run_sweep
+    from server.sweep import SweepError, plan_sweep
+    from server.sweep_report import run_sweep
 
     try:
         plan = plan_sweep(args.scenario, args.overrides, args.grid, args.seeds, engine=args.engine, out=args.out)

@@ -22,7 +22,8 @@ from server.cli import main
 from server.compare import load_runs
 from server.results import RunDirectory
 from server.scenario import Scenario
-from server.sweep import CellResult, SweepError, parse_axis, plan_sweep, plot_privacy_utility, run_sweep, x_axis
+from server.sweep import CellResult, SweepError, parse_axis, plan_sweep
+from server.sweep_report import plot_privacy_utility, run_sweep, x_axis
 from tests.strategies.toy_tasks import QuadraticParams, QuadraticTask
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
