@@ -7,7 +7,7 @@
     medfed list [FOLDER]
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
-                 [--out DIR] [--dry-run]                  (see server/sweep.py)
+                 [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
 
 Exit codes: 0 success, 1 a run failed (one line says why; for a sweep: a cell failed), 2 invalid input
