@@ -12,7 +12,8 @@ train on its data several times per epoch. With ``boost`` γ it sends the booste
 (:func:`privacy.attacks.poisoning.boost_records`, Eq. 3, γ = n/η for ``"auto"``).
 
 Server half: ``backdoor_accuracy`` — the share of the server's triggered test inputs whose true label is not
-the target that the global model classifies as the target — and ``clean_accuracy`` on the untouched test set,
+the target that the global model classifies as the target — ``clean_target_rate``, the same share without the
+trigger (what an untrained or biased model scores anyway), and ``clean_accuracy`` on the untouched test set,
 after every round of ``attack.rounds``; at ``inspect`` the attacker's update norm ‖Δ‖₂ as received.
 """
 
@@ -94,13 +95,15 @@ def server_half(setting: AttackSetting) -> ServerAttack:
         """backdoor_accuracy = |{i : y_i ≠ τ, f(x̃_i) = τ}| / |{i : y_i ≠ τ}| with x̃ the triggered input."""
         on_triggered = predict(model, triggered)
         backdoor = float((on_triggered == params.target_class).double().mean())
-        clean = float((predict(model, x) == y).double().mean())
+        on_clean = predict(model, x)
+        clean = float((on_clean == y).double().mean())
+        baseline = float((on_clean[others] == params.target_class).double().mean())
         path = plot_path(setting, "backdoor", server_round)
         if path is not None:
             images = triggered if triggered.dim() == 4 else None
             plot_predictions(path, f"round {server_round}: triggered test inputs, backdoor accuracy {backdoor:.2f}",
                              on_triggered, classes, params.target_class, images)
-        return {"backdoor_accuracy": backdoor, "clean_accuracy": clean}
+        return {"backdoor_accuracy": backdoor, "clean_accuracy": clean, "clean_target_rate": baseline}
 
     return PoisoningObserver(setting, score)
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ class PoisoningParams(AttackParams):
     poison_rounds: list[int] | None = Field(
         None, description="rounds the malicious sites poison in (null = every round of attack.rounds); the server "
                           "half measures in every round of attack.rounds")
-    boost: float | Literal["auto"] | None = Field(
+    boost: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | Literal["auto"] | None = Field(
         None, description="model replacement: scale the site's update by gamma (null = plain data poisoning, "
                           "'auto' = n/eta with n the sites per round and eta the server learning rate)")
     claim_examples: int | None = Field(
