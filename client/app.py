@@ -197,6 +197,8 @@ def train(message: Message, context: Context) -> Message:
             "seconds": time.perf_counter() - started,
         }
     )
+    if METRICS_KEY in records:  # a malicious site's claims (e.g. an inflated num-examples) replace the truth
+        metrics.update(records.pop(METRICS_KEY))
     return Message(RecordDict({**records, METRICS_KEY: metrics}), reply_to=message)
 
 

@@ -1,0 +1,265 @@
+"""Backdoor, model replacement and label flipping: triggers, boosts, refusals, and real federated runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from medtasks.seeding import numpy_rng
+from privacy.attacks.label_flip import LabelFlipParams, flipped
+from privacy.attacks.poisoning import (
+    TABULAR_TRIGGER_SCALE,
+    EditedDataset,
+    add_trigger,
+    boost_factor,
+    boost_records,
+    choose,
+    update_norm,
+)
+from server.scenario import ScenarioError, validate
+from strategies import get_algorithm
+from strategies.base import METRICS_KEY, NUM_EXAMPLES_KEY
+from tests.helpers import run
+
+DIGITS: dict[str, Any] = {
+    "name": "backdoor-test",
+    "seed": 0,
+    "task": {"name": "digits", "model": "cnn", "params": {"image_size": 8}},
+    "data": {"samples_per_client": 150, "server_samples": 200},
+    "partition": {"clients": 4, "kind": "iid"},
+    "strategy": {"name": "fedavg", "rounds": 2, "min_clients": 4},
+    "local": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9},
+    "attack": {"kind": "backdoor", "attackers": [0], "params": {"target_class": 0}},
+    "engine": {"backend": "inprocess"},
+}
+
+
+def scenario(tmp_path: Path | None = None, base: dict[str, Any] = DIGITS, **changes: Any) -> Any:
+    """``base`` with dotted keys (``a__b``) replaced, validated; runs go under ``tmp_path``."""
+    raw = copy.deepcopy(base)
+    if tmp_path is not None:
+        raw["output"] = {"dir": str(tmp_path / "runs")}
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate(raw)
+
+
+def attack_records(run_dir: Any) -> list[dict[str, Any]]:
+    return [record for record in run_dir.read_metrics() if record["phase"] == "attack"]
+
+
+def global_records(run_dir: Any, headline: str) -> dict[int, dict[str, Any]]:
+    """Round → the server half's record on the global model (the one holding ``headline``)."""
+    return {r["round"]: r for r in attack_records(run_dir) if headline in r["metrics"]}
+
+
+# --- triggers and poisoned data ----------------------------------------------------------------------------
+def test_image_trigger_is_a_bottom_right_patch() -> None:
+    x = torch.rand(3, 1, 8, 8) * 0.5
+    triggered = add_trigger(x, "image", 2, 1.0)
+    assert triggered.shape == x.shape and triggered.dtype == x.dtype
+    assert torch.all(triggered[..., 6:, 6:] == 1.0)
+    assert torch.equal(triggered[..., :6, :], x[..., :6, :]) and torch.equal(triggered[..., :, :6], x[..., :, :6])
+    assert not torch.equal(x[..., 6:, 6:], triggered[..., 6:, 6:]), "the input itself must not change"
+
+
+def test_vector_trigger_sets_the_first_features() -> None:
+    x = torch.randn(5, 32)
+    triggered = add_trigger(x, "vector", 3, 1.0)
+    assert torch.all(triggered[:, :3] == TABULAR_TRIGGER_SCALE)
+    assert torch.equal(triggered[:, 3:], x[:, 3:])
+
+
+def test_poisoned_dataset_edits_the_chosen_share_deterministically() -> None:
+    base = torch.utils.data.TensorDataset(torch.zeros(40, 1, 8, 8), torch.arange(40) % 10)
+    chosen = choose(40, 0.5, numpy_rng(0, "backdoor", 1, 0))
+    assert chosen.sum() == 20 and np.array_equal(chosen, choose(40, 0.5, numpy_rng(0, "backdoor", 1, 0)))
+    target = torch.tensor(0)
+    poisoned = EditedDataset(base, chosen, lambda x, y: (add_trigger(x, "image", 2, 1.0), target), repeat=2)
+    assert len(poisoned) == 80
+    for index in range(80):
+        x, y = poisoned[index]
+        if chosen[index % 40]:
+            assert int(y) == 0 and float(x[0, 7, 7]) == 1.0
+        else:
+            assert int(y) == index % 40 % 10 and float(x.abs().sum()) == 0.0
+
+
+def test_label_flip_pair_and_all() -> None:
+    y = torch.arange(10)
+    pair = flipped(y, LabelFlipParams(source_class=1, target_class=7), 10)
+    assert pair.tolist() == [0, 7, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert flipped(y, LabelFlipParams(mode="all"), 10).tolist() == list(range(9, -1, -1))
+
+
+# --- model replacement's boost -----------------------------------------------------------------------------
+def test_boost_factor_is_n_over_eta() -> None:
+    assert boost_factor(None, scenario()) is None
+    assert boost_factor(2.5, scenario()) == 2.5
+    assert boost_factor("auto", scenario()) == 4.0  # 4 sites per round, FedAvg's eta = 1
+    assert boost_factor("auto", scenario(strategy__fraction_train=0.5, strategy__min_clients=2)) == 2.0
+    fedsgd = scenario(strategy__name="fedsgd", strategy__params={"server_lr": 0.5}, local__momentum=0.0)
+    assert boost_factor("auto", fedsgd) == 8.0
+
+
+def _rule_uploads(name: str, model: torch.nn.Module) -> Any:
+    algorithm = get_algorithm(name)
+    return algorithm.client_rule(algorithm.Params.model_validate({})).uploads(model)
+
+
+def test_boost_scales_weights_around_the_received_model() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    sent = {name: torch.randn_like(t) if t.is_floating_point() else t for name, t in model.state_dict().items()}
+    trained = {name: t + 0.1 if t.is_floating_point() else t + 1 for name, t in sent.items()}
+    received = RecordDict({"arrays": ArrayRecord(sent)})
+    boosted = boost_records({"arrays": ArrayRecord(trained)}, _rule_uploads("fedavg", model), received, 4.0)
+    tensors = boosted["arrays"].to_torch_state_dict()
+    for name, value in tensors.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, sent[name] + 4.0 * (trained[name] - sent[name]))
+        else:
+            assert torch.equal(value, trained[name]), "counters are not boosted"
+    norm = update_norm(RecordDict(boosted), received, _rule_uploads("fedavg", model))
+    plain = update_norm(RecordDict({"arrays": ArrayRecord(trained)}), received, _rule_uploads("fedavg", model))
+    assert norm == pytest.approx(4.0 * plain)
+
+
+def test_boost_scales_a_fedsgd_gradient_and_leaves_statistics() -> None:
+    from strategies.fedsgd import GRADIENT_KEY
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    uploads = _rule_uploads("fedsgd", model)
+    assert {upload.kind for upload in uploads.values()} == {"gradient", "statistics"}
+    gradient = {name: torch.randn_like(p) for name, p in model.named_parameters()}
+    statistics = {name: t for name, t in model.state_dict().items() if name not in gradient}
+    records = {GRADIENT_KEY: ArrayRecord(gradient), "arrays": ArrayRecord(statistics)}
+    received = RecordDict({"arrays": ArrayRecord(model.state_dict())})
+    boosted = boost_records(records, uploads, received, 3.0)
+    for name, value in boosted[GRADIENT_KEY].to_torch_state_dict().items():
+        torch.testing.assert_close(value, 3.0 * gradient[name])
+    for name, value in boosted["arrays"].to_torch_state_dict().items():
+        assert torch.equal(value, statistics[name])
+
+
+def test_claimed_examples_travel_in_the_metrics_record() -> None:
+    from privacy.attacks.poisoning import PoisonedSite
+
+    site = PoisonedSite(lambda dataset: dataset, None, 10_000, scenario())
+    records = site.tamper({"arrays": ArrayRecord({})}, torch.nn.Linear(1, 1), RecordDict(), RecordDict())
+    assert isinstance(records[METRICS_KEY], MetricRecord) and records[METRICS_KEY][NUM_EXAMPLES_KEY] == 10_000
+
+
+# --- refusals ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("changes", "key"), [
+    ({"data__server_samples": 0}, "data.server_samples"),
+    ({"strategy__name": "local"}, "strategy.name"),
+    ({"strategy__name": "centralized", "strategy__min_clients": 1}, "strategy.name"),
+    ({"strategy__name": "fedbn"}, "strategy.name"),
+    ({"task": {"name": "segmentation", "params": {"image_size": 32}}, "data": {"samples_per_client": 8,
+                                                                              "server_samples": 4}}, "task.name"),
+    ({"attack__params": {"target_class": 10}}, "attack.params.target_class"),
+    ({"attack__params": {"patch_size": 8}}, "attack.params.patch_size"),
+    ({"attack__rounds": [1], "attack__params": {"poison_rounds": [2]}}, "attack.params.poison_rounds"),
+    ({"attack__params": {"poison_rounds": [3]}}, "attack.params.poison_rounds"),
+    ({"attack__params": {"boost": -1.0}}, "attack.params"),
+    ({"attack__victims": [1]}, "attack.victims"),
+    ({"attack__kind": "label_flip", "attack__params": {"source_class": 3, "target_class": 3}},
+     "attack.params.source_class"),
+])
+def test_refusals_are_one_line_naming_the_key(changes: dict[str, Any], key: str) -> None:
+    with pytest.raises(ScenarioError) as error:
+        scenario(**changes)
+    message = str(error.value)
+    assert key in message and "\n" not in message, message
+
+
+def test_the_shipped_scenarios_validate() -> None:
+    from server.scenario import load
+
+    root = Path(__file__).resolve().parents[3] / "scenarios"
+    for name in ("attack-backdoor-digits", "attack-model-replacement-digits", "attack-label-flip-tabular"):
+        loaded = load(root / f"{name}.yaml")
+        assert loaded.attack is not None and loaded.engine.backend == "inprocess"
+
+
+# --- real federated runs -----------------------------------------------------------------------------------
+def test_backdoor_end_to_end_writes_records_summary_and_pictures(tmp_path: Path) -> None:
+    run_dir = run(scenario(tmp_path, attack__params={"target_class": 0, "poison_fraction": 0.5}))
+    records = attack_records(run_dir)
+    on_global = global_records(run_dir, "backdoor_accuracy")
+    assert sorted(on_global) == [1, 2]
+    for record in on_global.values():
+        metrics = record["metrics"]
+        assert record["attacker"] == 0 and record["victim"] == "global" and record["kind"] == "backdoor"
+        assert 0.0 <= metrics["backdoor_accuracy"] <= 1.0 and 0.0 <= metrics["clean_accuracy"] <= 1.0
+        assert metrics["attackers"] == 1.0 and metrics["poisoned"] == 1.0
+        assert record["main_metric"] == "accuracy" and record["main_value"] == pytest.approx(metrics["clean_accuracy"])
+    norms = [r["metrics"]["update_norm"] for r in records if "update_norm" in r["metrics"]]
+    assert len(norms) == 2 and all(norm > 0 for norm in norms)
+    summary = json.loads((run_dir.path / "summary.json").read_text())["attack"]
+    assert summary["kind"] == "backdoor" and summary["headline"] == "backdoor_accuracy"
+    assert summary["attackers"] == [0] and "backdoor_accuracy" in summary["metrics"]
+    pictures = sorted(p.name for p in (run_dir.path / "plots" / "attack").glob("*.png"))
+    assert pictures == ["backdoor-round001-global.png", "backdoor-round002-global.png"]
+
+
+def test_label_flip_end_to_end_flips_the_source_class(tmp_path: Path) -> None:
+    raw = scenario(tmp_path, strategy__rounds=3, local__epochs=2,
+                   attack={"kind": "label_flip", "attackers": [0, 1, 2],
+                           "params": {"mode": "pair", "source_class": 1, "target_class": 7}})
+    run_dir = run(raw)
+    on_global = global_records(run_dir, "flip_success")
+    assert sorted(on_global) == [1, 2, 3]
+    last = on_global[3]["metrics"]
+    assert last["flip_success"] > 0.5, last  # 3 of 4 sites relabel every 1 as 7
+    assert last["clean_accuracy"] > 0.4 and on_global[3]["main_value"] is not None
+    summary = json.loads((run_dir.path / "summary.json").read_text())["attack"]
+    assert summary["headline"] == "flip_success" and summary["attackers"] == [0, 1, 2]
+    assert (run_dir.path / "plots" / "attack" / "label_flip-round003-global.png").is_file()
+
+
+@pytest.mark.parametrize("counts", ["bounded", "reported"])
+def test_a_claimed_example_count_is_capped_when_bounded(tmp_path: Path, counts: str) -> None:
+    run_dir = run(scenario(tmp_path, strategy__rounds=1, strategy__example_counts=counts,
+                           attack__params={"claim_examples": 100_000}))
+    train = next(r for r in run_dir.read_metrics() if r["phase"] == "train")
+    claimed = train["clients"]["0"]["num-examples"]
+    honest = train["clients"]["1"]["num-examples"]
+    assert claimed == (honest if counts == "bounded" else 100_000)
+
+
+MODEL_REPLACEMENT = {"strategy__rounds": 5, "data__samples_per_client": 300, "attack__params": {
+    "target_class": 0, "poison_rounds": [5], "poison_fraction": 0.5, "repeat": 5, "boost": "auto"}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("defense", "succeeds"), [
+    ({}, True),
+    ({"defense__norm_bound": 1.0}, False),
+    ({"defense__aggregation": "median"}, False),
+])
+def test_boosted_model_replacement_succeeds_on_fedavg_and_is_suppressed_by_defenses(
+        tmp_path: Path, defense: dict[str, Any], succeeds: bool) -> None:
+    run_dir = run(scenario(tmp_path, **MODEL_REPLACEMENT, **defense))
+    record = global_records(run_dir, "backdoor_accuracy")[5]
+    metrics = record["metrics"]
+    if succeeds:
+        assert metrics["backdoor_accuracy"] >= 0.9, metrics
+    else:
+        assert metrics["backdoor_accuracy"] < 0.3, metrics
+    assert metrics["poisoned"] == 1.0
+    assert metrics["clean_target_rate"] < 0.1, metrics  # without the trigger the model does not say "0"
+    assert record["main_metric"] == "accuracy" and 0.7 < record["main_value"] <= 1.0, record
+    boosted = [r["metrics"] for r in attack_records(run_dir) if r["round"] == 5 and "boost" in r["metrics"]]
+    assert boosted[0]["boost"] == 4.0
