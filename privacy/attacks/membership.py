@@ -201,7 +201,12 @@ def stack(dataset: Dataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Te
 
 
 def candidates(members: Dataset, non_members: Dataset, max_samples: int, rng: np.random.Generator) -> Candidates:
-    """``n`` members and ``n`` non-members, ``n = min(|members|, |non_members|, max_samples)``, drawn by ``rng``.
+    """``n`` members and ``n`` class-matched non-members, ``n = min(|members|, |non_members|, max_samples)``.
+
+    The members are a uniform draw; the non-members copy their label histogram: for each class ``c`` with
+    ``n_c`` drawn members, ``min(n_c, available_c)`` non-members of class ``c``, any shortfall filled by
+    non-members of other classes. Without the matching, a model's per-class loss would separate the two sides
+    by their class mix alone (a small site's sample, or a label-skewed one, differs from the server's test set).
 
     Parameters
     ----------
@@ -224,9 +229,38 @@ def candidates(members: Dataset, non_members: Dataset, max_samples: int, rng: np
     if n < 1:
         raise ValueError(f"no candidates: {sizes[0]} members, {sizes[1]} non-members")
     x_in, y_in = stack(members, np.sort(rng.choice(sizes[0], n, replace=False)))
-    x_out, y_out = stack(non_members, np.sort(rng.choice(sizes[1], n, replace=False)))
-    return Candidates(torch.cat([x_in, x_out]), torch.cat([y_in, y_out]),
+    x_all, y_all = stack(non_members, np.arange(sizes[1]))
+    chosen = matched(y_in.numpy(), y_all.numpy(), rng)
+    return Candidates(torch.cat([x_in, x_all[chosen]]), torch.cat([y_in, y_all[chosen]]),
                       np.concatenate([np.ones(n, dtype=bool), np.zeros(n, dtype=bool)]))
+
+
+def matched(wanted: np.ndarray, pool: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``len(wanted)`` distinct indices into ``pool`` whose labels follow ``wanted``'s histogram where possible.
+
+    Parameters
+    ----------
+    wanted : np.ndarray
+        ``[n]`` labels to match.
+    pool : np.ndarray
+        ``[M]`` labels to draw from, ``M >= n``.
+    rng : np.random.Generator
+        The draw's stream.
+
+    Returns
+    -------
+    np.ndarray
+        ``[n]`` sorted int64 indices.
+    """
+    order = rng.permutation(pool.size)
+    taken = np.zeros(pool.size, dtype=bool)
+    for label, count in zip(*np.unique(wanted, return_counts=True), strict=True):
+        same = order[pool[order] == label][:count]
+        taken[same] = True
+    shortfall = wanted.size - int(taken.sum())
+    if shortfall:
+        taken[order[~taken[order]][:shortfall]] = True
+    return np.flatnonzero(taken)
 
 
 def logits_of(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
