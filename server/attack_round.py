@@ -115,17 +115,24 @@ class AttackRound(RoundPlugin):
 
     # --- results ---------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """``summary.json``'s ``"attack"`` block: the attack, who, when, and each metric's mean over the records."""
+        """``summary.json``'s ``"attack"`` block: the attack, who, when, each metric's mean over the records
+        (``metrics``) and its value in the last round that has it (``final``, the mean over that round's records)."""
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        last: dict[str, tuple[int, list[float]]] = {}
         for record in self._written:
             for key, value in record["metrics"].items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     sums[key] = sums.get(key, 0.0) + float(value)
                     counts[key] = counts.get(key, 0) + 1
+                    if key not in last or last[key][0] < record["round"]:
+                        last[key] = (record["round"], [])
+                    last[key][1].append(float(value))
         return {"kind": self.section.kind, "label": self.registered.label, "attackers": self.section.attackers,
                 "victims": self.section.victims, "rounds": self.section.rounds, "headline": self.registered.headline,
-                "metrics": {key: sums[key] / counts[key] for key in sums}, "records": len(self._written)}
+                "metrics": {key: sums[key] / counts[key] for key in sums},
+                "final": {key: sum(values) / len(values) for key, (_, values) in last.items()},
+                "records": len(self._written)}
 
     # --- helpers ---------------------------------------------------------------------------------
     def _keep(self, outcomes: list[Outcome], seconds: float) -> None:
@@ -166,7 +173,7 @@ def attack_plugin(scenario: Scenario, task: Task, rule: ClientRule, template: to
     plots = Path(run_dir.plots) / "attack" if scenario.output.plots else None
     attack = server_attack(scenario, task, plots)
     assert attack is not None
-    log.info("attack: %s (%s), victims %s, attackers %s, rounds %s", get_attack(scenario.attack.kind).label,
-             scenario.attack.kind, scenario.attack.victims, scenario.attack.attackers,
+    log.info("attack %s: %s | victims %s | attackers %s | rounds %s", scenario.attack.kind,
+             get_attack(scenario.attack.kind).label, scenario.attack.victims, scenario.attack.attackers,
              scenario.attack.rounds or "all")
     return AttackRound(scenario, attack, task, rule, template, run_dir, model_with, complete=complete)
