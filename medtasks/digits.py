@@ -42,12 +42,13 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
+from medtasks.classification import classification_metrics, predict_logits
 from medtasks.partition import ParamRange, draw_site_profiles, label_histogram, neutral_values, split_indices
 from medtasks.seeding import derive_seed, numpy_rng
-from medtasks.tabular import ANNOTATOR_SPACE, confusion_matrix
+from medtasks.tabular import ANNOTATOR_SPACE
 
 NUM_CLASSES = 10
 NATIVE_SIZE = 8
@@ -309,32 +310,11 @@ class DigitsTask:
 
     def predict(self, model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[N, 10]`` of ``model`` on ``dataset`` and its labels ``[N]`` (eval mode, no gradients)."""
-        device = next(model.parameters()).device
-        logits, labels = [], []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, y in DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False):
-                    logits.append(model(x.to(device)).cpu())
-                    labels.append(y)
-        finally:
-            model.train(was_training)
-        if not labels:
-            raise DataError("cannot evaluate the digits task on an empty dataset")
-        return torch.cat(logits), torch.cat(labels)
+        return predict_logits(model, dataset, EVAL_BATCH_SIZE)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """``loss`` (mean cross-entropy), ``accuracy`` and ``balanced_accuracy`` on ``dataset``."""
-        logits, y = self.predict(model, dataset)
-        matrix = confusion_matrix(logits.argmax(dim=1), y, NUM_CLASSES)
-        support = matrix.sum(axis=1)
-        recall = np.diag(matrix)[support > 0] / support[support > 0]
-        return {
-            "loss": float(F.cross_entropy(logits, y)),
-            "accuracy": float(np.trace(matrix) / matrix.sum()),
-            "balanced_accuracy": float(recall.mean()),
-        }
+        return classification_metrics(*self.predict(model, dataset), NUM_CLASSES)
 
     def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
         """Save a PNG of the first 16 images of ``dataset`` titled true / predicted label (wrong ones in red)."""

@@ -36,9 +36,10 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
+from medtasks.classification import classification_metrics, confusion_matrix, predict_logits
 from medtasks.partition import (
     ParamRange,
     SiteProfile,
@@ -47,6 +48,10 @@ from medtasks.partition import (
     neutral_values,
 )
 from medtasks.seeding import derive_seed, numpy_rng
+
+__all__ = [
+    "ACQUISITION_SPACE", "ANNOTATOR_SPACE", "EVAL_BATCH_SIZE", "TabularParams", "TabularTask", "confusion_matrix",
+]  # confusion_matrix lives in medtasks.classification; re-exported for older imports
 
 ModelName = Literal["logistic", "mlp"]
 
@@ -222,33 +227,11 @@ class TabularTask:
 
     def predict(self, model: nn.Module, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[N, L]`` of ``model`` on ``dataset`` and its labels ``[N]`` (eval mode, no gradients)."""
-        loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, shuffle=False)
-        device = next(model.parameters()).device
-        logits, labels = [], []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, y in loader:
-                    logits.append(model(x.to(device)).cpu())
-                    labels.append(y)
-        finally:
-            model.train(was_training)
-        if not labels:
-            raise DataError("cannot evaluate the tabular task on an empty dataset")
-        return torch.cat(logits), torch.cat(labels)
+        return predict_logits(model, dataset, EVAL_BATCH_SIZE)
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """``loss`` (mean cross-entropy), ``accuracy`` and ``balanced_accuracy`` on ``dataset``."""
-        logits, y = self.predict(model, dataset)
-        matrix = confusion_matrix(logits.argmax(dim=1), y, self.params.num_classes)
-        support = matrix.sum(axis=1)
-        recall = np.diag(matrix)[support > 0] / support[support > 0]
-        return {
-            "loss": float(F.cross_entropy(logits, y)),
-            "accuracy": float(np.trace(matrix) / matrix.sum()),
-            "balanced_accuracy": float(recall.mean()),
-        }
+        return classification_metrics(*self.predict(model, dataset), self.params.num_classes)
 
     def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
         """Save a PNG of the row-normalised confusion matrix of ``model`` on ``dataset``."""
@@ -268,29 +251,6 @@ class TabularTask:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=100, bbox_inches="tight")
-
-
-def confusion_matrix(predicted: torch.Tensor, truth: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Counts ``M[t, p]`` of records of true class ``t`` predicted as ``p``, shape ``[L, L]`` int64.
-
-    Parameters
-    ----------
-    predicted : torch.Tensor
-        ``[N]`` integer predictions.
-    truth : torch.Tensor
-        ``[N]`` integer labels.
-    num_classes : int
-        ``L``.
-
-    Raises
-    ------
-    ValueError
-        ``predicted`` and ``truth`` differ in shape.
-    """
-    if predicted.shape != truth.shape:
-        raise ValueError(f"predicted {tuple(predicted.shape)} and truth {tuple(truth.shape)} differ in shape")
-    flat = truth.long() * num_classes + predicted.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes).numpy()
 
 
 def _dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:

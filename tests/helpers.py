@@ -4,6 +4,7 @@
   :func:`without_timing` to compare metrics that must be reproducible;
 * toy scenarios on ``tests/strategies/toy_tasks.py``: :func:`toy_scenario` and its two presets
   :func:`quadratic_scenario` and :func:`blobs_scenario`, read back with :func:`final_weight` / :func:`final_accuracy`;
+* task specifications: :func:`check_registered`, :func:`check_evaluate`;
 * Flower messages made by hand: :func:`make_message`, :func:`reply_message`, and :func:`message_grid` for strategies
   that create their own messages.
 """
@@ -19,11 +20,12 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
+from medtasks.registry import get_task_class
 from server.cli import main
 from server.engines import InProcessGrid, run_scenario
 from server.progress import Progress, make_progress
 from server.results import RunDirectory
-from server.scenario import Scenario, load, validate
+from server.scenario import Scenario, ScenarioError, load, validate
 
 QUADRATIC = "tests.strategies.toy_tasks:QuadraticTask"
 BLOBS = "tests.strategies.toy_tasks:BlobsTask"
@@ -184,6 +186,29 @@ def final_weight(run_dir: RunDirectory) -> torch.Tensor:
 def final_accuracy(run_dir: RunDirectory) -> float:
     """Federated (each site's own model on its own validation split) accuracy of the last round."""
     return [r for r in run_dir.read_metrics() if r["phase"] == "evaluate"][-1]["aggregate"]["accuracy"]
+
+
+# --- task specifications -------------------------------------------------------------------------------
+def check_registered(task: str, task_class: type, unknown_params: Mapping[str, Any]) -> None:
+    """The registry maps ``task`` to ``task_class``, and the scenario loader rejects ``task.params`` =
+    ``unknown_params`` (keys the task does not know, or values it refuses) with an error naming the first key."""
+    assert get_task_class(task) is task_class
+    raw = {"name": "t", "task": {"name": task, "params": dict(unknown_params)}, "partition": {"clients": 2},
+           "strategy": {"rounds": 1}}
+    with pytest.raises(ScenarioError, match=next(iter(unknown_params))):
+        validate(raw)
+
+
+def check_evaluate(task: Any, model: torch.nn.Module, dataset: Any) -> dict[str, float]:
+    """``task.evaluate(model, dataset)`` against one full-batch forward pass of ``model`` on ``dataset.tensors``
+    (mean cross-entropy to a relative 1e-5, accuracy); returns the metrics."""
+    x, y = dataset.tensors
+    with torch.no_grad():
+        logits = model(x)
+    metrics = task.evaluate(model, dataset)
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    return metrics
 
 
 # --- Flower messages -----------------------------------------------------------------------------------

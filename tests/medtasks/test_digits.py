@@ -12,9 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.digits import DigitsParams, DigitsTask
 from medtasks.partition import heterogeneity
-from medtasks.registry import get_task_class
-from server.scenario import ScenarioError, validate
-from tests.helpers import ONE_SGD_EPOCH, run, single_torch_thread, toy_scenario
+from tests.helpers import ONE_SGD_EPOCH, check_evaluate, check_registered, run, single_torch_thread, toy_scenario
 from tests.privacy.common import phase_records, with_privacy
 
 TASK = "digits"
@@ -46,11 +44,7 @@ def _site(task: DigitsTask, partition_id: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def test_the_registry_knows_the_task_and_the_scenario_loader_rejects_unknown_params():
-    assert get_task_class(TASK) is DigitsTask
-    raw = {"name": "t", "task": {"name": TASK, "params": {"image_size": 12}}, "partition": {"clients": 2},
-           "strategy": {"rounds": 1}}
-    with pytest.raises(ScenarioError, match="image_size"):
-        validate(raw)
+    check_registered(TASK, DigitsTask, {"image_size": 12})
 
 
 def test_the_pool_is_all_digits_scaled_to_the_unit_interval():
@@ -194,13 +188,7 @@ def test_a_short_centralised_training_of_the_cnn_beats_85_percent_on_held_out_di
 
 def test_evaluate_matches_a_hand_computed_loss_and_accuracy():
     task = _task(server=64)
-    model, dataset = task.build_model(), task.server_data()
-    x, y = dataset.tensors
-    with torch.no_grad():
-        logits = model(x)
-    metrics = task.evaluate(model, dataset)
-    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
-    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    check_evaluate(task, task.build_model(), task.server_data())
 
 
 # ----------------------------------------------------------------------------- federated runs

@@ -11,10 +11,9 @@ import torch
 
 from medtasks.base import DataSpec, PartitionSpec, TaskContext
 from medtasks.partition import heterogeneity
-from medtasks.registry import get_task_class
 from medtasks.tabular import TabularParams, TabularTask, confusion_matrix
-from server.scenario import Scenario, ScenarioError, validate
-from tests.helpers import ONE_SGD_EPOCH, run, single_torch_thread, toy_scenario
+from server.scenario import Scenario, validate
+from tests.helpers import ONE_SGD_EPOCH, check_evaluate, check_registered, run, single_torch_thread, toy_scenario
 
 TASK = "tabular"
 FEATURES, CLASSES = 12, 5
@@ -44,11 +43,7 @@ def _site(task: TabularTask, partition_id: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def test_the_registry_and_the_scenario_loader_know_the_task_and_reject_unknown_params():
-    assert get_task_class(TASK) is TabularTask
-    raw = {"name": "t", "task": {"name": TASK, "params": {"num_feature": 3}}, "partition": {"clients": 2},
-           "strategy": {"rounds": 1}}
-    with pytest.raises(ScenarioError, match="num_feature"):
-        validate(raw)
+    check_registered(TASK, TabularTask, {"num_feature": 3})
 
 
 def test_sites_have_the_documented_shapes_split_and_stats():
@@ -132,14 +127,9 @@ def test_confusion_matrix_counts_true_rows_against_predicted_columns():
 def test_evaluate_matches_a_hand_computed_loss_and_accuracy(tmp_path: Path):
     task = _task(server=64)
     model, dataset = task.build_model(), task.server_data()
-    x, y = dataset.tensors
+    metrics = check_evaluate(task, model, dataset)
     with torch.no_grad():
-        logits = model(x)
-    metrics = task.evaluate(model, dataset)
-    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
-    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
-    with torch.no_grad():
-        assert float(task.loss(model, (x, y))) == pytest.approx(metrics["loss"], rel=1e-5)
+        assert float(task.loss(model, dataset.tensors)) == pytest.approx(metrics["loss"], rel=1e-5)
     task.plot_examples(model, dataset, tmp_path / "examples" / "confusion.png")
     assert (tmp_path / "examples" / "confusion.png").stat().st_size > 1000
 
