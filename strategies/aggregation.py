@@ -480,7 +480,8 @@ class Aggregator:
         names = list(dtypes)
         vectors = [[state[name].detach().cpu().numpy().astype(np.float64) for name in names] for state in states]
         combined = self.params.apply(vectors)
-        return {name: _as_tensor(value, states[0][name]) for name, value in zip(names, combined)}
+        # in the dtypes the sites sent: bounded states are float64, and a float64 model would be broadcast next
+        return {name: _as_tensor(value, states[0][name]).to(dtypes[name]) for name, value in zip(names, combined)}
 
 
 def _as_tensor(value: np.ndarray, like: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy.multikrum import compute_distances, select_multikru
 from client.cache import task_for
 from server.scenario import Scenario, ScenarioError, validate
 from strategies.aggregation import (
+    RULES,
     Aggregator,
     BulyanParams,
     KrumParams,
@@ -165,6 +166,18 @@ def test_bounded_mean_limits_a_scaled_update_and_keeps_dtypes() -> None:
     assert torch.allclose(result["w"], torch.tensor([(0.1 + 2 * 0.2) / 4, 0.1 / 4]))
     with pytest.raises(ValueError, match="defense.norm_bound"):
         Aggregator(norm_bound=0.2).aggregate(states, [1.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multikrum", "bulyan"])
+def test_a_robust_rule_with_a_norm_bound_keeps_the_sites_dtypes(rule: str) -> None:
+    """Bounded updates are float64; the aggregate must still be float32, or the next round's broadcast is float64
+    and every site's float32 reply looks malformed."""
+    origin = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    states = [{"w": torch.full((3,), 0.1 * k), "n": torch.tensor(k)} for k in range(1, 8)]
+    aggregator = Aggregator(RULES[rule].model_validate({}), norm_bound=0.25)
+    result = aggregator.aggregate(states, [1.0] * 7, origin)
+    assert result["w"].dtype == torch.float32 and result["n"].dtype == torch.int64
+    assert float(torch.linalg.vector_norm(result["w"].double())) <= 0.25 + 1e-6
 
 
 # --- the default is today's weighted mean ---------------------------------------------------------------
