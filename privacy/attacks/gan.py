@@ -32,7 +32,9 @@ The server half (:class:`GanObserver`) scores those samples each attack round:
   (:func:`privacy.attacks.image_metrics.best_match_ssim`);
 * ``baseline_share`` and ``baseline_ssim``: the same for the untrained generator (its seeded initial weights)
   on the same latent codes, the number to beat; ``discriminator_share``: the share the received global model
-  (D itself) assigns to ``c``;
+  (D itself) assigns to ``c`` (it falls once the fakes labelled ``f`` are learnt, while ``target_share`` may
+  stay high: G still draws a ``c``, the shared model has only learnt that these drawings are ``f``);
+  ``generator_loss``: G's last ``L(G)`` on the site (sent in the side record);
 
 and draws an image grid of the samples per round (``plots/attack/gan-round<t>-site<pid>.png``). Records have
 victim ``"global"`` (the class is learnt from the shared model) and the attacker's partition id.
@@ -82,7 +84,8 @@ KIND = "gan"
 GENERATOR_STATE_KEY = "medfed-gan-generator"
 """The node-state ``ArrayRecord`` holding G's weights between rounds."""
 SAMPLES_RECORD = f"{SIDE_RECORD_PREFIX}samples"
-"""The reply's side record: ``"samples"`` (``[N, C, S, S]`` generated images) and ``"fake_label"`` (``[]``)."""
+"""The reply's side record: ``"samples"`` (``[N, C, S, S]`` generated images), ``"fake_label"`` (``[]``) and
+``"generator_loss"`` (``[]``)."""
 TASKS = ("digits",)
 """Tasks the attack runs on: image classification with a pool of real images to score against."""
 
@@ -229,7 +232,8 @@ class GanSite:
 
     def tamper(self, records: dict[str, Any], model: nn.Module, received: RecordDict,
                state: RecordDict) -> dict[str, Any]:
-        """The reply plus the side record :data:`SAMPLES_RECORD`: ``samples`` images ``[N, C, S, S]`` of G and f."""
+        """The reply plus the side record :data:`SAMPLES_RECORD`: ``samples`` images ``[N, C, S, S]`` of G, f and
+        G's last loss."""
         generator = self.generator if self.generator is not None else self._load_generator(state)
         fake_label = self.fake_label if self.fake_label is not None else -1
         samples = generate(generator, self.params.samples, self.seed, KIND, self.round, self.pid, "samples")

@@ -16,6 +16,7 @@ from torch.utils.data import TensorDataset
 
 from client.cache import task_for
 from privacy.attacks import AttackSetting, get_attack
+from privacy.attacks.base import Observation
 from privacy.attacks.gan import (
     GENERATOR_STATE_KEY,
     SAMPLES_RECORD,
@@ -134,8 +135,6 @@ def test_training_the_generator_fools_a_trained_discriminator(tmp_path: Path) ->
     site = GanSite(setting, 1, 1)
     site.training_data(TensorDataset(x[y != TARGET][:20], y[y != TARGET][:20]), model, state)
     records = site.tamper({}, model, RecordDict(), state)
-    from privacy.attacks.base import Observation
-
     sent = RecordDict({"arrays": ArrayRecord(model.state_dict())})
     observation = Observation(round=1, partition_id=1, sent=sent, reply=RecordDict(), side=records, uploads={},
                               local=setting.scenario.local, batches=list, members=lambda: TensorDataset(x, y))
