@@ -298,33 +298,34 @@ def last_linear(model: nn.Module, num_classes: int) -> str:
 
 
 def extract_labels(weight_gradient: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Labels of a batch from the gradient of the last linear layer's weight (iDLG, Zhao et al. 2020, Sec. 3).
+    """Labels of a batch from the gradient of the last linear layer's weight.
 
-    For cross-entropy and a final linear layer z = W h, ∂L/∂W_c = (1/B) Σ_i (p_ic − 1[y_i = c]) h_iᵀ. With
-    non-negative features h (the sigmoid LeNet's) the row sum s_c = Σ_j ∂L/∂W_cj is negative exactly for the
-    classes in the batch (Zhao et al. 2020, Eq. 3–5; their code takes argmin_c s_c for a batch of one). For a
-    batch of B > 1 we follow the heuristic of Yin et al. 2021 (Sec. 3.1, assuming distinct labels): the B most
-    negative row sums, in increasing order; when fewer than B row sums are negative, the most negative class
-    fills the remaining places (a repeated label, as the LLG heuristics of Wainakh et al. 2022 assume of the
-    dominant class).
+    For cross-entropy and a final linear layer z = W h, ∂L/∂W_c = (1/B) Σ_i (p_ic − 1[y_i = c]) h_iᵀ.
+
+    * B = 1 (iDLG, Zhao et al. 2020, Sec. 3, Eq. 3–5): with non-negative features h (the sigmoid LeNet's) the
+      row sum s_c = Σ_j ∂L/∂W_cj is negative exactly for the true class; the label is argmin_c s_c (as in their
+      code).
+    * B > 1 (Yin et al. 2021, GradInversion, Sec. 3.1, which assumes the batch's labels are distinct): the B
+      classes with the smallest row minima min_j ∂L/∂W_cj, in increasing order. Repeated labels in a batch are
+      therefore recovered at most once each (label accuracy below 1 then).
 
     Parameters
     ----------
     weight_gradient : torch.Tensor
         ``[C, F]`` ∂L/∂W of the last layer.
     batch_size : int
-        B.
+        B (at most C for B > 1).
 
     Returns
     -------
     torch.Tensor
         ``[B]`` int64 labels.
     """
-    sums = weight_gradient.sum(dim=-1)
-    order = torch.argsort(sums)
-    negative = [int(c) for c in order if sums[c] < 0][:batch_size] or [int(order[0])]
-    labels = negative + [negative[0]] * (batch_size - len(negative))
-    return torch.tensor(labels, dtype=torch.int64)
+    if batch_size == 1:
+        return weight_gradient.sum(dim=-1).argmin().reshape(1).to(torch.int64)
+    minima = weight_gradient.min(dim=-1).values
+    order = torch.argsort(minima)
+    return order[torch.arange(batch_size) % order.numel()].to(torch.int64)
 
 
 # --- one reconstruction -----------------------------------------------------------------------------------
