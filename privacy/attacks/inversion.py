@@ -16,7 +16,12 @@ observed one (:func:`gradient_distance`), and scores the reconstruction against 
 knows (:func:`score`): the victim's mini-batches of the round (for several local steps, their union: each
 reconstruction is matched to its best true sample), or, under DP-SGD's Poisson sampling, the victim's whole
 training split. Which tasks an attack reconstructs is :data:`VIEWS`: image classification (digits) with labels,
-segmentation slices with their masks known to the attacker. Tabular rows (no image metric means anything for
+segmentation slices with their masks known to the attacker. A U-Net normalises after its first convolution
+(BatchNorm in training mode, InstanceNorm, GroupNorm), so the gradient does not change when a slice's
+intensities are scaled and shifted (per batch for BatchNorm, per image otherwise): a slice is recoverable only up
+to that affine map, which PSNR and SSIM penalise. For a batch of one, BatchNorm in training mode normalises like
+InstanceNorm and the attack sees the same gradient; for larger batches it couples the samples of the batch, which
+the attacker reproduces by computing its candidate gradients in training mode too. Tabular rows (no image metric means anything for
 standardised features), MIL bags and CT are refused with a one-line reason.
 
 References
@@ -98,6 +103,8 @@ def _digits_view(task: Task) -> TaskView:
 
 
 def _segmentation_view(task: Task) -> TaskView:
+    """Slices ``[1, S, S]`` in [0, 1] (the folder source's robust min-max range; synthetic slices spill slightly
+    outside it, about −0.1 to 1.1, and are scored unclipped), masks known to the attacker."""
     size = int(task.params.image_size)  # type: ignore[attr-defined]
     return TaskView((1, size, size), (0.0, 1.0), None)
 

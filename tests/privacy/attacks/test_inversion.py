@@ -184,3 +184,12 @@ def test_refusals_name_the_key(path: Path, overrides: list[str], key: str) -> No
 def test_segmentation_labels_cannot_be_inferred() -> None:
     with pytest.raises(ScenarioError, match="attack.params.labels"):
         load(SCENARIOS / "attack-ig-segmentation.yaml", ["attack.params.labels=infer"])
+
+
+def test_inverting_gradients_end_to_end_on_segmentation(tmp_path: Path, one_thread: None) -> None:
+    """A U-Net slice gradient (BatchNorm in training mode), masks known: records, picture, no label metric."""
+    scenario = load(SCENARIOS / "attack-ig-segmentation.yaml",
+                    [f"output.dir={tmp_path / 'runs'}", "attack.params.iterations=20"])
+    metrics = check_run(run(scenario), "inverting_gradients")
+    assert "label_accuracy" not in metrics and metrics["batch_size"] == 1 and metrics["iterations"] == 20
+    assert 0.0 < metrics["psnr"] < 100.0
