@@ -1,0 +1,81 @@
+"""Gradient inversion on digits, single images (batch 1): iDLG and DLG label accuracy, PSNR and time on one core.
+
+The protocol of Zhao et al. 2020 (iDLG, arXiv:2001.02610, Table 1): the sigmoid LeNet at a fresh uniform(-0.5,
+0.5) initialisation, one image per gradient, L-BFGS for 300 steps. Each image gets a fresh model (its own seed).
+Published anchor (MNIST, 28x28): label accuracy iDLG 100 %, DLG 89.9 %.
+
+    python benchmarks/inversion.py                   # 50 images at 8x8, 10 at 32x32, Inverting Gradients on 10
+    python benchmarks/inversion.py --images 100 --large 20
+
+Prints a markdown table: what, command, numbers, seconds (per image, mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medtasks.registry import get_task_class
+from medtasks.seeding import derive_seed, torch_generator
+from privacy.attacks import dlg, idlg, inversion
+from privacy.attacks import inverting_gradients as ig
+from privacy.attacks.image_metrics import reconstruction_quality
+from server.scenario import load
+
+SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "attack-idlg-digits.yaml"
+ATTACKS = {"idlg": (idlg, idlg.IDLGParams()), "dlg": (dlg, dlg.DLGParams()),
+           "inverting_gradients": (ig, ig.InvertingGradientsParams())}
+
+
+def measure(kind: str, image_size: int, images: int) -> tuple[float, float, float, float]:
+    """``(label accuracy, mean PSNR, median PSNR, mean seconds)`` of ``kind`` on ``images`` pool images."""
+    scenario = load(SCENARIO, [f"task.params.image_size={image_size}"])
+    task = get_task_class("digits")(scenario.task_context())
+    view = inversion.VIEWS["digits"](task)
+    x, y = task.pool()
+    module, params = ATTACKS[kind]
+    picks = torch.randperm(len(y), generator=torch_generator(0, "benchmark", "images"))[:images]
+    labels, psnrs, seconds = [], [], []
+    for index in picks.tolist():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(0, "benchmark", "model", index))
+            model = task.build_model()
+            for parameter in model.parameters():  # a fresh uniform(-0.5, 0.5) LeNet per image, as in the protocol
+                torch.nn.init.uniform_(parameter, -0.5, 0.5)
+        model.train()
+        problem = inversion.batch_problem(task, view, model, x[index:index + 1], y[index:index + 1],
+                                          torch_generator(0, "benchmark", kind, index))
+        started = time.perf_counter()
+        result = module.reconstruct(problem, params)  # type: ignore[attr-defined]
+        seconds.append(time.perf_counter() - started)
+        psnrs.append(reconstruction_quality(result.x.clamp(0, 1), x[index:index + 1])["psnr"])
+        labels.append(inversion.label_accuracy(result.labels, y[index:index + 1]))
+    return statistics.mean(labels), statistics.mean(psnrs), statistics.median(psnrs), statistics.mean(seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=50, help="images at 8x8 for iDLG and DLG")
+    parser.add_argument("--large", type=int, default=10, help="images at 32x32 for iDLG and DLG, and for IG at 8x8")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    command = "python benchmarks/inversion.py"
+    print("| what | command | numbers | seconds |")
+    print("|---|---|---|---|")
+    for kind, size, count in (("idlg", 8, args.images), ("dlg", 8, args.images), ("idlg", 32, args.large),
+                              ("dlg", 32, args.large), ("inverting_gradients", 8, args.large)):
+        accuracy, mean_psnr, median_psnr, seconds = measure(kind, size, count)
+        print(f"| {kind}, digits {size}x{size}, batch 1, {count} images | `{command}` | label accuracy "
+              f"{100 * accuracy:.1f} %, PSNR mean {mean_psnr:.1f} dB, median {median_psnr:.1f} dB | "
+              f"{seconds:.2f} per image |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
