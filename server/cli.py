@@ -104,7 +104,8 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                        help="override a scenario key in every cell, as for medfed run (repeatable)")
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                        help="a key and its values, one cell each; values are parsed like --set values (YAML: null, "
-                            "0.1, adam), so a value cannot contain a comma (repeatable, one --grid per key)")
+                            "0.1, adam, {mechanism: none}); commas inside [...] or {...} belong to the value (repeatable, one "
+                            "--grid per key)")
     sweep.add_argument("--seeds", metavar="S1,S2", help="run every cell with each of these seeds "
                                                         "(default: the scenario's seed)")
     sweep.add_argument("--engine", choices=["simulation", "inprocess"], help="override engine.backend of every cell")

@@ -6,7 +6,8 @@
 The cells are the Cartesian product of every ``--grid`` axis and the seeds. A cell is
 the scenario loaded with ``--set`` and then the cell's assignments as further ``--set``
 overrides (:func:`server.scenario.load`), so a grid value is parsed exactly like a
-``--set`` value (YAML: ``null``, ``0.1``, ``adam``); a value cannot contain a comma.
+``--set`` value (YAML: ``null``, ``0.1``, ``adam``, ``{mechanism: none}``); commas separate values except
+inside brackets, braces and quotes (:func:`split_values`).
 Every cell is built and validated before the first one runs: an invalid cell is one
 line naming its assignments, and nothing is written.
 
@@ -89,13 +90,42 @@ def parse_axis(option: str) -> Axis:
         raise SweepError(f"--grid '{option}': expected KEY=V1,V2,...")
     if key == SEED_KEY:
         raise SweepError(f"--grid {key}: give the seeds with --seeds S1,S2,...")
-    texts = tuple(value.strip() for value in text.split(VALUE_SEPARATOR))
+    texts = tuple(value.strip() for value in split_values(text))
     if not all(texts):
-        raise SweepError(f"--grid {key}: empty value in '{text}' (write null for no value; values cannot "
-                         f"contain '{VALUE_SEPARATOR}')")
+        raise SweepError(f"--grid {key}: empty value in '{text}' (write null for no value; a value holds "
+                         f"'{VALUE_SEPARATOR}' only inside [...] or {{...}})")
     if len(set(texts)) < len(texts):
         raise SweepError(f"--grid {key}: a value is given twice in '{text}'")
     return Axis(key, texts)
+
+
+def split_values(text: str) -> list[str]:
+    """The values of ``V1,V2,...``, split at the commas outside brackets, braces and quotes, so a value can be a
+    YAML list or mapping: ``{mechanism: none},{mechanism: dpsgd, params: {noise_multiplier: 1.0}}`` is two values.
+
+    Raises
+    ------
+    SweepError
+        Brackets or quotes that do not close.
+    """
+    values, depth, quote, start = [], 0, "", 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == VALUE_SEPARATOR and depth == 0:
+            values.append(text[start:index])
+            start = index + 1
+        if depth < 0:
+            break
+    if depth != 0 or quote:
+        raise SweepError(f"--grid value list '{text}': brackets or quotes do not close")
+    return [*values, text[start:]]
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -22,7 +22,7 @@ from server.cli import main
 from server.compare import load_runs
 from server.results import RunDirectory
 from server.scenario import Scenario
-from server.sweep import CellResult, SweepError, parse_axis, plan_sweep
+from server.sweep import CellResult, SweepError, parse_axis, plan_sweep, split_values
 from server.sweep_report import plot_privacy_utility, run_sweep, x_axis
 from tests.strategies.toy_tasks import QuadraticParams, QuadraticTask
 
@@ -304,3 +304,13 @@ def test_run_sweep_records_each_cells_numbers_from_its_runner(tmp_path: Path) ->
     assert (row["ε"], row["attack"], row["attack headline"], row["attack value"], row["attack ssim"]) == (
         "8.0", "idlg", "psnr", "25.0", "0.5")
     assert [path.name for path in outcome.files] == ["sweep.json", "sweep.csv", "sweep.md", "privacy_utility.png"]
+
+
+def test_values_split_at_commas_outside_brackets_and_quotes() -> None:
+    assert split_values("null,1.0") == ["null", "1.0"]
+    assert split_values("{mechanism: none},{mechanism: dpsgd, params: {noise_multiplier: 1.0}}") == [
+        "{mechanism: none}", "{mechanism: dpsgd, params: {noise_multiplier: 1.0}}"]
+    assert split_values("[0, 1],[2]") == ["[0, 1]", "[2]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    with pytest.raises(SweepError, match="do not close"):
+        split_values("{mechanism: none")
