@@ -9,7 +9,11 @@ with L-BFGS (lr 1, ``params.iterations`` steps, 300 by default as in the paper's
 ∇W(x', y') is the gradient of the soft-label cross-entropy −Σ_c softmax(y')_c log softmax(f(x'))_c at the model
 w_t the site received. The recovered label is argmax_c y'_c. The observed ∇W is the victim's upload
 (:func:`privacy.attacks.inversion.observed_gradient`: a FedSGD gradient, or Δw/(Kη) of a FedAvg-style update).
-Classification of images only (the digits task): soft labels are classes.
+
+On CT (Sec. 4's joint optimisation carried over to regression) the private pair is the FBP input x and the
+reference image r the site trains FBPConvNet towards: x' and r' ``[B, 1, N, N]`` are fitted jointly by the same
+L-BFGS on ‖∇W(x', r') − ∇W‖² with the task's own loss ‖x' + U(x') − r'‖² (the scanner geometry is public
+context, :func:`privacy.attacks.inversion.ct_loss`). Digits and CT only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario
     from strategies.base import Algorithm
 
-TASKS = ("digits",)
+TASKS = ("digits", "ct")
 
 
 class DLGParams(InversionParams):
@@ -43,7 +47,8 @@ class DLGParams(InversionParams):
 
 
 def reconstruct(problem: Problem, params: InversionParams) -> Reconstruction:
-    """DLG on one victim's gradient: joint L-BFGS over x' ``[B, *shape]`` and label logits y' ``[B, C]``.
+    """DLG on one victim's gradient: joint L-BFGS over x' ``[B, *shape]`` and label logits y' ``[B, C]`` (CT:
+    reference images r' ``[B, *shape]``).
 
     Parameters
     ----------
@@ -55,21 +60,24 @@ def reconstruct(problem: Problem, params: InversionParams) -> Reconstruction:
     Returns
     -------
     Reconstruction
-        x', argmax_c y', the final ‖∇W(x', y') − ∇W‖² and the steps run.
+        x', argmax_c y' (CT: r'), the final ‖∇W(x', y') − ∇W‖² and the steps run.
     """
-    assert problem.view.num_classes is not None
     x = problem.dummy(params.init)
-    label_logits = torch.randn((problem.batch_size, problem.view.num_classes),
-                               generator=problem.generator).requires_grad_(True)
+    if problem.view.reference:
+        labels, loss_of = problem.dummy(params.init), problem.loss_of
+    else:
+        assert problem.view.num_classes is not None
+        labels = torch.randn((problem.batch_size, problem.view.num_classes),
+                             generator=problem.generator).requires_grad_(True)
+        loss_of = soft_label_loss
     target, names = problem.target(), problem.observed.names
 
     def objective() -> torch.Tensor:
-        return gradient_distance(candidate_gradient(problem.model, names, soft_label_loss, x, label_logits),
-                                 target, "euclidean")
+        return gradient_distance(candidate_gradient(problem.model, names, loss_of, x, labels), target, "euclidean")
 
-    distance, steps = lbfgs_match([x, label_logits], objective, params.iterations,
-                                   problem.target_energy())
-    return Reconstruction(x.detach(), label_logits.detach().argmax(dim=-1), distance, steps)
+    distance, steps = lbfgs_match([x, labels], objective, params.iterations, problem.target_energy())
+    recovered = labels.detach() if problem.view.reference else labels.detach().argmax(dim=-1)
+    return Reconstruction(x.detach(), recovered, distance, steps)
 
 
 def server_half(setting: AttackSetting) -> InversionAttack:
@@ -80,7 +88,7 @@ def server_half(setting: AttackSetting) -> InversionAttack:
 
 
 def check_compatible(scenario: Scenario, algorithm: Algorithm, params: AttackParams) -> None:
-    """A strategy that uploads per site, and an image classification task (:data:`TASKS`)."""
+    """A strategy that uploads per site, and digits or CT (:data:`TASKS`)."""
     check_inversion(scenario, algorithm, TASKS, "dlg")
 
 

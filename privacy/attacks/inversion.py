@@ -16,13 +16,14 @@ observed one (:func:`gradient_distance`), and scores the reconstruction against 
 knows (:func:`score`): the victim's mini-batches of the round (for several local steps, their union: each
 reconstruction is matched to its best true sample), or, under DP-SGD's Poisson sampling, the victim's whole
 training split. Which tasks an attack reconstructs is :data:`VIEWS`: image classification (digits) with labels,
-segmentation slices with their masks known to the attacker. A U-Net normalises after its first convolution
+segmentation slices with their masks known to the attacker, and sparse-view CT (:func:`_ct_view`), whose private
+data is a pair of images, the FBP input and the reference image FBPConvNet is trained towards. A U-Net normalises after its first convolution
 (BatchNorm in training mode, InstanceNorm, GroupNorm), so the gradient does not change when a slice's
 intensities are scaled and shifted (per batch for BatchNorm, per image otherwise): a slice is recoverable only up
 to that affine map, which PSNR and SSIM penalise. For a batch of one, BatchNorm in training mode normalises like
 InstanceNorm and the attack sees the same gradient; for larger batches it couples the samples of the batch, which
-the attacker reproduces by computing its candidate gradients in training mode too. Tabular rows (no image metric means anything for
-standardised features), MIL bags and CT are refused with a one-line reason.
+the attacker reproduces by computing its candidate gradients in training mode too. Tabular rows (no image
+metric means anything for standardised features) and MIL bags are refused with a one-line reason.
 
 References
 ----------
@@ -73,6 +74,21 @@ class InversionParams(AttackParams):
 
 
 # --- what each task looks like to the attacker ----------------------------------------------------------
+LossOf = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(model, x' [B, *shape], labels) -> scalar``: the site's training loss on candidate data."""
+
+
+def first_two(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, labels)`` of a batch ``(x, labels, ...)``: inputs and classes or masks."""
+    return batch[0], batch[1]
+
+
+def task_loss(task: Task, public: Sequence[torch.Tensor] | None = None) -> LossOf:
+    """The task's own training loss on ``(x', labels)`` (known or extracted hard labels, masks); ``public`` is
+    unused (the tasks whose batches hold nothing but inputs and labels)."""
+    return lambda model, x, labels: task.loss(model, (x, labels))
+
+
 @dataclass(frozen=True)
 class TaskView:
     """What an inversion needs to know of a task: the shape and range of one input, and its labels.
@@ -85,12 +101,23 @@ class TaskView:
         ``(lo, hi)``: the box the inputs live in (public knowledge of the task; the box constraint).
     num_classes : int or None
         Classes of a classification task (labels are ``[B]`` ints); ``None`` for segmentation (labels are
-        ``[B, S, S]`` masks, known to the attacker).
+        ``[B, S, S]`` masks, known to the attacker) and CT.
+    reference : bool
+        The labels are images of ``shape`` in the same box (CT's reference images): private data an attack may
+        reconstruct along with the inputs, and score like them.
+    pair : callable
+        ``batch -> (x [B, *shape], labels [B, ...])``: the private pair of a batch of the task's loader.
+    loss : callable
+        ``(task, public batch) -> LossOf``: the site's loss on candidates, with whatever else the batch carries
+        that the attacker treats as public (CT: the scanner geometry) taken from ``public``.
     """
 
     shape: tuple[int, ...]
     data_range: tuple[float, float]
     num_classes: int | None
+    reference: bool = False
+    pair: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]] = first_two
+    loss: Callable[[Task, Sequence[torch.Tensor]], LossOf] = task_loss
 
     @property
     def width(self) -> float:
@@ -109,13 +136,46 @@ def _segmentation_view(task: Task) -> TaskView:
     return TaskView((1, size, size), (0.0, 1.0), None)
 
 
-VIEWS: dict[str, Callable[[Task], TaskView]] = {"digits": _digits_view, "segmentation": _segmentation_view}
+def ct_pair(batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_FBP [B, 1, N, N], reference [B, 1, N, N])`` of a CT batch ``(fbp, sinogram, reference, geometry)``."""
+    return batch[0], batch[2]
+
+
+def ct_loss(task: Task, public: Sequence[torch.Tensor]) -> LossOf:
+    """The CT task's loss ‖FBPConvNet(x') − r'‖² on a candidate FBP x' and reference r' (both ``[B, 1, N, N]``).
+
+    The site's scanner geometry ``(views, angular range)`` (``public[3]``, ``[B, 2]``) is public context: it
+    describes the site's scanner, not a patient, and the task rebuilds its operator from it. The measured
+    sinogram is private and FBPConvNet does not read it: the candidate batch carries zeros of its shape
+    ``[B, 1, A, N]`` (A, the number of views, is part of the geometry).
+    """
+    geometry, sinogram_shape = public[3][:1], tuple(public[1].shape[1:])
+
+    def loss_of(model: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        size = x.shape[0]
+        sinogram = torch.zeros((size, *sinogram_shape), dtype=x.dtype)
+        return task.loss(model, (x, sinogram, reference, geometry.expand(size, -1)))
+
+    return loss_of
+
+
+def _ct_view(task: Task) -> TaskView:
+    """FBP inputs ``[1, N, N]`` and reference images in [0, 1] (the HU window [−1000, 1000], the task's PSNR range
+    R = 1; FBP streaks dip slightly below 0 and are scored unclipped), both private and reconstructable."""
+    size = int(task.params.image_size)  # type: ignore[attr-defined]
+    return TaskView((1, size, size), (0.0, 1.0), None, reference=True, pair=ct_pair, loss=ct_loss)
+
+
+VIEWS: dict[str, Callable[[Task], TaskView]] = {"digits": _digits_view, "segmentation": _segmentation_view,
+                                                "ct": _ct_view}
 """Tasks a gradient inversion reconstructs (``task.name`` → its view)."""
 
 REFUSED = {
     "tabular": "rows of standardised features have no image metric (PSNR/SSIM) worth reporting",
     "mil": "a bag's tiles pass through attention pooling to one bag label; tiles are not recoverable one by one",
-    "ct": "FBPConvNet's inputs are not reconstructed here",
+    "ct": "its labels are reference images, not classes to read from the last layer; use dlg or "
+          "inverting_gradients",
+    "segmentation": "its labels are masks, not classes to read from the last layer; use inverting_gradients",
 }
 
 
@@ -140,6 +200,9 @@ def check_inversion(scenario: Scenario, algorithm: Algorithm, tasks: Sequence[st
     if name not in tasks:
         reason = REFUSED.get(name, "only " + ", ".join(tasks) + " are supported")
         raise ValueError(f"task.name: {kind} does not attack the {name} task ({reason})")
+    if name == "ct" and (scenario.task.model or "fbpconvnet") != "fbpconvnet":
+        raise ValueError(f"task.model: {kind} attacks FBPConvNet; the {scenario.task.model} network also reads the "
+                         f"site's measured sinogram, private data this attack does not reconstruct")
 
 
 # --- the observed gradient --------------------------------------------------------------------------------
@@ -222,15 +285,6 @@ def soft_cross_entropy(logits: torch.Tensor, label_logits: torch.Tensor) -> torc
         ``[B, C]`` the dummy labels' logits ŷ' (Zhu et al. 2019, Algorithm 1).
     """
     return -(F.softmax(label_logits, dim=-1) * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
-
-
-LossOf = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(model, x' [B, *shape], labels) -> scalar``: the site's training loss on candidate data."""
-
-
-def task_loss(task: Task) -> LossOf:
-    """The task's own training loss on ``(x', labels)`` (known or extracted hard labels, masks)."""
-    return lambda model, x, labels: task.loss(model, (x, labels))
 
 
 def soft_label_loss(model: nn.Module, x: torch.Tensor, label_logits: torch.Tensor) -> torch.Tensor:
@@ -397,7 +451,8 @@ class Reconstruction:
     x : torch.Tensor
         ``[B, *shape]`` the reconstructed inputs.
     labels : torch.Tensor or None
-        ``[B]`` recovered labels (classification), ``None`` otherwise.
+        ``[B]`` recovered labels (classification), ``[B, *shape]`` reconstructed reference images (CT, when not
+        given to the attacker), ``None`` otherwise.
     distance : float
         The final objective (gradient distance, with priors where the attack adds them).
     iterations : int
@@ -456,25 +511,29 @@ def lbfgs_match(variables: list[torch.Tensor], objective: Callable[[], torch.Ten
 
 
 # --- scoring ----------------------------------------------------------------------------------------------
-def ground_truth(observation: Observation, scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples a reconstruction is scored against: ``(x [N, *shape], labels [N, ...])``.
+def truth_batches(observation: Observation, scenario: Scenario) -> list[Sequence[torch.Tensor]]:
+    """The batches a reconstruction is scored against, as the task's loader yields them.
 
     The victim's mini-batches of the round in order (their union for several local steps); under DP-SGD, whose
     Poisson sampling draws batches the server cannot replay, the victim's whole training split.
     """
     if scenario.privacy.mechanism == "dpsgd":
-        batches = list(DataLoader(observation.members(), batch_size=256, shuffle=False))
-    else:
-        batches = observation.batches()
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        return list(DataLoader(observation.members(), batch_size=256, shuffle=False))
+    return list(observation.batches())
 
 
-def batch_truth(observation: Observation, scenario: Scenario) -> tuple[torch.Tensor, torch.Tensor] | None:
+def ground_truth(batches: Sequence[Sequence[torch.Tensor]], view: TaskView) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [N, *shape], labels [N, ...])``: the private pairs (:attr:`TaskView.pair`) of ``batches``."""
+    pairs = [view.pair(batch) for batch in batches]
+    return torch.cat([x for x, _ in pairs]), torch.cat([labels for _, labels in pairs])
+
+
+def batch_truth(batches: Sequence[Sequence[torch.Tensor]], scenario: Scenario,
+                view: TaskView) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The first mini-batch's ``(x, labels)`` when it is the whole truth (one step, no DP-SGD), else ``None``."""
-    if scenario.privacy.mechanism == "dpsgd":
+    if scenario.privacy.mechanism == "dpsgd" or len(batches) != 1:
         return None
-    batches = observation.batches()
-    return (batches[0][0], batches[0][1]) if len(batches) == 1 else None
+    return view.pair(batches[0])
 
 
 def label_accuracy(recovered: torch.Tensor, truth: torch.Tensor) -> float:
@@ -534,39 +593,66 @@ def score(result: Reconstruction, truth_x: torch.Tensor, truth_labels: torch.Ten
     Returns
     -------
     dict
-        ``psnr`` (dB, capped at 100), ``ssim``, ``mse``, ``label_accuracy`` (classification only),
-        ``gradient_distance``, ``iterations``, ``batch_size``.
+        ``psnr`` (dB, capped at 100), ``ssim``, ``mse`` of the inputs, ``label_accuracy`` (classification only),
+        ``reference_psnr``, ``reference_ssim``, ``reference_mse`` (CT, when the attack reconstructed the reference
+        images rather than being given them), ``gradient_distance``, ``iterations``, ``batch_size``.
     """
-    x = result.x.detach().clamp(*view.data_range) - view.data_range[0]
-    truth = truth_x[paired] - view.data_range[0]
-    metrics = {
-        "psnr": float(torch.clamp(psnr(x, truth, view.width), max=100.0).mean()),
-        "ssim": float(ssim(x, truth, view.width).mean()),
-        "mse": float((x.double() - truth.double()).pow(2).mean()),
-        "gradient_distance": result.distance,
-        "iterations": float(result.iterations),
-        "batch_size": float(x.shape[0]),
-    }
+    metrics = image_scores(result.x, truth_x[paired], view)
+    if view.reference and result.labels is not None:
+        metrics |= {f"reference_{name}": value
+                    for name, value in image_scores(result.labels, truth_labels[paired], view).items()}
+    metrics |= {"gradient_distance": result.distance, "iterations": float(result.iterations),
+                "batch_size": float(result.x.shape[0])}
     if view.num_classes is not None and result.labels is not None:
         metrics["label_accuracy"] = label_accuracy(result.labels, truth_labels)
     return metrics
 
 
+def image_scores(reconstruction: torch.Tensor, truth: torch.Tensor, view: TaskView) -> dict[str, float]:
+    """Mean PSNR (dB, capped at 100), SSIM and MSE of paired images, the reconstruction clipped to the box.
+
+    Parameters
+    ----------
+    reconstruction, truth : torch.Tensor
+        ``[B, C, H, W]``, sample ``i`` paired with sample ``i``.
+    view : TaskView
+        The box and PSNR's R (:attr:`TaskView.width`).
+    """
+    x = reconstruction.detach().clamp(*view.data_range) - view.data_range[0]
+    true = truth - view.data_range[0]
+    return {"psnr": float(torch.clamp(psnr(x, true, view.width), max=100.0).mean()),
+            "ssim": float(ssim(x, true, view.width).mean()),
+            "mse": float((x.double() - true.double()).pow(2).mean())}
+
+
+def panels(result: Reconstruction, truth: torch.Tensor, truth_labels: torch.Tensor, view: TaskView,
+           i: int) -> list[tuple[torch.Tensor, str]]:
+    """Row ``i`` of the picture: true | reconstruction, and for reconstructed CT references true | reconstruction
+    of the reference too (``[C, H, W]`` images with their captions)."""
+    if view.reference:
+        row = [(truth[i], "true FBP"), (result.x[i].detach(), "recon. FBP")]
+        if result.labels is not None:
+            row += [(truth_labels[i], "true reference"), (result.labels[i].detach(), "recon. reference")]
+        return row
+    classes = view.num_classes is not None
+    return [(truth[i], f"true {int(truth_labels[i])}" if classes else "true"),
+            (result.x[i].detach(), f"recon. {int(result.labels[i])}" if result.labels is not None and classes
+             else "reconstruction")]
+
+
 def draw(result: Reconstruction, truth: torch.Tensor, truth_labels: torch.Tensor, view: TaskView,
          path: Path, title: str) -> None:
-    """Save true | reconstruction side by side, one row per sample (``truth`` already paired, ``[B, C, H, W]``)."""
+    """Save true | reconstruction side by side, one row per sample (``truth`` and ``truth_labels`` already
+    paired, ``[B, C, H, W]`` and ``[B, ...]``); the columns are :func:`panels`."""
     from matplotlib.figure import Figure
 
     rows = truth.shape[0]
-    figure = Figure(figsize=(3.2, 1.6 * rows + 0.5))
-    axes = figure.subplots(rows, 2, squeeze=False)
+    columns = len(panels(result, truth, truth_labels, view, 0))
+    figure = Figure(figsize=(1.6 * columns, 1.6 * rows + 0.5))
+    axes = figure.subplots(rows, columns, squeeze=False)
     lo, hi = view.data_range
     for i in range(rows):
-        for column, (image, caption) in enumerate((
-            (truth[i], f"true {int(truth_labels[i])}" if view.num_classes is not None else "true"),
-            (result.x[i].detach(), f"recon. {int(result.labels[i])}" if result.labels is not None
-             and view.num_classes is not None else "reconstruction"),
-        )):
+        for column, (image, caption) in enumerate(panels(result, truth, truth_labels, view, i)):
             ax = axes[i, column]
             ax.imshow(image[0].numpy(), cmap="gray", vmin=lo, vmax=hi)
             ax.set_title(caption, fontsize=8)
@@ -603,7 +689,6 @@ class InversionAttack:
         self.setting, self.kind, self.reconstruct = setting, kind, reconstruct
         self.known_labels, self.whole_round = known_labels, whole_round
         self.view = VIEWS[setting.scenario.task.name](setting.task)
-        self.loss_of = task_loss(setting.task)
 
     def observe(self, observation: Observation) -> list[Outcome]:
         """Invert the victim's reply and score it (one :class:`Outcome`, victim = its partition id)."""
@@ -611,8 +696,9 @@ class InversionAttack:
         model = model_sent(self.setting.task, observation.sent)
         model.train()
         observed = observed_gradient(observation, model)
-        truth_x, truth_labels = ground_truth(observation, scenario)
-        batch = batch_truth(observation, scenario)
+        batches = truth_batches(observation, scenario)
+        truth_x, truth_labels = ground_truth(batches, self.view)
+        batch = batch_truth(batches, scenario, self.view)
         size = batch[0].shape[0] if batch is not None else min(observation.local.batch_size, truth_x.shape[0])
         if self.whole_round:
             examples = int(observation.reply.metric_records["metrics"]["num-examples"])  # type: ignore[arg-type]
@@ -624,7 +710,7 @@ class InversionAttack:
         labels = None
         if self.known_labels:
             labels = batch[1] if batch is not None else truth_labels[:size]
-        problem = Problem(model, observed, self.view, size, self.loss_of, labels,
+        problem = Problem(model, observed, self.view, size, self.view.loss(self.setting.task, batches[0]), labels,
                           torch_generator(scenario.seed, self.kind, observation.round, observation.partition_id),
                           observation)
         with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the round loop may run without grad
@@ -646,7 +732,8 @@ class InversionAttack:
 
 
 def batch_problem(task: Task, view: TaskView, model: nn.Module, x: torch.Tensor, labels: torch.Tensor,
-                  generator: torch.Generator, observation: Observation | None = None) -> Problem:
+                  generator: torch.Generator, observation: Observation | None = None,
+                  public: Sequence[torch.Tensor] | None = None) -> Problem:
     """The problem of a site that sends its exact gradient of one batch (FedSGD), computed here directly.
 
     For benchmarks and unit tests that invert many single batches without a federated run.
@@ -662,13 +749,16 @@ def batch_problem(task: Task, view: TaskView, model: nn.Module, x: torch.Tensor,
     x : torch.Tensor
         ``[B, *shape]`` the batch.
     labels : torch.Tensor
-        ``[B]`` or ``[B, S, S]``.
+        ``[B]``, ``[B, S, S]`` or ``[B, *shape]`` (CT's references).
     generator : torch.Generator
         The attack's stream.
     observation : Observation or None
         Only for the multi-step variant.
+    public : sequence of torch.Tensor or None
+        A batch of the site's loader holding its public context (CT: the whole true batch, whose geometry the
+        loss reads); ``None`` for tasks without any.
     """
-    loss_of = task_loss(task)
+    loss_of = view.loss(task, public if public is not None else (x, labels))
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
         gradient = torch.autograd.grad(loss_of(model, x, labels), [dict(model.named_parameters())[n] for n in names])

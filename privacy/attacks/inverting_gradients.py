@@ -12,8 +12,13 @@ Adam" with signed gradients and step decay as in the authors' reference implemen
 ``restarts`` seeded starts (lowest objective) is kept.
 
 Labels (``params.labels``): ``known`` (the paper's default assumption, Sec. 4: labels are given to the attacker)
-or ``infer`` (iDLG's extraction from the last layer, :func:`privacy.attacks.inversion.extract_labels`;
-classification only). Segmentation slices always use their true masks as known labels.
+or ``infer`` (iDLG's extraction from the last layer, :func:`privacy.attacks.inversion.extract_labels`, for
+classification). Segmentation slices always use their true masks as known labels. On CT the "label" is the
+reference image r the site trains FBPConvNet towards (loss ‖x' + U(x') − r‖²), private like the FBP input x:
+``infer`` optimises x' and r' jointly, both in the box, each with its own TV term, then refits r' alone to the
+Euclidean distance (:func:`fit_reference`: the cosine cannot see the residual's scale, which fixes r' given x');
+``known`` gives the attacker the true references, a weaker privacy statement (it assumes the attacker already
+holds the patient's clean image).
 
 What is matched (``params.multistep``):
 
@@ -46,13 +51,17 @@ from privacy.attacks.inversion import (
     candidate_gradient,
     check_inversion,
     gradient_distance,
+    lbfgs_match,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario
     from strategies.base import Algorithm
 
-TASKS = ("digits", "segmentation")
+TASKS = ("digits", "segmentation", "ct")
+
+REFIT_STEPS = 20
+"""L-BFGS steps of :func:`fit_reference` (each up to 20 evaluations)."""
 
 
 class InvertingGradientsParams(InversionParams):
@@ -64,7 +73,8 @@ class InvertingGradientsParams(InversionParams):
     tv: float = Field(1e-4, ge=0.0, le=10.0, description="α, weight of the total-variation prior")
     restarts: int = Field(1, ge=1, le=32, description="seeded starts; the lowest objective wins")
     labels: Literal["infer", "known"] = Field(
-        "known", description="known (the paper's assumption) or infer (iDLG's extraction, classification only)")
+        "known", description="known (the paper's assumption) or infer (iDLG's extraction for classes; for CT the "
+                             "reference images are reconstructed jointly with the inputs)")
     multistep: bool = Field(False, description="unroll the site's K local SGD steps (Sec. 6) instead of Δw/(Kη)")
 
 
@@ -142,57 +152,106 @@ def reconstruct(problem: Problem, params: InvertingGradientsParams) -> Reconstru
     Returns
     -------
     Reconstruction
-        x' ``[B, *shape]``, the labels used, the final objective and the iterations run per restart.
+        x' ``[B, *shape]``, the labels used (classes; CT: the reconstructed references r' ``[B, *shape]``, or
+        ``None`` when they were known), the final objective and the iterations run per restart.
     """
+    joint = problem.view.reference and params.labels == "infer"
     labels = problem.labels if params.labels == "known" or problem.view.num_classes is None else None
-    if labels is None:
+    if labels is None and not joint:
         labels = infer_labels(problem)
     if params.multistep:
         target = [value for value in problem.observed.descent().values()]
     else:
         target = problem.target()
     lo, hi = problem.view.data_range
-    best: tuple[float, torch.Tensor] = (math.inf, problem.dummy(params.init).detach())
+    best: tuple[float, list[torch.Tensor]] = (math.inf, [])
     for _ in range(params.restarts):
-        x = problem.dummy(params.init)
+        images = [problem.dummy(params.init) for _ in range(2 if joint else 1)]  # x' (and r')
         with torch.no_grad():
-            x.clamp_(lo, hi)
-        value = _adam_on_signs(problem, params, x, labels, target, problem.loss_of)
-        if value < best[0]:
-            best = (value, x.detach().clone())
-    return Reconstruction(best[1], labels if problem.view.num_classes is not None else None, best[0],
-                          params.iterations)
+            for image in images:
+                image.clamp_(lo, hi)
+        value = _adam_on_signs(problem, params, images, labels, target, problem.loss_of)
+        if value < best[0] or not best[1]:
+            best = (value, [image.detach().clone() for image in images])
+    x = best[1][0]
+    if joint:
+        reference = fit_reference(problem, params, x, best[1][1].requires_grad_(True), target)
+        return Reconstruction(x, reference, best[0], params.iterations)
+    return Reconstruction(x, labels if problem.view.num_classes is not None else None, best[0], params.iterations)
 
 
-def _objective(problem: Problem, params: InvertingGradientsParams, x: torch.Tensor, labels: torch.Tensor,
-               target: list[torch.Tensor], loss_of: LossOf) -> torch.Tensor:
-    """1 − cos(∇W(x', y), ∇W) + α TV(x') (Eq. 4), or its multi-step form."""
+def fit_reference(problem: Problem, params: InvertingGradientsParams, x: torch.Tensor, reference: torch.Tensor,
+                  target: list[torch.Tensor]) -> torch.Tensor:
+    """Refit CT's reference r' ``[B, *shape]`` to the observed gradient with x' fixed, by L-BFGS on the Euclidean
+    distance ‖∇W(x', r') − ∇W‖² (Zhu et al. 2019, Eq. 4).
+
+    For the loss (1/n) ‖x̂(x') − r‖² the gradient is affine in r, ∇W(x', r) = (2/n) J(x')ᵀ (x̂(x') − r) with J the
+    Jacobian of x̂ in W: the cosine objective fixes the residual x̂ − r only up to a positive factor, and this
+    least-squares problem in r' fixes the factor (a quadratic, so L-BFGS converges in few steps).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[B, *shape]`` the reconstructed inputs (held fixed).
+    reference : torch.Tensor
+        ``[B, *shape]`` the start r' (from the joint cosine stage), requiring grad; refined in place.
+    target : list of torch.Tensor
+        The observed gradient (or, multi-step, the observed descent).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, *shape]`` r'.
+    """
+    images = [x.detach(), reference]
+
+    def objective() -> torch.Tensor:
+        if params.multistep:
+            candidate = unrolled_descent(problem, images[0], reference)
+        else:
+            candidate = candidate_gradient(problem.model, problem.observed.names, problem.loss_of, images[0],
+                                           reference)
+        return gradient_distance(candidate, target, "euclidean")
+
+    energy = float(sum(float((t.double() ** 2).sum()) for t in target))
+    lbfgs_match([reference], objective, REFIT_STEPS, energy)
+    return reference.detach()
+
+
+def _objective(problem: Problem, params: InvertingGradientsParams, images: list[torch.Tensor],
+               labels: torch.Tensor | None, target: list[torch.Tensor], loss_of: LossOf) -> torch.Tensor:
+    """1 − cos(∇W(x', y), ∇W) + α Σ TV (Eq. 4), or its multi-step form; ``images`` is ``[x']``, or ``[x', r']``
+    when the labels are reconstructed too (``labels`` is then ``None``)."""
+    x, used = images[0], labels if labels is not None else images[1]
     if params.multistep:
-        candidate = unrolled_descent(problem, x, labels)
+        candidate = unrolled_descent(problem, x, used)
     else:
-        candidate = candidate_gradient(problem.model, problem.observed.names, loss_of, x, labels)
-    return gradient_distance(candidate, target, "cosine") + params.tv * total_variation(x)
+        candidate = candidate_gradient(problem.model, problem.observed.names, loss_of, x, used)
+    prior = torch.stack([total_variation(image) for image in images]).sum()
+    return gradient_distance(candidate, target, "cosine") + params.tv * prior
 
 
-def _adam_on_signs(problem: Problem, params: InvertingGradientsParams, x: torch.Tensor, labels: torch.Tensor,
-                   target: list[torch.Tensor], loss_of: LossOf) -> float:
-    """Adam on sign(∇_x objective), steps ÷10 at 3/8, 5/8, 7/8 of the run, projected onto the box; the final
-    objective."""
+def _adam_on_signs(problem: Problem, params: InvertingGradientsParams, images: list[torch.Tensor],
+                   labels: torch.Tensor | None, target: list[torch.Tensor], loss_of: LossOf) -> float:
+    """Adam on sign(∇ objective) of every image variable, steps ÷10 at 3/8, 5/8, 7/8 of the run, projected onto
+    the box; the final objective."""
     lo, hi = problem.view.data_range
-    optimizer = torch.optim.Adam([x], lr=params.lr)
+    optimizer = torch.optim.Adam(images, lr=params.lr)
     n = params.iterations
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3 * n // 8, 5 * n // 8, 7 * n // 8],
                                                      gamma=0.1)
     for _ in range(n):
         optimizer.zero_grad()
-        value = _objective(problem, params, x, labels, target, loss_of)
-        (gradient,) = torch.autograd.grad(value, [x])
-        x.grad = gradient.sign()
+        value = _objective(problem, params, images, labels, target, loss_of)
+        gradients = torch.autograd.grad(value, images)
+        for image, gradient in zip(images, gradients, strict=True):
+            image.grad = gradient.sign()
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            x.clamp_(lo, hi)
-    return float(_objective(problem, params, x, labels, target, loss_of).detach())
+            for image in images:
+                image.clamp_(lo, hi)
+    return float(_objective(problem, params, images, labels, target, loss_of).detach())
 
 
 def server_half(setting: AttackSetting) -> InversionAttack:
@@ -204,15 +263,15 @@ def server_half(setting: AttackSetting) -> InversionAttack:
 
 
 def check_compatible(scenario: Scenario, algorithm: Algorithm, params: AttackParams) -> None:
-    """A per-site upload, a supported task (:data:`TASKS`); labels inferred only for classification and a
-    shared head; the multi-step variant only for plain SGD (momentum and weight decay allowed) and uploads of
+    """A per-site upload, a supported task (:data:`TASKS`); labels inferred for classification with a shared
+    head, or for CT (reconstructed), never for segmentation; the multi-step variant only for plain SGD (momentum and weight decay allowed) and uploads of
     weights (not FedSGD's single gradient)."""
     assert isinstance(params, InvertingGradientsParams)
     check_inversion(scenario, algorithm, TASKS, "inverting_gradients")
-    if params.labels == "infer" and scenario.task.name != "digits":
+    if params.labels == "infer" and scenario.task.name == "segmentation":
         raise ValueError(f"attack.params.labels: 'infer' reads class labels from the last layer; the "
                          f"{scenario.task.name} task's labels are masks (use 'known')")
-    if params.labels == "infer" and scenario.strategy.name == "fedper":
+    if params.labels == "infer" and scenario.task.name == "digits" and scenario.strategy.name == "fedper":
         raise ValueError("attack.params.labels: 'infer' needs the last layer's gradient, which fedper never uploads")
     if params.multistep and scenario.strategy.name == "fedsgd":
         raise ValueError("attack.params.multistep: fedsgd uploads one gradient; there are no local steps to unroll")
