@@ -21,6 +21,7 @@ from privacy.attacks.poisoning import (
     boost_factor,
     boost_records,
     choose,
+    relabelled,
     update_norm,
 )
 from server.scenario import ScenarioError, validate
@@ -86,7 +87,8 @@ def test_poisoned_dataset_edits_the_chosen_share_deterministically() -> None:
     chosen = choose(40, 0.5, numpy_rng(0, "backdoor", 1, 0))
     assert chosen.sum() == 20 and np.array_equal(chosen, choose(40, 0.5, numpy_rng(0, "backdoor", 1, 0)))
     target = torch.tensor(0)
-    poisoned = EditedDataset(base, chosen, lambda x, y: (add_trigger(x, "image", 2, 1.0), target), repeat=2)
+    poisoned = EditedDataset(base, chosen, lambda s: relabelled((add_trigger(s[0], "image", 2, 1.0), *s[1:]), target),
+                             repeat=2)
     assert len(poisoned) == 80
     for index in range(80):
         x, y = poisoned[index]
@@ -166,8 +168,7 @@ def test_claimed_examples_travel_in_the_metrics_record() -> None:
     ({"strategy__name": "local"}, "strategy.name"),
     ({"strategy__name": "centralized", "strategy__min_clients": 1}, "strategy.name"),
     ({"strategy__name": "fedbn"}, "strategy.name"),
-    ({"task": {"name": "segmentation", "params": {"image_size": 32}}, "data": {"samples_per_client": 8,
-                                                                              "server_samples": 4}}, "task.name"),
+    ({"task": {"name": "ct", "params": {}}}, "task.name"),
     ({"attack__params": {"target_class": 10}}, "attack.params.target_class"),
     ({"attack__params": {"patch_size": 8}}, "attack.params.patch_size"),
     ({"attack__rounds": [1], "attack__params": {"poison_rounds": [2]}}, "attack.params.poison_rounds"),
