@@ -125,14 +125,18 @@ def test_boost_scales_weights_around_the_received_model() -> None:
     sent = {name: torch.randn_like(t) if t.is_floating_point() else t for name, t in model.state_dict().items()}
     trained = {name: t + 0.1 if t.is_floating_point() else t + 1 for name, t in sent.items()}
     received = RecordDict({"arrays": ArrayRecord(sent)})
-    boosted = boost_records({"arrays": ArrayRecord(trained)}, _rule_uploads("fedavg", model), received, 4.0)
+    parameters = {name for name, _ in model.named_parameters()}
+    boosted = boost_records({"arrays": ArrayRecord(trained)}, _rule_uploads("fedavg", model), received, 4.0,
+                            parameters)
     tensors = boosted["arrays"].to_torch_state_dict()
     for name, value in tensors.items():
-        if value.is_floating_point():
+        if name in parameters:
             torch.testing.assert_close(value, sent[name] + 4.0 * (trained[name] - sent[name]))
         else:
-            assert torch.equal(value, trained[name]), "counters are not boosted"
-    norm = update_norm(RecordDict(boosted), received, _rule_uploads("fedavg", model))
+            assert torch.equal(value, trained[name]), "counters and running statistics are not boosted"
+    assert {"1.running_mean", "1.running_var"} <= set(tensors) - parameters
+    everything = boost_records({"arrays": ArrayRecord(trained)}, _rule_uploads("fedavg", model), received, 4.0)
+    norm = update_norm(RecordDict(everything), received, _rule_uploads("fedavg", model))
     plain = update_norm(RecordDict({"arrays": ArrayRecord(trained)}), received, _rule_uploads("fedavg", model))
     assert norm == pytest.approx(4.0 * plain)
 
