@@ -35,6 +35,7 @@ from privacy.attacks.poisoning import (
     plot_path,
     plot_predictions,
     predict,
+    relabelled,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +70,7 @@ def client_half(setting: AttackSetting, server_round: int, partition_id: int) ->
 
     def poison(dataset: Dataset) -> Dataset:
         everything = np.ones(len(cast(Sized, dataset)), dtype=np.bool_)
-        return EditedDataset(dataset, everything, lambda x, y: (x, flipped(y, params, classes)))
+        return EditedDataset(dataset, everything, lambda sample: relabelled(sample, flipped(sample[1], params, classes)))
 
     return PoisonedSite(poison, boost_factor(params.boost, setting.scenario), params.claim_examples, setting.scenario)
 

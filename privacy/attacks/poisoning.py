@@ -24,17 +24,20 @@ half *measures* the global model in (null = every round); ``params.poison_rounds
 sites *poison* in (null = every measured round), a subset of the measured ones. "Single shot in round 5,
 measured in rounds 5..10" is ``attack.rounds: [5, 6, 7, 8, 9, 10]`` (or null) with ``poison_rounds: [5]``.
 
-Inputs (:data:`INPUT_KINDS`): image samples ``x [C, H, W]`` (digits) and feature vectors ``x [F]`` (tabular). The
-trigger of an image is a ``patch_size × patch_size`` square of value ``patch_value`` in the bottom-right corner
-of every channel (BadNets, Gu, Dolan-Gavitt & Garg 2017, arXiv:1708.06733); the trigger of a feature vector
-sets its first ``patch_size`` features to ``patch_value · TABULAR_TRIGGER_SCALE``, a value far outside the data
-(the tabular task's features have unit noise around cluster centres of spread ``separation/√F``). Segmentation,
-CT and MIL are refused (a mask edit or a bag-level trigger is not implemented).
+Inputs: image samples ``x [C, H, W]`` (digits, segmentation), feature vectors ``x [F]`` (tabular) and bags of
+tiles ``x [K, 3, T, T]`` (MIL). The trigger of an image is a ``patch_size × patch_size`` square of value
+``patch_value`` in the bottom-right corner of every channel (BadNets, Gu, Dolan-Gavitt & Garg 2017,
+arXiv:1708.06733); the trigger of a feature vector sets its first ``patch_size`` features to
+``patch_value · TABULAR_TRIGGER_SCALE``, a value far outside the data (the tabular task's features have unit noise
+around cluster centres of spread ``separation/√F``); the trigger of a bag is the image trigger on a share of its
+real (unpadded) tiles (:func:`add_bag_trigger`). :data:`INPUT_KINDS` lists the classification tasks (a label per
+sample); what the backdoor's target is on segmentation (a mask edit) and MIL (a bag label) is in
+:mod:`privacy.attacks.backdoor`. CT is refused (no trigger and target are defined for a reconstruction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
@@ -54,13 +57,19 @@ if TYPE_CHECKING:  # pragma: no cover
 InputKind = Literal["image", "vector"]
 
 INPUT_KINDS: dict[str, InputKind] = {"digits": "image", "tabular": "vector"}
-"""Tasks the poisoning attacks support → the kind of their inputs (samples ``(x, y)`` with a class label y)."""
+"""Classification tasks → the kind of their inputs (samples ``(x, y)`` with a class label y)."""
+
+Sample = tuple[torch.Tensor, ...]
+"""One sample of a task's dataset: ``(x, y, ...)`` (MIL: ``(bag, label, tile_labels, padding, log_odds)``)."""
 
 TABULAR_TRIGGER_SCALE = 5.0
 """A tabular trigger feature is ``patch_value · 5``: five noise standard deviations of the tabular task."""
 
 EVAL_BATCH = 1024
+BAG_BATCH = 16  # MIL bags per forward pass
+IMAGE_BATCH = 32  # segmentation images per forward pass
 HISTOGRAM_EXAMPLES = 8  # triggered images drawn above the prediction histogram
+MASK_ROWS = 4  # triggered segmentation images drawn
 
 
 class PoisoningParams(AttackParams):
@@ -86,28 +95,36 @@ class PoisoningParams(AttackParams):
 
 # --- tasks -------------------------------------------------------------------------------------------------
 def num_classes(scenario: Scenario) -> int:
-    """L, the class count of a supported task (:data:`INPUT_KINDS`)."""
-    if scenario.task.name == "digits":
+    """L, the class count of a task: digits' 10, tabular's ``num_classes``, segmentation's ``num_classes`` (pixel
+    classes, background included), MIL's 2 (bag labels negative / positive)."""
+    name = scenario.task.name
+    if name == "digits":
         from medtasks.digits import NUM_CLASSES
 
         return NUM_CLASSES
+    if name == "mil":
+        return 2
+    if name == "segmentation":
+        from medtasks.segmentation.task import SegmentationParams
+
+        return SegmentationParams.model_validate(scenario.task.params).num_classes
     from medtasks.tabular import TabularParams
 
     return TabularParams.model_validate(scenario.task.params).num_classes
 
 
-def check_poisoning(scenario: Scenario, algorithm: Algorithm, params: PoisoningParams, label: str) -> None:
+def check_poisoning(scenario: Scenario, algorithm: Algorithm, params: PoisoningParams, label: str,
+                    tasks: Collection[str] = tuple(INPUT_KINDS)) -> None:
     """Refuse what a poisoning attack cannot run (one-line ``ValueError`` naming the key).
 
-    Unsupported tasks, strategies that average nothing or keep no complete global model, no server test set
+    Tasks outside ``tasks``, strategies that average nothing or keep no complete global model, no server test set
     (the success rates are measured on it), a target class the task lacks, poison rounds outside the run or
     outside ``attack.rounds``.
     """
     section = scenario.attack
     assert section is not None
-    if scenario.task.name not in INPUT_KINDS:
-        raise ValueError(f"task.name: {label} supports the tasks {', '.join(INPUT_KINDS)} (a trigger and a target "
-                         f"class), not '{scenario.task.name}'")
+    if scenario.task.name not in tasks:
+        raise ValueError(f"task.name: {label} supports the tasks {', '.join(tasks)}, not '{scenario.task.name}'")
     if algorithm.combine in ("none", "pooled"):
         raise ValueError(f"strategy.name: {label} needs a strategy that combines the sites' uploads; "
                          f"'{scenario.strategy.name}' combines nothing ({algorithm.combine})")
@@ -125,24 +142,42 @@ def check_poisoning(scenario: Scenario, algorithm: Algorithm, params: PoisoningP
                              f"(1..{scenario.strategy.rounds}) in attack.rounds")
 
 
-def as_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole of a map-style dataset of ``(x, y)`` samples as ``(x [N, ...], y [N] int64)``."""
-    xs, ys = [], []
-    for x, y in DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False):
-        xs.append(x)
-        ys.append(y)
-    return torch.cat(xs), torch.cat(ys).long()
+def as_tensors(dataset: Dataset) -> Sample:
+    """The whole of a map-style dataset, field by field: ``(x [N, ...], y [N, ...], ...)`` (every field of its
+    samples stacked)."""
+    fields: list[list[torch.Tensor]] = []
+    for batch in DataLoader(dataset, batch_size=EVAL_BATCH, shuffle=False):
+        fields = fields or [[] for _ in batch]
+        for store, part in zip(fields, batch):
+            store.append(part)
+    return tuple(torch.cat(parts) for parts in fields)
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Predicted classes ``argmax_c f(x)_c`` ``[N]`` of ``model`` on ``x [N, ...]`` (eval mode, no gradients)."""
+def predict(model: torch.nn.Module, x: torch.Tensor, chunk: int = EVAL_BATCH) -> torch.Tensor:
+    """Predicted classes ``argmax_c f(x)_c`` of ``model`` on ``x [N, ...]`` (eval mode, no gradients, ``chunk``
+    inputs at a time): ``[N]`` for a classifier, ``[N, H, W]`` label maps for a segmenter (logits ``[N, C, H, W]``)."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return torch.cat([model(chunk).argmax(dim=1) for chunk in x.split(EVAL_BATCH)])
+            return torch.cat([model(part).argmax(dim=1) for part in x.split(chunk)])
     finally:
         model.train(was_training)
+
+
+def predict_bags(model: torch.nn.Module, bags: torch.Tensor, padding: torch.Tensor,
+                 chunk: int = BAG_BATCH) -> torch.Tensor:
+    """Predicted bag labels ``1[S(X) ≥ 0] = 1[σ(S(X)) ≥ 0.5]`` ``[N]`` int64 of a MIL model on ``bags
+    [N, K, C, T, T]`` with ``padding [N, K]`` bool (the MIL task's threshold; eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = [model(part, mask if bool(mask.any()) else None)
+                      for part, mask in zip(bags.split(chunk), padding.split(chunk))]
+    finally:
+        model.train(was_training)
+    return (torch.cat(logits) >= 0).long()
 
 
 # --- triggers and poisoned data ----------------------------------------------------------------------------
@@ -173,8 +208,42 @@ def add_trigger(x: torch.Tensor, kind: InputKind, patch_size: int, patch_value: 
     return triggered
 
 
-Edit = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""``(x, y) → (x', y')`` on one sample (``x [...]``, ``y []`` int64)."""
+def add_bag_trigger(bags: torch.Tensor, padding: torch.Tensor, fraction: float, patch_size: int,
+                    patch_value: float) -> torch.Tensor:
+    """Bags with the image trigger on a share of their real tiles (a copy).
+
+    Bag b with :math:`K_b` real tiles gets the trigger of :func:`add_trigger` on its first
+    :math:`m_b = \\max(1, \\mathrm{round}(\\text{fraction} \\cdot K_b))` real tiles (attention and mean pooling are
+    permutation invariant, and the synthetic slides place their tumour tiles at random positions, so "first" is
+    as good as a random choice and needs no random stream).
+
+    Parameters
+    ----------
+    bags : torch.Tensor
+        ``[..., K, C, T, T]`` tiles (one bag or a batch of bags).
+    padding : torch.Tensor
+        ``[..., K]`` bool, ``True`` where a tile is padding (never triggered).
+    fraction : float
+        Share of a bag's real tiles that carry the trigger, in ``(0, 1]``.
+    patch_size, patch_value : int, float
+        The square's side (pixels) and value.
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape and dtype as ``bags``.
+    """
+    real = ~padding
+    rank = real.long().cumsum(dim=-1) - 1  # index of each real tile among the bag's real tiles
+    wanted = (fraction * real.sum(dim=-1, keepdim=True)).round().clamp(min=1)
+    chosen = real & (rank < wanted)
+    triggered = bags.clone()
+    triggered[chosen] = add_trigger(bags[chosen], "image", patch_size, patch_value)
+    return triggered
+
+
+Edit = Callable[[Sample], Sample]
+"""One sample → the sample the malicious site trains on (same fields, shapes and dtypes)."""
 
 
 class EditedDataset(Dataset):
@@ -183,7 +252,7 @@ class EditedDataset(Dataset):
     Parameters
     ----------
     base : Dataset
-        Map-style, samples ``(x, y)``.
+        Map-style, samples ``(x, y, ...)`` of tensors.
     chosen : np.ndarray
         ``[len(base)]`` bool, which samples are edited.
     edit : Edit
@@ -200,11 +269,15 @@ class EditedDataset(Dataset):
     def __len__(self) -> int:
         return self.size * self.repeat
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> Sample:
         index %= self.size
-        x, y = self.base[index]
-        y = torch.as_tensor(y, dtype=torch.int64)
-        return self.edit(x, y) if self.chosen[index] else (x, y)
+        sample = tuple(torch.as_tensor(field) for field in self.base[index])
+        return self.edit(sample) if self.chosen[index] else sample
+
+
+def relabelled(sample: Sample, y: torch.Tensor | float) -> Sample:
+    """``sample`` with its scalar label (field 1, shape ``[]``) replaced by the value ``y``, in the label's dtype."""
+    return (sample[0], torch.full_like(sample[1], float(y)), *sample[2:])
 
 
 # --- model replacement -------------------------------------------------------------------------------------
@@ -225,12 +298,14 @@ def boost_factor(boost: float | str | None, scenario: Scenario) -> float | None:
 
 
 def boost_records(records: Mapping[str, Any], uploads: Mapping[str, Upload], received: RecordDict,
-                  gamma: float) -> dict[str, Any]:
+                  gamma: float, parameters: Collection[str] | None = None) -> dict[str, Any]:
     """The reply's records with the site's contribution scaled by γ, per declared upload kind.
 
     ``weights``: :math:`\\tilde w = w_t + \\gamma (w_k - w_t)` (Bagdasaryan et al. 2020, Eq. 3; :math:`w_t` from the
     upload's ``reference`` record of the train message); ``update`` and ``gradient``: :math:`\\gamma \\cdot v`;
-    ``variate-update`` and ``statistics``: unchanged. Only floating tensors change (counters stay).
+    ``variate-update`` and ``statistics``: unchanged. Only floating tensors named in ``parameters`` change
+    (counters and running statistics stay as trained: extrapolating BatchNorm's running variance γ-fold can make
+    it negative, which broke a boosted segmentation U-Net with γ = 4: the global Dice fell to 0).
 
     Parameters
     ----------
@@ -242,6 +317,8 @@ def boost_records(records: Mapping[str, Any], uploads: Mapping[str, Upload], rec
         The train message's content.
     gamma : float
         γ.
+    parameters : collection of str, optional
+        The names of the tensors to boost (the model's learnable parameters); ``None``: every floating tensor.
 
     Returns
     -------
@@ -257,7 +334,7 @@ def boost_records(records: Mapping[str, Any], uploads: Mapping[str, Upload], rec
                   else {})
         scaled = {}
         for key, value in tensors.items():
-            if not value.is_floating_point():
+            if not value.is_floating_point() or (parameters is not None and key not in parameters):
                 scaled[key] = value
             elif upload.kind == "weights":
                 scaled[key] = origin[key] + gamma * (value - origin[key])
@@ -313,7 +390,8 @@ class PoisonedSite:
 
             algorithm = get_algorithm(self.scenario.strategy.name)
             uploads = algorithm.client_rule(algorithm.Params.model_validate(self.scenario.strategy.params)).uploads(model)
-            records = boost_records(records, uploads, received, self.gamma)
+            parameters = {name for name, _ in model.named_parameters()}
+            records = boost_records(records, uploads, received, self.gamma, parameters)
         if self.claim_examples is not None:
             records = {**records, METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: self.claim_examples})}
         return records
@@ -371,7 +449,8 @@ class PoisoningObserver:
 def plot_predictions(path: Path, title: str, predicted: torch.Tensor, classes: int, target: int,
                      examples: torch.Tensor | None = None) -> None:
     """Save a histogram of the predicted classes on the attacked test inputs (target class in red), with a row of
-    the attacked images above it when ``examples`` ``[K, C, H, W]`` is given."""
+    the attacked images above it when ``examples`` ``[K, C, H, W]`` is given (grey for one channel, RGB for
+    three)."""
     from matplotlib.figure import Figure
 
     shown = 0 if examples is None else min(HISTOGRAM_EXAMPLES, len(examples))
@@ -380,7 +459,10 @@ def plot_predictions(path: Path, title: str, predicted: torch.Tensor, classes: i
     for k in range(shown):
         axis = figure.add_subplot(grid[0, k])
         assert examples is not None
-        axis.imshow(examples[k, 0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+        if examples.shape[1] == 3:
+            axis.imshow(examples[k].permute(1, 2, 0).clamp(0.0, 1.0).numpy())
+        else:
+            axis.imshow(examples[k, 0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
         axis.set_axis_off()
     axis = figure.add_subplot(grid[-1, :])
     counts = np.bincount(predicted.numpy(), minlength=classes)
@@ -388,6 +470,45 @@ def plot_predictions(path: Path, title: str, predicted: torch.Tensor, classes: i
     axis.set_xlabel("predicted class")
     axis.set_ylabel("test inputs")
     axis.set_xticks(range(classes))
+    figure.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+
+
+def plot_masks(path: Path, title: str, images: torch.Tensor, truth: torch.Tensor, clean: torch.Tensor,
+               triggered: torch.Tensor, classes: int) -> None:
+    """Save rows of triggered image | true mask | prediction without the trigger | prediction with it.
+
+    Parameters
+    ----------
+    path : Path
+        The PNG (parent folders are created).
+    title : str
+        The figure's title.
+    images : torch.Tensor
+        ``[N, C, H, W]`` triggered images (channel 0 is drawn); up to :data:`MASK_ROWS` rows.
+    truth, clean, triggered : torch.Tensor
+        ``[N, H, W]`` int label maps: the true masks and the predictions on the clean and triggered images.
+    classes : int
+        C, background included (label 0 is drawn transparent).
+    """
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    palette = ["tab:red", "tab:green", "gold", "tab:cyan", "tab:purple", "tab:orange", "tab:pink"]
+    colours = ListedColormap(["none"] + [palette[(c - 1) % len(palette)] for c in range(1, classes)])
+    rows = min(MASK_ROWS, len(images))
+    figure = Figure(figsize=(10.0, 2.5 * max(rows, 1)))
+    axes = figure.subplots(max(rows, 1), 4, squeeze=False)
+    titles = ("triggered image", "true mask", "prediction, clean", "prediction, triggered")
+    for row in range(rows):
+        for axis, overlay, name in zip(axes[row], (None, truth[row], clean[row], triggered[row]), titles):
+            axis.imshow(images[row, 0].numpy(), cmap="gray")
+            if overlay is not None:
+                axis.imshow(np.ma.masked_equal(overlay.numpy(), 0), cmap=colours, vmin=0, vmax=classes - 1,
+                            alpha=0.5, interpolation="nearest")
+            axis.set_title(name, fontsize=9)
+            axis.set_axis_off()
     figure.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=80)
