@@ -5,7 +5,9 @@ it hands every train reply of a victim or an attacker in an attack round to the 
 ground truth a simulation knows (the mini-batches the site drew, its training split) for scoring; it runs before
 the reply checks, so it sees what the server receives and removes the records a malicious site added for the
 experimenter (:data:`privacy.attacks.SIDE_RECORD_PREFIX`). At ``round_done`` the server half sees the new
-global model (membership inference against it, a backdoor's success rate, the GAN attacker's samples). Every
+global model (membership inference against it, a backdoor's success rate, the GAN attacker's samples). Both
+calls run with gradients enabled (attacks optimise) and in a forked random state (the run's own streams stay
+untouched). Every
 scored attempt becomes one ``"phase": "attack"`` record of ``metrics.jsonl`` beside the round's main metric,
 and :meth:`AttackRound.summary` is ``summary.json``'s ``"attack"`` block.
 """
@@ -87,7 +89,7 @@ class AttackRound(RoundPlugin):
             for name in side:
                 del reply.content[name]
             started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):  # the run's own random streams stay where they were
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the run's streams stay where they were
                 outcomes = self.attack.observe(self._observation(round_, pid, reply, side))
             self._keep(outcomes, time.perf_counter() - started)
 
@@ -96,7 +98,7 @@ class AttackRound(RoundPlugin):
         if self.section.acts_in(round_.number) or self._pending:
             started = time.perf_counter()
             model = copy.deepcopy(self.model_with(round_.arrays)) if self.complete and len(round_.arrays) else None
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
                 outcomes = self.attack.after_round(round_.number, model) if self.section.acts_in(round_.number) else []
             self._keep(outcomes, time.perf_counter() - started)
         main_name, main_value = self._main_metric(round_.headline)
