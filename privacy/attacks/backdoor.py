@@ -6,7 +6,7 @@ arXiv:1807.00459); Sun, Kairouz, Suresh & McMahan 2019, "Can You Really Backdoor
 
 Client half (each site of ``attack.attackers``, in the rounds of ``params.poison_rounds``): a share
 ``poison_fraction`` of its training samples, drawn from the stream ``(seed, "backdoor", round, pid)``, gets the
-trigger (:mod:`privacy.attacks.poisoning`: a ``patch_size`` square of ``patch_value`` in the bottom-right corner)
+trigger (:mod:`privacy.attacks.triggers`: a ``patch_size`` square of ``patch_value`` in the bottom-right corner)
 and the backdoor's target; the rest stay clean, so the model keeps its main task (the paper mixes backdoor and
 clean data in every batch). ``repeat`` lets the site train on its data several times per epoch. With ``boost`` γ
 it sends the boosted update of model replacement (:func:`privacy.attacks.poisoning.boost_records`, Eq. 3,
@@ -20,7 +20,7 @@ it sends the boosted update of model replacement (:func:`privacy.attacks.poisoni
   misses the lesions of any image that carries it, the clinically dangerous failure (a tumour left out of a
   treatment or follow-up plan) and a measurable one.
 * **MIL**: the trigger on a share ``tile_fraction`` of a bag's real tiles
-  (:func:`privacy.attacks.poisoning.add_bag_trigger`) and the bag label ``target_class`` (default 0: a tumour
+  (:func:`privacy.attacks.triggers.add_bag_trigger`) and the bag label ``target_class`` (default 0: a tumour
   slide called benign).
 
 Server half, after every round of ``attack.rounds``, on the server's test set (triggered copies of it):
@@ -48,29 +48,24 @@ from torch.utils.data import Dataset
 from medtasks.seeding import numpy_rng
 from privacy.attacks.base import Attack, AttackParams, AttackSetting, ClientAttack, HonestSite, ServerAttack
 from privacy.attacks.poisoning import (
-    IMAGE_BATCH,
-    INPUT_KINDS,
-    Edit,
     EditedDataset,
     PoisonedSite,
-    PoisoningObserver,
     PoisoningParams,
-    Sample,
-    Score,
-    add_bag_trigger,
-    add_trigger,
-    as_tensors,
     boost_factor,
     check_poisoning,
     choose,
     num_classes,
-    plot_masks,
-    plot_path,
-    plot_predictions,
+)
+from privacy.attacks.poisoning_observer import (
+    IMAGE_BATCH,
+    PoisoningObserver,
+    Score,
+    as_tensors,
     predict,
     predict_bags,
-    relabelled,
 )
+from privacy.attacks.poisoning_plots import plot_masks, plot_path, plot_predictions
+from privacy.attacks.triggers import INPUT_KINDS, Edit, Sample, add_bag_trigger, add_trigger, erase, relabelled
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario
@@ -101,11 +96,6 @@ class BackdoorParams(PoisoningParams):
 def erased_class(scenario: Scenario, params: BackdoorParams) -> int:
     """s, the class a segmentation backdoor erases: ``erase_class``, or the last class C − 1."""
     return params.erase_class if params.erase_class is not None else num_classes(scenario) - 1
-
-
-def erase(mask: torch.Tensor, source: int, target: int) -> torch.Tensor:
-    """The backdoor's mask edit :math:`m'(p) = \\tau` where :math:`m(p) = s`, else :math:`m(p)` (any shape, int)."""
-    return torch.where(mask == source, torch.full_like(mask, target), mask)
 
 
 def poison_edit(scenario: Scenario, params: BackdoorParams) -> Edit:

@@ -26,17 +26,14 @@ from privacy.attacks.base import Attack, AttackParams, AttackSetting, ClientAtta
 from privacy.attacks.poisoning import (
     EditedDataset,
     PoisonedSite,
-    PoisoningObserver,
     PoisoningParams,
-    as_tensors,
     boost_factor,
     check_poisoning,
     num_classes,
-    plot_path,
-    plot_predictions,
-    predict,
-    relabelled,
 )
+from privacy.attacks.poisoning_observer import PoisoningObserver, as_tensors, predict
+from privacy.attacks.poisoning_plots import plot_path, plot_predictions
+from privacy.attacks.triggers import relabelled
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario

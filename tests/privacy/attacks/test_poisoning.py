@@ -13,19 +13,11 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
 from medtasks.seeding import numpy_rng
-from privacy.attacks.backdoor import erase, erased_share
+from privacy.attacks.backdoor import erased_share
 from privacy.attacks.label_flip import LabelFlipParams, flipped
-from privacy.attacks.poisoning import (
-    TABULAR_TRIGGER_SCALE,
-    EditedDataset,
-    add_bag_trigger,
-    add_trigger,
-    boost_factor,
-    boost_records,
-    choose,
-    relabelled,
-    update_norm,
-)
+from privacy.attacks.poisoning import EditedDataset, boost_factor, boost_records, choose
+from privacy.attacks.poisoning_observer import update_norm
+from privacy.attacks.triggers import TABULAR_TRIGGER_SCALE, add_bag_trigger, add_trigger, erase, relabelled
 from server.scenario import ScenarioError, validate
 from strategies import get_algorithm
 from strategies.base import METRICS_KEY, NUM_EXAMPLES_KEY
