@@ -29,9 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtasks.registry import get_task_class
 from medtasks.seeding import derive_seed, torch_generator
-from privacy.attacks import dlg, idlg, inversion
+from privacy.attacks import dlg, idlg
 from privacy.attacks import inverting_gradients as ig
 from privacy.attacks.image_metrics import reconstruction_quality
+from privacy.attacks.inversion_matching import batch_problem
+from privacy.attacks.inversion_scoring import label_accuracy, score
+from privacy.attacks.inversion_views import VIEWS
 from server.scenario import load
 
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "attack-idlg-digits.yaml"
@@ -43,7 +46,7 @@ def measure(kind: str, image_size: int, images: int) -> tuple[float, float, floa
     """``(label accuracy, mean PSNR, median PSNR, mean seconds)`` of ``kind`` on ``images`` pool images."""
     scenario = load(SCENARIO, [f"task.params.image_size={image_size}"])
     task = get_task_class("digits")(scenario.task_context())
-    view = inversion.VIEWS["digits"](task)
+    view = VIEWS["digits"](task)
     x, y = task.pool()
     module, params = ATTACKS[kind]
     picks = torch.randperm(len(y), generator=torch_generator(0, "benchmark", "images"))[:images]
@@ -55,13 +58,13 @@ def measure(kind: str, image_size: int, images: int) -> tuple[float, float, floa
             for parameter in model.parameters():  # a fresh uniform(-0.5, 0.5) LeNet per image, as in the protocol
                 torch.nn.init.uniform_(parameter, -0.5, 0.5)
         model.train()
-        problem = inversion.batch_problem(task, view, model, x[index:index + 1], y[index:index + 1],
-                                          torch_generator(0, "benchmark", kind, index))
+        problem = batch_problem(task, view, model, x[index:index + 1], y[index:index + 1],
+                                torch_generator(0, "benchmark", kind, index))
         started = time.perf_counter()
         result = module.reconstruct(problem, params)  # type: ignore[attr-defined]
         seconds.append(time.perf_counter() - started)
         psnrs.append(reconstruction_quality(result.x.clamp(0, 1), x[index:index + 1])["psnr"])
-        labels.append(inversion.label_accuracy(result.labels, y[index:index + 1]))
+        labels.append(label_accuracy(result.labels, y[index:index + 1]))
     return statistics.mean(labels), statistics.mean(psnrs), statistics.median(psnrs), statistics.mean(seconds)
 
 
@@ -77,7 +80,7 @@ def measure_ct(what: str, slices: int) -> tuple[float, float, float]:
     """``(mean FBP-input PSNR, mean reference PSNR (NaN when known), mean seconds)`` on ``slices`` slices."""
     scenario = load(CT)
     task = get_task_class("ct")(scenario.task_context())
-    view = inversion.VIEWS["ct"](task)
+    view = VIEWS["ct"](task)
     module, params = CT_ATTACKS[what]
     inputs, references, seconds = [], [], []
     for index, batch in zip(range(slices), DataLoader(task.client_data(0).train, batch_size=1), strict=False):
@@ -87,12 +90,12 @@ def measure_ct(what: str, slices: int) -> tuple[float, float, float]:
             model.head.weight.copy_(0.1 * torch.randn(model.head.weight.shape,
                                                       generator=torch_generator(0, "benchmark", "ct", index)))
         x, reference = view.pair(batch)
-        problem = inversion.batch_problem(task, view, model, x, reference,
-                                          torch_generator(0, "benchmark", what, index), public=batch)
+        problem = batch_problem(task, view, model, x, reference,
+                                torch_generator(0, "benchmark", what, index), public=batch)
         started = time.perf_counter()
         result = module.reconstruct(problem, params)  # type: ignore[attr-defined]
         seconds.append(time.perf_counter() - started)
-        metrics = inversion.score(result, x, reference, view, torch.tensor([0]))
+        metrics = score(result, x, reference, view, torch.tensor([0]))
         inputs.append(metrics["psnr"])
         references.append(metrics.get("reference_psnr", float("nan")))
     return statistics.mean(inputs), statistics.mean(references), statistics.mean(seconds)

@@ -8,12 +8,12 @@ dummy inputs x' and dummy label logits y', and minimise
 with L-BFGS (lr 1, ``params.iterations`` steps, 300 by default as in the paper's and iDLG's protocol), where
 ∇W(x', y') is the gradient of the soft-label cross-entropy −Σ_c softmax(y')_c log softmax(f(x'))_c at the model
 w_t the site received. The recovered label is argmax_c y'_c. The observed ∇W is the victim's upload
-(:func:`privacy.attacks.inversion.observed_gradient`: a FedSGD gradient, or Δw/(Kη) of a FedAvg-style update).
+(:func:`privacy.attacks.inversion_observed.observed_gradient`: a FedSGD gradient, or Δw/(Kη) of a FedAvg-style update).
 
 On CT (Sec. 4's joint optimisation carried over to regression) the private pair is the FBP input x and the
 reference image r the site trains FBPConvNet towards: x' and r' ``[B, 1, N, N]`` are fitted jointly by the same
 L-BFGS on ‖∇W(x', r') − ∇W‖² with the task's own loss ‖x' + U(x') − r'‖² (the scanner geometry is public
-context, :func:`privacy.attacks.inversion.ct_loss`). Digits and CT only.
+context, :func:`privacy.attacks.inversion_views.ct_loss`). Digits and CT only.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from privacy.attacks.base import Attack, AttackParams, AttackSetting
-from privacy.attacks.inversion import (
-    InversionAttack,
-    InversionParams,
+from privacy.attacks.inversion import InversionAttack, InversionParams, check_inversion
+from privacy.attacks.inversion_matching import (
     Problem,
     Reconstruction,
     candidate_gradient,
-    check_inversion,
     gradient_distance,
     lbfgs_match,
     soft_label_loss,

@@ -3,7 +3,7 @@
 Zhao, Mopuri, Bilen 2020, "iDLG: Improved Deep Leakage from Gradients" (arXiv:2001.02610). For cross-entropy
 and a final linear layer, the gradient of the last layer's weight has negative row sums exactly for the classes
 in the batch when the features feeding it are non-negative (Sec. 3, Eq. 3–5): a batch of one gives its label
-as argmin_c Σ_j ∂L/∂W_cj (:func:`privacy.attacks.inversion.extract_labels`, which also states the heuristic
+as argmin_c Σ_j ∂L/∂W_cj (:func:`privacy.attacks.inversion_matching.extract_labels`, which also states the heuristic
 used for B > 1). With the label fixed, the dummy data x' minimises ‖∇W(x', y) − ∇W‖² (DLG's Eq. 4) by L-BFGS
 (lr 1, ``params.iterations`` steps, 300 by default as in the paper's protocol). Classification of images only.
 """
@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from privacy.attacks.base import Attack, AttackParams, AttackSetting
-from privacy.attacks.inversion import (
-    InversionAttack,
-    InversionParams,
+from privacy.attacks.inversion import InversionAttack, InversionParams, check_inversion
+from privacy.attacks.inversion_matching import (
     Problem,
     Reconstruction,
     candidate_gradient,
-    check_inversion,
     extract_labels,
     gradient_distance,
     last_linear,

@@ -12,7 +12,7 @@ Adam" with signed gradients and step decay as in the authors' reference implemen
 ``restarts`` seeded starts (lowest objective) is kept.
 
 Labels (``params.labels``): ``known`` (the paper's default assumption, Sec. 4: labels are given to the attacker)
-or ``infer`` (iDLG's extraction from the last layer, :func:`privacy.attacks.inversion.extract_labels`, for
+or ``infer`` (iDLG's extraction from the last layer, :func:`privacy.attacks.inversion_matching.extract_labels`, for
 classification). Segmentation slices always use their true masks as known labels. On CT the "label" is the
 reference image r the site trains FBPConvNet towards (loss ‖x' + U(x') − r‖²), private like the FBP input x:
 ``infer`` optimises x' and r' jointly, both in the box, each with its own TV term, then refits r' alone to the
@@ -42,17 +42,15 @@ from torch.func import functional_call
 
 from privacy.attacks.base import Attack, AttackParams, AttackSetting
 from privacy.attacks.idlg import infer_labels
-from privacy.attacks.inversion import (
-    InversionAttack,
-    InversionParams,
-    LossOf,
+from privacy.attacks.inversion import InversionAttack, InversionParams, check_inversion
+from privacy.attacks.inversion_matching import (
     Problem,
     Reconstruction,
     candidate_gradient,
-    check_inversion,
     gradient_distance,
     lbfgs_match,
 )
+from privacy.attacks.inversion_views import LossOf
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import Scenario

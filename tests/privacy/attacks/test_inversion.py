@@ -12,9 +12,12 @@ import torch
 
 from medtasks.registry import get_task_class
 from medtasks.seeding import torch_generator
-from privacy.attacks import dlg, idlg, inversion
+from privacy.attacks import dlg, idlg
 from privacy.attacks import inverting_gradients as ig
 from privacy.attacks.image_metrics import reconstruction_quality
+from privacy.attacks.inversion_matching import Problem, batch_problem, gradient_distance
+from privacy.attacks.inversion_scoring import image_scores, label_accuracy, score
+from privacy.attacks.inversion_views import VIEWS, TaskView
 from server.results import RunDirectory
 from server.scenario import Scenario, ScenarioError, load
 from tests.helpers import ROOT, run, single_torch_thread
@@ -37,21 +40,21 @@ def attack_records(run_dir: RunDirectory) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def digits() -> Iterator[tuple[object, inversion.TaskView, torch.Tensor, torch.Tensor]]:
+def digits() -> Iterator[tuple[object, TaskView, torch.Tensor, torch.Tensor]]:
     """The digits task of the iDLG scenario (8×8, sigmoid LeNet), its view and its pool."""
     scenario = load(IDLG)
     task = get_task_class("digits")(scenario.task_context())
     x, y = task.pool()
-    yield task, inversion.VIEWS["digits"](task), x, y
+    yield task, VIEWS["digits"](task), x, y
 
 
-def problem(digits: tuple, index: int, size: int = 1) -> inversion.Problem:
+def problem(digits: tuple, index: int, size: int = 1) -> Problem:
     """A site's exact gradient of pool images ``index .. index + size - 1`` at a fresh LeNet."""
     task, view, x, y = digits
     model = task.build_model()
     model.train()
-    return inversion.batch_problem(task, view, model, x[index:index + size], y[index:index + size],
-                                   torch_generator(0, "test-inversion", index))
+    return batch_problem(task, view, model, x[index:index + size], y[index:index + size],
+                         torch_generator(0, "test-inversion", index))
 
 
 # --- acceptance: the attacks on an undefended LeNet-sigmoid gradient --------------------------------------
@@ -63,7 +66,7 @@ def test_idlg_extracts_the_label_in_every_trial(digits: tuple) -> None:
 
 def test_batch_labels_from_the_heuristic(digits: tuple) -> None:
     """Yin et al.'s row-minimum heuristic on 10 batches of 2: most labels right (measured 0.95-0.975), not all."""
-    accuracies = [inversion.label_accuracy(idlg.infer_labels(problem(digits, 2 * t, size=2)), digits[3][2 * t:2 * t + 2])
+    accuracies = [label_accuracy(idlg.infer_labels(problem(digits, 2 * t, size=2)), digits[3][2 * t:2 * t + 2])
                   for t in range(10)]
     assert sum(accuracies) / len(accuracies) >= 0.85, accuracies
 
@@ -99,10 +102,10 @@ def test_noise_on_the_gradient_defeats_idlg(digits: tuple, one_thread: None) -> 
 
 def test_distances() -> None:
     a = [torch.tensor([1.0, 0.0]), torch.tensor([[2.0]])]
-    assert float(inversion.gradient_distance(a, a, "euclidean")) == 0.0
-    assert float(inversion.gradient_distance(a, [2 * t for t in a], "cosine")) == pytest.approx(0.0, abs=1e-6)
-    assert float(inversion.gradient_distance(a, [-t for t in a], "cosine")) == pytest.approx(2.0)
-    assert inversion.label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([1, 2, 3])) == pytest.approx(2 / 3)
+    assert float(gradient_distance(a, a, "euclidean")) == 0.0
+    assert float(gradient_distance(a, [2 * t for t in a], "cosine")) == pytest.approx(0.0, abs=1e-6)
+    assert float(gradient_distance(a, [-t for t in a], "cosine")) == pytest.approx(2.0)
+    assert label_accuracy(torch.tensor([1, 1, 2]), torch.tensor([1, 2, 3])) == pytest.approx(2 / 3)
     assert float(ig.total_variation(torch.zeros(1, 1, 4, 4))) == 0.0
 
 
@@ -200,14 +203,14 @@ IG_CT = SCENARIOS / "attack-ig-ct.yaml"
 
 
 @pytest.fixture(scope="module")
-def ct() -> Iterator[tuple[object, inversion.TaskView, tuple]]:
+def ct() -> Iterator[tuple[object, TaskView, tuple]]:
     """The CT task of the attack-ig-ct scenario (32×32, FBPConvNet [8, 16]), its view and one training slice."""
     task = get_task_class("ct")(load(IG_CT).task_context())
     batch = next(iter(torch.utils.data.DataLoader(task.client_data(0).train, batch_size=1)))
-    yield task, inversion.VIEWS["ct"](task), batch
+    yield task, VIEWS["ct"](task), batch
 
 
-def ct_problem(ct: tuple, head: float = 0.1) -> inversion.Problem:
+def ct_problem(ct: tuple, head: float = 0.1) -> Problem:
     """The exact gradient of one slice at an FBPConvNet whose zero-initialised 1×1 head holds N(0, head²) weights
     (a model past its first rounds)."""
     task, view, batch = ct
@@ -216,8 +219,8 @@ def ct_problem(ct: tuple, head: float = 0.1) -> inversion.Problem:
     with torch.no_grad():
         model.head.weight.copy_(head * torch.randn(model.head.weight.shape, generator=torch_generator(0, "test-ct")))
     x, reference = view.pair(batch)
-    return inversion.batch_problem(task, view, model, x, reference, torch_generator(0, "test-inversion", "ct"),
-                                   public=batch)
+    return batch_problem(task, view, model, x, reference, torch_generator(0, "test-inversion", "ct"),
+                         public=batch)
 
 
 def test_a_fresh_fbpconvnet_reveals_only_its_head(ct: tuple) -> None:
@@ -231,7 +234,7 @@ def test_inverting_gradients_reconstructs_the_fbp_input(ct: tuple, one_thread: N
     pr = ct_problem(ct)
     result = ig.reconstruct(pr, ig.InvertingGradientsParams(iterations=300, labels="known", tv=0.01, init="uniform"))
     x, _ = ct[1].pair(ct[2])
-    metrics = inversion.score(result, x, ct[2][2], ct[1], torch.tensor([0]))
+    metrics = score(result, x, ct[2][2], ct[1], torch.tensor([0]))
     assert metrics["psnr"] > 20.0, metrics  # measured 25.8 dB
     assert "reference_psnr" not in metrics  # a known reference is not scored
 
@@ -242,7 +245,7 @@ def test_the_reference_follows_from_the_input(ct: tuple, one_thread: None) -> No
     x, reference = ct[1].pair(ct[2])
     params = ig.InvertingGradientsParams(labels="infer")
     fitted = ig.fit_reference(pr, params, x, torch.full_like(reference, 0.5).requires_grad_(True), pr.target())
-    assert inversion.image_scores(fitted, reference, ct[1])["psnr"] > 40.0  # measured 48.8 dB
+    assert image_scores(fitted, reference, ct[1])["psnr"] > 40.0  # measured 48.8 dB
 
 
 def test_inverting_gradients_end_to_end_on_ct(tmp_path: Path, one_thread: None) -> None:
