@@ -210,7 +210,9 @@ def check_compatible(scenario: Scenario) -> None:
     """Refuse scenarios whose strategy, model or task the chosen mechanism cannot protect.
 
     The decision is :mod:`privacy.compatibility`'s, from what the strategy declares; NbAFL also checks its
-    ``exposures`` against the rounds.
+    ``exposures`` against the rounds, and central DP with both ``noise_multiplier`` and ``target_epsilon``
+    that its first round fits the budget (else the run would end before round 1). DP-SGD's first round
+    depends on each site's data size: ``server.checks`` checks it.
 
     Raises
     ------
@@ -227,6 +229,28 @@ def check_compatible(scenario: Scenario) -> None:
         from privacy.nbafl import check_params
 
         check_params(scenario)
+    if scenario.privacy.mechanism == "central":
+        _check_central_first_round(scenario)
+
+
+def _check_central_first_round(scenario: Scenario) -> None:
+    """Refuse a given noise multiplier z whose first round (one subsampled Gaussian step at q = K/N,
+    McMahan et al. 2018) already spends more than ``target_epsilon``."""
+    params = scenario.privacy.params
+    target = params.get("target_epsilon")
+    if target is None or params.get("noise_multiplier") is None:
+        return  # a calibrated z fits every planned round
+    from privacy.central import CentralDPServer
+
+    server = CentralDPServer.from_scenario(scenario)
+    first = server.epsilon_after(1)
+    if first > target:
+        raise ValueError(
+            f"privacy.params: one round already spends ε = {first:.4g} at δ = {server.params.delta:g} > "
+            f"target_epsilon {target:g} (noise_multiplier {server.noise_multiplier:g}, sampling rate "
+            f"{server.sample_rate:.3g}): raise noise_multiplier or target_epsilon, or drop noise_multiplier to "
+            f"calibrate it"
+        )
 
 
 def server_privacy(scenario: Scenario, stats: Mapping[int, Mapping[str, Any]]) -> ServerPrivacy | None:

@@ -254,6 +254,76 @@ def _replace_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return copied
 
 
+# --- one round's steps and the budget check before a run ------------------------------------------------
+def round_entry(params: DPSGDParams, batches: int, *, rounds: int, epochs: int, max_steps: int | None) -> Entry:
+    """The accountant entry (σ, q, steps) of one round of a site whose loader has ``batches`` batches.
+
+    q = 1/``batches`` (what Opacus uses: the expected batch size stays ~b), steps = min(epochs · batches,
+    max_steps), σ = ``noise_multiplier`` or, without it, :func:`calibrate_noise` for ``rounds`` rounds of these
+    steps (ε ≤ ``target_epsilon`` after the planned rounds).
+
+    Raises
+    ------
+    ValueError
+        ``batches`` < 1, or no σ reaches the target.
+    """
+    if batches < 1:
+        raise ValueError("dpsgd: this site has no training examples")
+    sample_rate = 1.0 / batches
+    steps = epochs * batches if max_steps is None else min(epochs * batches, max_steps)
+    if params.noise_multiplier is not None:
+        return float(params.noise_multiplier), sample_rate, steps
+    assert params.target_epsilon is not None  # the params validator guarantees one of them
+    return calibrate_noise(params.target_epsilon, params.delta, sample_rate, rounds * steps,
+                           params.accountant), sample_rate, steps
+
+
+def check_first_round(params: DPSGDParams, sites: Mapping[int, tuple[int, LocalSection]], rounds: int) -> None:
+    """Refuse a ``noise_multiplier`` whose first round already takes some site past ``target_epsilon``.
+
+    With σ given and a target, every site computes ε(δ) of its first round (:func:`round_entry`,
+    Abadi et al. 2016's subsampled Gaussian mechanism, accounted by :func:`privacy.accounting.epsilon`) and
+    refuses to train past the target: such a run would stop before round 1. A calibrated σ never does
+    (it is chosen so that all ``rounds`` fit).
+
+    Parameters
+    ----------
+    params : DPSGDParams
+        The mechanism's settings.
+    sites : Mapping[int, tuple[int, LocalSection]]
+        Partition id → (batches of its training loader, the local settings its rule resolved).
+    rounds : int
+        The planned rounds.
+
+    Raises
+    ------
+    ValueError
+        One line naming ``privacy.params``: how many sites are refused, the worst site's ε, σ, q and steps.
+    """
+    target = params.target_epsilon
+    if target is None or params.noise_multiplier is None:
+        return
+    spent: dict[Entry, float] = {}  # sites with equal loaders share one accountant call
+    over: list[tuple[float, int, Entry]] = []
+    for site, (batches, local) in sorted(sites.items()):
+        if batches < 1:
+            continue  # a site without training data fails on its own, with its own message
+        entry = round_entry(params, batches, rounds=rounds, epochs=local.epochs, max_steps=local.max_steps)
+        if entry not in spent:
+            spent[entry] = epsilon([entry], params.delta, params.accountant)
+        if spent[entry] > target:
+            over.append((spent[entry], site, entry))
+    if not over:
+        return
+    worst, site, (sigma, rate, steps) = max(over, key=lambda item: (item[0], -item[1]))
+    raise ValueError(
+        f"privacy.params: one round already spends more than target_epsilon {target:g} at {len(over)} of "
+        f"{len(sites)} sites (worst: site {site}, ε = {worst:.4g} at δ = {params.delta:g} from noise_multiplier "
+        f"{sigma:g}, sampling rate {rate:.3g}, {steps} steps): raise noise_multiplier or target_epsilon, or drop "
+        f"noise_multiplier to calibrate it"
+    )
+
+
 # --- the client side ----------------------------------------------------------------------------
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
@@ -329,11 +399,6 @@ class DPSGDClient:
         self._accountant: IAccountant | None = None
         self._hooks: GradSampleHooks | None = None
 
-    def planned_steps(self, batches: int) -> int:
-        """Local steps of one round over a loader of ``batches`` batches."""
-        steps = self.epochs * batches
-        return steps if self.max_steps is None else min(steps, self.max_steps)
-
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                loader: DataLoader) -> tuple[DPOptimizer, DataLoader]:
         """The private optimiser and loader to train ``model`` (in place) with this round.
@@ -349,9 +414,8 @@ class DPSGDClient:
         batches = len(loader)
         if batches == 0:
             raise ValueError("dpsgd: this site has no training examples")
-        sample_rate = 1.0 / batches  # what Opacus uses: the expected batch size stays ~b
-        planned = self.planned_steps(batches)
-        sigma = self._noise_multiplier(sample_rate, planned)
+        sigma, sample_rate, planned = round_entry(self.params, batches, rounds=self.rounds, epochs=self.epochs,
+                                                  max_steps=self.max_steps)
         if self.params.target_epsilon is not None:
             check_budget(self.prior, [(sigma, sample_rate, planned)], delta=self.params.delta,
                          accountant=self.params.accountant, target_epsilon=self.params.target_epsilon)
@@ -383,13 +447,6 @@ class DPSGDClient:
         self.noise_multiplier, self.sample_rate = sigma, sample_rate
         self._accountant, self._hooks = engine.accountant, hooks
         return private_optimizer, private_loader
-
-    def _noise_multiplier(self, sample_rate: float, steps_per_round: int) -> float:
-        if self.params.noise_multiplier is not None:
-            return float(self.params.noise_multiplier)
-        assert self.params.target_epsilon is not None  # the params validator guarantees one of them
-        return calibrate_noise(self.params.target_epsilon, self.params.delta, sample_rate,
-                               self.rounds * steps_per_round, self.params.accountant)
 
     @staticmethod
     def is_empty(batch: Any) -> bool:

@@ -6,8 +6,9 @@ the sections that depend on a name (``task.params`` against the task's schema,
 ``strategy.params`` against the algorithm's, ``partition.params`` against the
 partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
 against the aggregation rule's, ``attack.params`` against the attack's), refuses the
-combinations a strategy, a defense, a privacy mechanism or an attack cannot run, and resolves every
-default, so the resolved scenario written to a run directory says exactly what ran.
+combinations a strategy, a defense, a privacy mechanism or an attack cannot run, resolves every
+default, so the resolved scenario written to a run directory says exactly what ran, and finally runs
+:mod:`server.checks` (the optional modules the task needs; a DP-SGD budget that one round already exceeds).
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
 ``<file>: <key.path>: <what is wrong> (allowed: ...)``.
@@ -39,6 +40,7 @@ from medtasks.scenario import (
     StrategySection,
     TaskSection,
 )
+from server import checks
 
 __all__ = [
     "AttackSection", "DataSection", "DefenseSection", "EngineSection", "LocalSection", "OutputSection", "PartitionSection",
@@ -87,6 +89,10 @@ def validate(raw: Mapping[str, Any], *, source: str = "<scenario>", base_dir: Pa
     _resolve_named_params(scenario, source)
     if scenario.data.source == "folder":
         _resolve_data_path(scenario, source, base_dir or Path.cwd())
+    try:
+        checks.check(scenario)  # this machine's modules, and budgets that the data's sizes already rule out
+    except ValueError as error:
+        raise ScenarioError(f"{source}: {error}") from None
     return scenario
 
 

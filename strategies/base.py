@@ -245,10 +245,11 @@ def usable_replies(replies: Iterable[Message], cohort: Cohort, phase: str) -> li
     so one broken hospital cannot poison the global model.
     """
     usable = []
+    failed: dict[tuple[str, str | None], list[int]] = {}  # (round, reason) -> the sites that gave it
     for reply in replies:
         pid = cohort.partition_of(reply)
         if reply.has_error():
-            log.warning("round %s %s: client %d failed: %s", reply.metadata.group_id, phase, pid, reply.error.reason)
+            failed.setdefault((reply.metadata.group_id, reply.error.reason), []).append(pid)
             continue
         bad = non_finite(reply.content)
         if bad:
@@ -256,7 +257,24 @@ def usable_replies(replies: Iterable[Message], cohort: Cohort, phase: str) -> li
                         reply.metadata.group_id, phase, pid, bad)
             continue
         usable.append(reply)
+    for (group, reason), pids in failed.items():  # one line per cause, however many sites gave it
+        log.warning("round %s %s: %s failed: %s", group, phase, describe_sites(pids), reason)
     return sorted(usable, key=cohort.partition_of)
+
+
+def describe_sites(pids: Iterable[int]) -> str:
+    """``client 3``, or ``3 clients (0-1, 4)`` with runs of consecutive partition ids as ranges."""
+    ordered = sorted(set(pids))
+    if len(ordered) == 1:
+        return f"client {ordered[0]}"
+    runs: list[list[int]] = []
+    for pid in ordered:
+        if runs and pid == runs[-1][-1] + 1:
+            runs[-1].append(pid)
+        else:
+            runs.append([pid])
+    spans = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+    return f"{len(ordered)} clients ({spans})"
 
 
 def non_finite(content: RecordDict) -> str | None:

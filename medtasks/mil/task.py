@@ -70,7 +70,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.mil import folder as folder_io
-from medtasks.mil.ihc import IHC_ACQUISITION_SPACE, generate_ihc_slides
+from medtasks.mil.ihc import IHC_ACQUISITION_SPACE, INSTALL_HINT, generate_ihc_slides
 from medtasks.mil.losses import ClassBalance, prior_corrected_bce, site_log_odds
 from medtasks.mil.metrics import (
     accuracy,
@@ -234,6 +234,21 @@ class MILTask:
     primary_metric: ClassVar[str] = "auc"
     higher_is_better: ClassVar[bool] = True
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"
+
+    @classmethod
+    def requirements(cls, ctx: TaskContext) -> list[tuple[str, str, str]]:
+        """Optional modules the scenario's data needs, checked before a run starts.
+
+        Returns
+        -------
+        list of (str, str, str)
+            (the scenario key that asks for it, the module to import, how to install it): scikit-image for
+            ``task.params.tile_source: skimage_ihc`` (its bundled micrograph, :mod:`medtasks.mil.ihc`).
+        """
+        params = cast(MILParams, checked_params(cls, ctx))
+        if ctx.data.source == "synthetic" and params.tile_source == "skimage_ihc":
+            return [("task.params.tile_source", "skimage", INSTALL_HINT)]
+        return []
 
     def __init__(self, ctx: TaskContext) -> None:
         params = cast(MILParams, checked_params(type(self), ctx))  # an instance of self.Params

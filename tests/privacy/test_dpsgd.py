@@ -31,8 +31,10 @@ from privacy.dpsgd import (
     DPSGDClient,
     DPSGDParams,
     append_history,
+    check_first_round,
     check_model,
     load_history,
+    round_entry,
     save_history,
 )
 from server.scenario import LocalSection
@@ -374,3 +376,29 @@ def test_rdp_epsilon_from_cached_per_step_curves_equals_opacus_accountant(histor
     reference = float(make_accountant(history, "rdp").get_epsilon(delta=1e-5))
     assert epsilon(history, 1e-5, "rdp") == reference  # RDP is linear in steps: the same number exactly
     assert epsilon(history, 1e-5, "rdp") == reference  # and again from the per-process cache
+
+
+def test_first_round_check_refuses_a_noise_multiplier_that_one_round_already_overspends() -> None:
+    local = LocalSection(epochs=1, batch_size=32)
+    sites = {0: (5, local), 1: (5, local), 2: (20, local)}  # q = 1/5 (5 steps) at two sites, 1/20 at one
+    over = epsilon([(1.0, 0.2, 5)], DELTA)
+    assert over > 4.0 > epsilon([(1.0, 0.05, 20)], DELTA)
+    with pytest.raises(ValueError) as refused:
+        check_first_round(DPSGDParams(noise_multiplier=1.0, target_epsilon=4.0), sites, rounds=30)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("privacy.params: ")
+    assert "at 2 of 3 sites" in message and f"ε = {over:.4g}" in message and "site 0" in message
+    check_first_round(DPSGDParams(noise_multiplier=1.0, target_epsilon=over + 0.01), sites, rounds=30)
+    check_first_round(DPSGDParams(target_epsilon=4.0), sites, rounds=30)  # calibrated: never refused
+    check_first_round(DPSGDParams(noise_multiplier=1.0), sites, rounds=30)  # no budget: nothing to refuse
+
+
+def test_round_entry_is_what_attach_uses() -> None:
+    params = DPSGDParams(target_epsilon=2.0)
+    client = DPSGDClient(params, generator=gen(0), rounds=3, max_steps=ACCOUNTING_STEPS)
+    model = mlp()
+    loader = make_loader(ACCOUNTING_DATA, 2, gen(0))
+    client.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    client.close()
+    entry = round_entry(params, len(loader), rounds=3, epochs=1, max_steps=ACCOUNTING_STEPS)
+    assert entry == (client.noise_multiplier, client.sample_rate, min(len(loader), ACCOUNTING_STEPS))

@@ -1,0 +1,113 @@
+"""Checks of a valid scenario against this machine and its data, before any run directory exists.
+
+:func:`server.scenario.validate` runs them after the schema and the registries' checks, so ``medfed
+validate`` and ``medfed run`` refuse the same scenarios with the same one line (exit 2):
+
+* :func:`check_dependencies`: the optional modules a task's data needs. A task class declares them with
+  an optional classmethod ``requirements(ctx: TaskContext) -> list[(key, module, install hint)]`` (e.g.
+  :meth:`medtasks.mil.task.MILTask.requirements`); a module that cannot be found is refused naming the
+  scenario key that asked for it.
+* :func:`check_privacy_budget`: DP-SGD with both ``noise_multiplier`` and ``target_epsilon``, whose first
+  round already takes a site past the target (every site would refuse to train;
+  :func:`privacy.dpsgd.check_first_round`). It builds the task's data (once per process,
+  :func:`client.cache.task_for`) to learn each site's loader, exactly as a site's train handler does.
+
+Each raises ``ValueError`` with a message that starts with the key it names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+from medtasks.registry import get_task_class
+
+if TYPE_CHECKING:  # pragma: no cover
+    from medtasks.scenario import LocalSection, Scenario
+
+
+def check(scenario: Scenario) -> None:
+    """Every check of this module, cheapest first.
+
+    Raises
+    ------
+    ValueError
+        One line naming the scenario key (``data: ...`` for data that cannot be built).
+    """
+    check_dependencies(scenario)
+    check_privacy_budget(scenario)
+
+
+def module_available(name: str) -> bool:
+    """Whether ``import name`` can find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or ``sys.modules[name]`` is None
+        return False
+
+
+def check_dependencies(scenario: Scenario) -> None:
+    """Refuse a scenario whose task declares a module this machine lacks.
+
+    Raises
+    ------
+    ValueError
+        ``<key>: ... needs the module <module>, which is not installed (<install hint>)``.
+    """
+    requirements = getattr(get_task_class(scenario.task.name), "requirements", None)
+    if requirements is None:
+        return
+    for key, module, hint in requirements(scenario.task_context()):
+        if not module_available(module):
+            raise ValueError(f"{key}: this setting needs the Python module '{module}', which is not installed "
+                             f"({hint})")
+
+
+def check_privacy_budget(scenario: Scenario) -> None:
+    """Refuse DP-SGD settings whose first round exceeds ``target_epsilon`` at some site.
+
+    Raises
+    ------
+    ValueError
+        ``privacy.params: ...`` (:func:`privacy.dpsgd.check_first_round`), or ``data: ...`` when the
+        task's data cannot be built.
+    """
+    if scenario.privacy.mechanism != "dpsgd":
+        return
+    from privacy.dpsgd import DPSGDParams, check_first_round
+
+    params = DPSGDParams.model_validate(scenario.privacy.params)
+    if params.noise_multiplier is None or params.target_epsilon is None:
+        return  # a calibrated σ fits every planned round; without a target nothing is refused
+    check_first_round(params, site_loaders(scenario), scenario.strategy.rounds)
+
+
+def site_loaders(scenario: Scenario) -> dict[int, tuple[int, LocalSection]]:
+    """Partition id → (batches of its first round's training loader, its resolved local settings), as the
+    train handler (:func:`client.app.train`) builds them for the strategy's client rule.
+
+    Raises
+    ------
+    ValueError
+        ``data: ...`` when the task cannot build its data.
+    """
+    from client.cache import task_for
+    from client.trainer import dataset_size, make_loader
+    from medtasks.base import DataError
+    from medtasks.seeding import torch_generator
+    from strategies import get_algorithm
+
+    try:
+        task = task_for(scenario)
+    except DataError as error:
+        raise ValueError(f"data: {error}") from None
+    algorithm = get_algorithm(scenario.strategy.name)
+    rule = algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
+    sites = scenario.partition.clients
+    loaders: dict[int, tuple[int, LocalSection]] = {}
+    for pid in range(sites):
+        dataset = rule.training_data(task, pid, sites)
+        local = rule.local_section(scenario.local, dataset_size(dataset))
+        loader = make_loader(dataset, local.batch_size, torch_generator(scenario.seed, "batches", 1, pid))
+        loaders[pid] = (len(loader), local)
+    return loaders

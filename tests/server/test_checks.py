@@ -1,0 +1,112 @@
+"""Checks before a run starts: optional modules, a privacy budget one round already exceeds, and a runtime
+that reports one line per cause rather than one per site."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from flwr.app import Error, Message, RecordDict
+
+from server.cli import EXIT_INVALID, main
+from strategies.base import Cohort, describe_sites, usable_replies
+from tests.helpers import make_message
+
+TABULAR = {
+    "name": "budget",
+    "task": {"name": "tabular", "params": {"num_features": 8, "num_classes": 3, "hidden": 8}},
+    "data": {"source": "synthetic", "samples_per_client": 50, "val_fraction": 0.2},
+    "partition": {"clients": 3, "kind": "iid"},
+    "strategy": {"rounds": 5},
+    "local": {"batch_size": 8},  # 40 training examples per site: q = 1/5, 5 steps per round
+}
+
+IHC = {
+    "name": "ihc",
+    "task": {"name": "mil", "model": "attention", "params": {"tile_source": "skimage_ihc", "tiles_per_slide": 4,
+                                                              "tile_size": 16}},
+    "data": {"source": "synthetic", "samples_per_client": 8},
+    "partition": {"clients": 2, "kind": "iid"},
+    "strategy": {"rounds": 1},
+}
+
+
+def _write(tmp_path: Path, raw: dict, **privacy: object) -> Path:
+    content = {**raw, "output": {"dir": str(tmp_path / "runs")}}
+    if privacy:
+        content["privacy"] = privacy
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def _refused(command: str, path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``medfed <command> path``; assert exit 2, one line on stderr and no run directory; that line."""
+    assert main([command, str(path)]) == EXIT_INVALID
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not (path.parent / "runs").exists()
+    return err
+
+
+# --- (a) optional modules a task declares -------------------------------------------------------------
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_missing_optional_module_is_refused_naming_the_setting(command: str, tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)  # as if scikit-image were not installed
+    err = _refused(command, _write(tmp_path, IHC), capsys)
+    assert "task.params.tile_source" in err and "'skimage'" in err and "pip install scikit-image" in err
+
+
+def test_a_task_that_declares_no_module_is_not_refused(tmp_path: Path, capsys,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    rendered = {**IHC, "task": {**IHC["task"], "params": {**IHC["task"]["params"], "tile_source": "rendered"}}}
+    assert main(["validate", str(_write(tmp_path, rendered))]) == 0
+    assert capsys.readouterr().err == ""
+
+
+# --- (b) a privacy budget one round already exceeds -----------------------------------------------------
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_dpsgd_budget_that_one_round_exceeds_is_refused(command: str, tmp_path: Path, capsys) -> None:
+    path = _write(tmp_path, TABULAR, mechanism="dpsgd", params={"noise_multiplier": 1.0, "target_epsilon": 4.0})
+    err = _refused(command, path, capsys)
+    assert "privacy.params: one round already spends more than target_epsilon 4 at 3 of 3 sites" in err
+    assert "sampling rate 0.2, 5 steps" in err and "resume" not in err
+
+
+def test_dpsgd_budget_that_fits_one_round_or_is_calibrated_is_valid(tmp_path: Path, capsys) -> None:
+    for params in ({"noise_multiplier": 1.0, "target_epsilon": 5.0}, {"target_epsilon": 4.0}):
+        path = _write(tmp_path, TABULAR, mechanism="dpsgd", params=params)
+        assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_central_dp_budget_that_one_round_exceeds_is_refused(tmp_path: Path, capsys) -> None:
+    params = {"clip": 1.0, "noise_multiplier": 0.5, "target_epsilon": 1.0}
+    err = _refused("validate", _write(tmp_path, TABULAR, mechanism="central", params=params), capsys)
+    assert "privacy.params: one round already spends ε = " in err and "target_epsilon 1 " in err
+    fits = {**params, "noise_multiplier": 20.0}
+    assert main(["validate", str(_write(tmp_path, TABULAR, mechanism="central", params=fits))]) == 0
+
+
+# --- the runtime: one line per cause ----------------------------------------------------------------------
+def _failed_reply(node: int, reason: str) -> Message:
+    return Message(Error(code=901, reason=reason), reply_to=make_message(RecordDict(), src_node_id=0, dst_node_id=node))
+
+
+def test_sites_failing_for_the_same_reason_give_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    cohort = Cohort(node_to_partition={100 + pid: pid for pid in range(50)}, seed=0)
+    spent = "PrivacyBudgetExhausted: privacy budget spent"
+    replies = [_failed_reply(100 + pid, spent) for pid in range(49)] + [_failed_reply(149, "other")]
+    with caplog.at_level(logging.WARNING, logger="medfed"):
+        assert usable_replies(replies, cohort, "train") == []
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [f"round 1 train: 49 clients (0-48) failed: {spent}", "round 1 train: client 49 failed: other"]
+
+
+def test_describe_sites_writes_runs_as_ranges() -> None:
+    assert describe_sites([4, 0, 1, 2, 7, 8]) == "6 clients (0-2, 4, 7-8)"
+    assert describe_sites([3]) == "client 3"
