@@ -25,18 +25,24 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server import scenario as scenario_module
-from server.federation import Federation
+from server.federation import Federation, FederationError
 from server.launch import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.progress import make_progress
 from server.results import RunDirectory
 
 APP_DIR = Path(__file__).resolve().parent.parent
+SUPERNODES_SETTLE_S = 1.0
+"""Seconds the simulated supernodes' count must stay unchanged before it is compared with ``partition.clients``."""
+SUPERNODES_TIMEOUT_S = 15.0
+"""Longest wait for the simulated supernodes to register."""
 
 app = ServerApp()
 
@@ -49,6 +55,11 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(logging.StreamHandler(sys.stdout))
         log.setLevel(logging.INFO)
     scenario = scenario_from_run_config(context.run_config)
+    try:
+        check_supernodes(grid, scenario)
+    except FederationError as error:
+        log.error("medfed: error: %s", error)  # one line, before any run directory exists
+        return
     resume = str(context.run_config.get(RESUME_KEY, ""))
     if resume:
         run_dir = RunDirectory.open(resume)
@@ -69,3 +80,34 @@ def scenario_from_run_config(run_config: dict) -> scenario_module.Scenario:
         path = APP_DIR / path
     overrides = [item.strip() for item in str(run_config.get("set", "")).split(";") if item.strip()]
     return scenario_module.load(path, overrides)
+
+
+def check_supernodes(grid: Grid, scenario: scenario_module.Scenario, *, settle: float = SUPERNODES_SETTLE_S,
+                     timeout: float = SUPERNODES_TIMEOUT_S) -> None:
+    """Refuse a simulation whose number of supernodes is not ``partition.clients``.
+
+    Flower's simulation registers its ``num-supernodes`` nodes all at once, so once their count has
+    stayed the same for ``settle`` seconds it is the federation's (discovery would otherwise wait
+    :data:`server.federation.DISCOVERY_TIMEOUT` for nodes that never come). A deployed federation's
+    hospitals connect when they are ready: there, discovery waits as before.
+
+    Raises
+    ------
+    FederationError
+        One line naming both numbers and how to make them equal.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return
+    expected = scenario.partition.clients
+    deadline = time.monotonic() + timeout
+    count, stable_since = len(list(grid.get_node_ids())), time.monotonic()
+    while time.monotonic() < deadline and (count == 0 or time.monotonic() - stable_since < settle):
+        time.sleep(0.1)
+        now = len(list(grid.get_node_ids()))
+        if now != count:
+            count, stable_since = now, time.monotonic()
+    if count != expected:
+        raise FederationError(
+            f"the simulation has {count} supernodes (num-supernodes) but partition.clients is {expected}: run with "
+            f"--federation-config \"num-supernodes={expected}\" or set partition.clients={count}"
+        )

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from client.app import app as client_app
+from server import app as server_app
+from server import scenario as scenario_module
 from server.cli import EXIT_INVALID, main
+from server.engines import InProcessGrid
 from strategies.base import Cohort, describe_sites, usable_replies
-from tests.helpers import make_message
+from tests.helpers import ROOT, make_message
 
 TABULAR = {
     "name": "budget",
@@ -110,3 +116,34 @@ def test_sites_failing_for_the_same_reason_give_one_line(caplog: pytest.LogCaptu
 def test_describe_sites_writes_runs_as_ranges() -> None:
     assert describe_sites([4, 0, 1, 2, 7, 8]) == "6 clients (0-2, 4, 7-8)"
     assert describe_sites([3]) == "client 3"
+
+
+# --- (c) `flwr run .` with a num-supernodes that is not partition.clients ----------------------------------
+class SimulatedGrid(InMemoryGrid):
+    """Flower's simulation grid with ``nodes`` registered supernodes (nothing else is used here)."""
+
+    def __init__(self, nodes: int) -> None:  # no link state: only the node count is asked for
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return [100 + k for k in range(self.nodes)]
+
+
+def test_flwr_run_with_other_num_supernodes_ends_at_once_with_one_line(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    settings = f"partition.clients=3;output.dir={tmp_path / 'runs'}"
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"scenario": "scenarios/quickstart.yaml", "set": settings})
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="medfed"):
+        server_app.main(SimulatedGrid(5), context)
+    assert time.monotonic() - started < 10
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "5 supernodes" in errors[0] and "partition.clients is 3" in errors[0]
+    assert "num-supernodes=3" in errors[0] and not (tmp_path / "runs").exists()
+
+
+def test_supernode_check_passes_equal_counts_and_leaves_deployments_to_discovery() -> None:
+    scenario = scenario_module.load(ROOT / "scenarios" / "quickstart.yaml", ["partition.clients=3"])
+    server_app.check_supernodes(SimulatedGrid(3), scenario, settle=0.2)
+    server_app.check_supernodes(InProcessGrid(client_app, 2), scenario, settle=0.2)  # not a simulation: no check
