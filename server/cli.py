@@ -2,7 +2,7 @@
 
     medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|simulation]
     medfed run SCENARIO.yaml [--set key.path=value ...] --engine deployment --federation NAME
-    medfed run --resume RUN_DIR [--engine deployment --federation NAME]
+    medfed run --resume RUN_DIR [--set strategy.rounds=N] [--engine deployment --federation NAME]
     medfed validate FILE ...
     medfed list [FOLDER]
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
@@ -22,13 +22,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Literal, NamedTuple, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.results import RunDirectory
     from server.scenario import Scenario
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+ROUNDS_KEY = "strategy.rounds"  # the one key a resumed run may change (more rounds for a finished run)
 DEPLOYED_ROUND_TIMEOUT_HINT = 600  # seconds: above it, a deployed run is told a hung hospital would stall it
 
 log = logging.getLogger("medfed")
@@ -190,24 +191,36 @@ def _run(args: argparse.Namespace) -> int:
 
     if (args.engine == "deployment") != bool(args.federation):
         return _fail("--engine deployment and --federation NAME go together", EXIT_INVALID)
+    if args.resume:
+        return _resume(args)
     if args.federation:
         return _run_deployed(args)
+    if not args.scenario:
+        return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
     try:
-        if args.resume:
-            run_dir = RunDirectory.open(args.resume)
-            if args.scenario or args.overrides:
-                return _fail("--resume takes the scenario saved in the run directory; drop SCENARIO and --set", EXIT_INVALID)
-            scenario = scenario_module.load(run_dir.path / "scenario.yaml")
-        else:
-            if not args.scenario:
-                return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
-            scenario = scenario_module.load(args.scenario, args.overrides)
+        scenario = scenario_module.load(args.scenario, args.overrides)
     except scenario_module.ScenarioError as error:
         return _fail(str(error), EXIT_INVALID)
-    except RunDirectoryError as error:
+    refused = _check_before_running(scenario, args.engine, args.scenario)
+    if refused is not None:
+        return refused
+    try:
+        run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
+        run_dir.write_scenario(scenario.to_yaml())
+    except (RunDirectoryError, OSError) as error:
+        return _fail(f"output.dir: {error}", EXIT_INVALID)
+    try:
+        with run_dir.lock():
+            return _execute(scenario, run_dir, resume=False)
+    except RunDirectoryError as error:  # only the lock's: _execute reports its own
         return _fail(str(error), EXIT_INVALID)
-    if args.engine:
-        scenario.engine.backend = args.engine
+
+
+def _check_before_running(scenario: Scenario, engine: Literal["simulation", "inprocess", "deployment"] | None,
+                          where: str) -> int | None:
+    """Apply ``--engine`` and check what must hold before a run starts; the exit code of a refusal, else None."""
+    if engine:
+        scenario.engine.backend = engine
     if scenario.engine.backend == "deployment":
         return _fail("engine.backend 'deployment' runs with --engine deployment --federation NAME "
                      "(or choose --engine simulation|inprocess)", EXIT_INVALID)
@@ -217,20 +230,117 @@ def _run(args: argparse.Namespace) -> int:
     try:
         task_for(scenario)  # data that cannot be built is a configuration error: no run directory for it
     except DataError as error:
-        return _fail(f"{args.scenario or run_dir.path}: data: {error}", EXIT_INVALID)
-    if not args.resume:
-        try:
-            run_dir = RunDirectory.create(scenario.output.dir, scenario.name)
-            run_dir.write_scenario(scenario.to_yaml())
-        except (RunDirectoryError, OSError) as error:
-            return _fail(f"output.dir: {error}", EXIT_INVALID)
-    return _execute(scenario, run_dir, resume=bool(args.resume))
+        return _fail(f"{where}: data: {error}", EXIT_INVALID)
+    return None
+
+
+class _Resumption(NamedTuple):
+    """What ``--resume`` continues: the scenario, whether ``--set`` gave it more rounds, and, for a run that
+    is finished, the line that says so (then nothing runs)."""
+
+    scenario: Scenario
+    extended: bool
+    finished: str | None
+
+
+def _resumption(run_dir: RunDirectory, overrides: Sequence[str]) -> _Resumption:
+    """The saved scenario of ``run_dir`` with ``overrides``, which may only raise ``strategy.rounds``.
+
+    Raises
+    ------
+    ScenarioError
+        An override of another key, fewer rounds than the run has completed, or more rounds where a privacy
+        mechanism calibrated its noise to the saved number of rounds.
+    RunDirectoryError
+        No checkpoint yet (the run stopped before its first one): nothing to resume.
+    """
+    from server import scenario as scenario_module
+    from server.results import SCENARIO_FILE, RunDirectoryError
+
+    for override in overrides:
+        key = override.partition("=")[0].strip()
+        if key != ROUNDS_KEY:
+            raise scenario_module.ScenarioError(
+                f"--set {key}: {key} cannot change when a run is resumed; only {ROUNDS_KEY} can (--set {ROUNDS_KEY}=N)")
+    saved = scenario_module.load(run_dir.path / SCENARIO_FILE)
+    scenario = scenario_module.load(run_dir.path / SCENARIO_FILE, overrides) if overrides else saved
+    if not run_dir.has_checkpoint():
+        raise RunDirectoryError(f"{run_dir.path} has no checkpoint yet: nothing to resume; {_run_again(run_dir)}")
+    done, rounds = run_dir.load_checkpoint().round, scenario.strategy.rounds
+    extended = rounds != saved.strategy.rounds
+    if extended and rounds <= done:
+        raise scenario_module.ScenarioError(
+            f"{ROUNDS_KEY}={rounds}: the run has already completed {done} rounds; give more than {done}")
+    if extended and _calibrated_to_rounds(saved):
+        raise scenario_module.ScenarioError(
+            f"{ROUNDS_KEY} cannot change for privacy.mechanism {saved.privacy.mechanism}: its noise was calibrated "
+            f"to the run's {saved.strategy.rounds} rounds")
+    summary = run_dir.read_summary()
+    if summary is None or extended:
+        return _Resumption(scenario, extended, None)
+    return _Resumption(scenario, False, f"medfed: {run_dir.path} is finished ({summary.get('rounds_completed')} of "
+                                        f"{rounds} rounds); to run more rounds: medfed run --resume {run_dir.path} "
+                                        f"--set {ROUNDS_KEY}=N")
+
+
+def _calibrated_to_rounds(scenario: Scenario) -> bool:
+    """Whether the privacy mechanism's noise depends on ``strategy.rounds``: NbAFL's always (T in its σ,
+    Wei et al. 2020, IEEE TIFS, arXiv:1911.00222), DP-SGD's and central DP's when calibrated to a
+    ``target_epsilon`` instead of a given ``noise_multiplier``. More rounds would break that calibration."""
+    privacy = scenario.privacy
+    if privacy.mechanism == "none":
+        return False
+    return privacy.mechanism == "nbafl" or privacy.params.get("noise_multiplier") is None
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``medfed run --resume RUN_DIR [--set strategy.rounds=N]``, holding the run directory's lock throughout."""
+    from server import scenario as scenario_module
+    from server.results import RunDirectory, RunDirectoryError
+
+    try:
+        run_dir = RunDirectory.open(args.resume)
+        if args.scenario:
+            return _fail(f"--resume takes the scenario saved in {run_dir.path}; drop SCENARIO", EXIT_INVALID)
+        with run_dir.lock():
+            resumption = _resumption(run_dir, args.overrides)
+            if resumption.finished:
+                print(resumption.finished)
+                return EXIT_OK
+            if args.federation:
+                return _run_deployed(args, run_dir, resumption)
+            scenario, resolved = resumption.scenario, resumption.scenario.to_yaml()
+            refused = _check_before_running(scenario, args.engine, str(run_dir.path))
+            if refused is not None:
+                return refused
+            _continue_with(run_dir, resumption, resolved)
+            return _execute(scenario, run_dir, resume=True)
+    except (scenario_module.ScenarioError, RunDirectoryError) as error:
+        return _fail(str(error), EXIT_INVALID)
+
+
+def _continue_with(run_dir: RunDirectory, resumption: _Resumption, resolved: str) -> None:
+    """A run given more rounds keeps them (a later ``--resume`` goes on to them); its summary is no longer final."""
+    if resumption.extended:
+        run_dir.write_scenario(resolved)
+        run_dir.discard_summary()
+
+
+def _run_again(run_dir: RunDirectory) -> str:
+    return f"run it again with: medfed run {run_dir.path / 'scenario.yaml'}"
+
+
+def _next_step(run_dir: RunDirectory) -> str:
+    """What to do after a run stopped: resume it from its checkpoint, or (none written yet) run it again."""
+    if run_dir.has_checkpoint():
+        return f"resume with: medfed run --resume {run_dir.path}"
+    return f"no checkpoint yet, so nothing to resume; {_run_again(run_dir)}"
 
 
 def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
     from medtasks.base import DataError
     from server.engines import run_scenario
-    from server.federation import FederationError
+    from server.federation import FederationError, InputError
     from server.progress import make_progress
     from server.results import RunDirectoryError
 
@@ -240,42 +350,49 @@ def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
     log.info("run directory: %s", run_dir.path)
     try:
         summary = run_scenario(scenario, run_dir, make_progress(console=_CONSOLE), resume=resume)
-    except (FederationError, DataError, RunDirectoryError) as error:
-        return _fail(f"{error} (results so far are in {run_dir.path}; resume with: medfed run --resume {run_dir.path})",
-                     EXIT_RUN_FAILED)
+    except DataError as error:  # the input: neither a resume nor the same run again can help until it is fixed
+        return _fail(f"data: {error}", EXIT_INVALID)
+    except InputError as error:
+        return _fail(str(error), EXIT_INVALID)
+    except (FederationError, RunDirectoryError) as error:
+        return _fail(f"{error} (results so far are in {run_dir.path}; {_next_step(run_dir)})", EXIT_RUN_FAILED)
     except KeyboardInterrupt:
-        print(f"medfed: interrupted; resume with: medfed run --resume {run_dir.path}", file=sys.stderr)
+        print(f"medfed: interrupted; {_next_step(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     _print_summary(summary, run_dir.path)
     return EXIT_OK
 
 
-def _run_deployed(args: argparse.Namespace) -> int:
-    """``medfed run X.yaml --engine deployment --federation NAME``: validate here, run on the federation."""
+def _run_deployed(args: argparse.Namespace, run_dir: RunDirectory | None = None,
+                  resumption: _Resumption | None = None) -> int:
+    """``medfed run X.yaml --engine deployment --federation NAME``: validate here, run on the federation.
+
+    With ``--resume`` (:func:`_resume` holds the run directory's lock and gives ``run_dir`` and ``resumption``),
+    the ServerApp continues that run directory, on this machine, the coordinating site's.
+    """
     from server import scenario as scenario_module
     from server.federation_folder import DeployError, find_federation
     from server.federation_setup import UNKNOWN_HOSPITAL, node_statuses
     from server.launch import deployed_scenario, launch
-    from server.results import RunDirectory, RunDirectoryError
+    from server.results import RunDirectoryError
 
-    resume = None
+    resume = run_dir.path.resolve() if run_dir is not None else None
     try:
         federation = find_federation(args.federation)
-        if args.resume:  # the run directory is on this machine, the coordinating site's
-            resume = RunDirectory.open(args.resume).path.resolve()
-            if args.scenario or args.overrides:
-                return _fail("--resume takes the scenario saved in the run directory; drop SCENARIO and --set",
-                             EXIT_INVALID)
-            scenario = scenario_module.load(resume / "scenario.yaml")
+        if resumption is not None:
+            scenario = resumption.scenario
         elif not args.scenario:
             return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
         else:
             scenario = scenario_module.load(args.scenario, args.overrides)
+        resolved = scenario.to_yaml()
         scenario = deployed_scenario(scenario, federation)
     except (scenario_module.ScenarioError, RunDirectoryError) as error:
         return _fail(str(error), EXIT_INVALID)
     except DeployError as error:
         return _fail(str(error), error.exit_code)
+    if run_dir is not None and resumption is not None:
+        _continue_with(run_dir, resumption, resolved)
     log.info("medfed: %s | task %s | %s x %d hospitals | %s | %d rounds | federation %s (%s)",
              scenario.name, scenario.task.name, scenario.partition.kind, scenario.partition.clients,
              scenario.strategy.name, scenario.strategy.rounds, federation.name, federation.address)
@@ -334,7 +451,8 @@ def _run_cell(scenario: Scenario, run_dir: RunDirectory) -> dict:
     from server.engines import run_scenario
     from server.progress import make_progress
 
-    return run_scenario(scenario, run_dir, make_progress(console=_CONSOLE))
+    with run_dir.lock():  # a --resume of this cell while the sweep runs it is refused
+        return run_scenario(scenario, run_dir, make_progress(console=_CONSOLE))
 
 
 def _deploy(args: argparse.Namespace) -> int:

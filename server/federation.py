@@ -62,12 +62,19 @@ from strategies.base import (
     load_into,
 )
 
-__all__ = ["BudgetSpent", "Federation", "FederationError", "RunInterrupted", "discover", "per_client",
+__all__ = ["BudgetSpent", "Federation", "FederationError", "InputError", "RunInterrupted", "discover", "per_client",
            "record_nbytes"]
 
 log = logging.getLogger("medfed")
 
 DISCOVERY_TIMEOUT = 600.0
+
+
+class InputError(FederationError):
+    """The run cannot start from its input: a site could not prepare its data, or no site holds a partition.
+
+    Neither running it again nor resuming it helps until the data or the sites' settings are fixed.
+    """
 
 
 def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
@@ -88,7 +95,7 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
     replies = exchange(grid, messages, timeout, stop=stop).replies
     failed = [reply.error.reason for reply in replies if reply.has_error()]
     if failed:
-        raise FederationError(f"a client could not prepare its data: {failed[0]}")
+        raise InputError(f"a client could not prepare its data: {failed[0]}")
     node_to_partition: dict[int, int] = {}
     stats: dict[int, Any] = {}
     for reply in replies:
@@ -98,7 +105,7 @@ def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
         stats[pid] = json.loads(str(info["stats"]))
     missing = sorted(set(range(expected)) - set(stats))
     if missing:
-        raise FederationError(f"no client holds partition(s) {missing} (got {sorted(stats)})")
+        raise InputError(f"no client holds partition(s) {missing} (got {sorted(stats)})")
     return Cohort(node_to_partition=node_to_partition, seed=scenario.seed), dict(sorted(stats.items()))
 
 
@@ -153,12 +160,14 @@ class Federation:
         self.privacy: PrivacyRound | None = None
         self.attack: AttackRound | None = None
         self.plugins = Plugins([])
+        self._started = time.perf_counter()
+        self._earlier_seconds = 0.0  # the run's time before this part (a resumed run's earlier parts)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
         """Run all rounds; returns the summary written to ``summary.json``."""
         scenario = self.scenario
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         seed_everything(scenario.seed, "server")
         cohort, stats = discover(grid, scenario, stop=self.stop)
         if not self.resume:
@@ -193,6 +202,7 @@ class Federation:
             if isinstance(strategy, Stateful):
                 strategy.load_state_dict(checkpoint.strategy_state)
             first_round = checkpoint.round + 1
+            self._earlier_seconds = checkpoint.seconds
             self.run_dir.truncate_metrics(checkpoint.round)
             self.plugins.resume(checkpoint.extra, self.run_dir.read_metrics())
             if not node_states.restore(grid, checkpoint.extra) and not scenario.output.checkpoint_node_state:
@@ -215,7 +225,11 @@ class Federation:
         finally:
             self.progress.close()
 
-        return self._finish(arrays, checkpoint, time.perf_counter() - started, completed)
+        return self._finish(arrays, checkpoint, self._seconds(), completed)
+
+    def _seconds(self) -> float:
+        """Wall-clock seconds of the whole run so far: this part, plus the parts before a ``--resume``."""
+        return self._earlier_seconds + time.perf_counter() - self._started
 
     def _config(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({SCENARIO_KEY: self.scenario_json, ROUND_KEY: server_round})
@@ -365,6 +379,7 @@ class Federation:
             best_value=previous.best_value if previous else None,
             best_round=previous.best_round if previous else None,
             extra=self.plugins.checkpoint(),
+            seconds=self._seconds(),
         )
         return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
 

@@ -9,6 +9,12 @@ Layout::
       summary.json      final and best metrics, total time, versions, seed
       checkpoints/      model_last.pt, model_best.pt, state.pt (for --resume)
       plots/            PNGs
+      .lock             held (``fcntl.flock``) by the one process running the run
+
+One run at a time: :meth:`RunDirectory.lock` takes an exclusive, non-blocking OS
+lock on ``.lock`` for as long as a run writes into the directory, so a second
+``medfed run --resume`` of the same directory is refused instead of appending to
+the same files. The OS drops the lock when its holder exits, even on a crash.
 
 Durability: ``metrics.jsonl`` lines are flushed and fsync'ed as they are
 written, and every other file is replaced atomically (temporary file, fsync,
@@ -20,13 +26,15 @@ arrays too), so the checkpoint a resume reads is always consistent;
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import platform
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import metadata
@@ -35,7 +43,7 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["Checkpoint", "RunDirectory", "RunDirectoryError", "build_summary"]
+__all__ = ["Checkpoint", "RunDirectory", "RunDirectoryBusy", "RunDirectoryError", "build_summary"]
 
 SCENARIO_FILE = "scenario.yaml"
 PARTITIONS_FILE = "partitions.json"
@@ -46,6 +54,7 @@ PLOTS_DIR = "plots"
 MODEL_LAST_FILE = "model_last.pt"
 MODEL_BEST_FILE = "model_best.pt"
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"
 
 _STATE_FORMAT = 1
 _TIMESTAMP = "%Y%m%d-%H%M%S"
@@ -59,6 +68,10 @@ _VERSIONED_PACKAGES = ("torch", "flwr", "numpy", "medfed")
 
 class RunDirectoryError(Exception):
     """A run directory cannot be created, read or resumed."""
+
+
+class RunDirectoryBusy(RunDirectoryError):
+    """Another process is running the run of this directory (it holds the directory's lock)."""
 
 
 @dataclass
@@ -80,6 +93,10 @@ class Checkpoint:
         Round of ``best_value``, or ``None``.
     extra : dict[str, Any]
         Anything else the server loop wants back (same value types).
+    seconds : float
+        Wall-clock time of the run up to this checkpoint, over every part of it
+        (the parts before a ``--resume`` included); 0 in checkpoints written
+        before this was kept.
     """
 
     round: int
@@ -88,6 +105,7 @@ class Checkpoint:
     best_value: float | None = None
     best_round: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class RunDirectory:
@@ -97,6 +115,8 @@ class RunDirectory:
         """Wraps an existing directory; use :meth:`create` or :meth:`open`."""
         self._path = path
         self._metrics_tail_checked = False
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self._path)!r})"
@@ -170,6 +190,51 @@ class RunDirectory:
             (path / sub).mkdir(exist_ok=True)
         return cls(path)
 
+    # -- one run at a time -----------------------------------------------------------
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Holds the directory's exclusive lock for the ``with`` block; re-entrant on this object.
+
+        The lock is ``fcntl.flock`` on ``.lock`` (non-blocking), which holds
+        the pid of its holder for the message a second run gets.
+
+        Raises
+        ------
+        RunDirectoryBusy
+            If another process (or another :class:`RunDirectory` of the same
+            folder) holds it.
+        """
+        if self._lock_depth == 0:
+            self._lock_fd = self._acquire_lock()
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the descriptor releases the flock
+                self._lock_fd = None
+
+    def _acquire_lock(self) -> int:
+        path = self._path / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunDirectoryError(f"cannot lock {self._path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"{self._path} is in use by another medfed run{f' (pid {holder})' if holder else ''}; "
+                "wait for it to end, or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode("ascii"))
+        return fd
+
     # -- paths --------------------------------------------------------------------
 
     @property
@@ -219,6 +284,26 @@ class RunDirectory:
     def write_summary(self, summary: dict) -> None:
         """Writes ``summary.json`` (indent 2; NaN/inf become null)."""
         _write_json(self._path / SUMMARY_FILE, summary)
+
+    def read_summary(self) -> dict | None:
+        """Returns ``summary.json`` (written when a run finishes), or ``None`` if there is none.
+
+        Raises
+        ------
+        RunDirectoryError
+            If it exists but cannot be read as JSON.
+        """
+        path = self._path / SUMMARY_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirectoryError(f"cannot read {path}: {exc}") from exc
+
+    def discard_summary(self) -> None:
+        """Removes ``summary.json``: the run goes on (more rounds), so it no longer describes the run."""
+        (self._path / SUMMARY_FILE).unlink(missing_ok=True)
 
     # -- metrics.jsonl ------------------------------------------------------------
 
@@ -278,6 +363,10 @@ class RunDirectory:
 
     # -- checkpoints --------------------------------------------------------------
 
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint to resume from was written (a run stopped before its first one has none)."""
+        return (self.checkpoints / STATE_FILE).is_file()
+
     def save_checkpoint(
         self, checkpoint: Checkpoint, *, primary_value: float | None, higher_is_better: bool
     ) -> Checkpoint:
@@ -326,6 +415,7 @@ class RunDirectory:
                 "best_value": checkpoint.best_value,
                 "best_round": checkpoint.best_round,
                 "extra": checkpoint.extra,
+                "seconds": float(checkpoint.seconds),
             },
         )
         return checkpoint
@@ -354,6 +444,7 @@ class RunDirectory:
             best_value=state["best_value"],
             best_round=state["best_round"],
             extra=state["extra"],
+            seconds=float(state.get("seconds", 0.0)),
         )
 
     def _torch_save(self, name: str, obj: Any) -> None:

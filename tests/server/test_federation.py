@@ -121,11 +121,12 @@ def test_a_users_folder_of_npy_slices_runs_federated(tmp_path: Path) -> None:
     assert 0.0 <= evaluate["aggregate"]["dice"] <= 1.0
 
 
-def test_a_broken_data_folder_stops_with_one_line_and_exit_1(tmp_path: Path, capsys) -> None:
+def test_a_broken_data_folder_stops_with_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     folder = write_segmentation_folder(tmp_path / "data", 8, with_masks=False)
     overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}"]
-    assert main(["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]) == 1
+    assert main(["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]) == 2  # the input's fault
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("medfed: error")]
     assert len(errors) == 1 and "Traceback" not in err, err
     assert "a client could not prepare its data: DataError" in errors[0] and "masks" in errors[0], errors
+    assert "resume" not in errors[0]  # resuming cannot fix the data

@@ -128,6 +128,42 @@ def test_checkpoint_round_trip(run: RunDirectory) -> None:
 def test_load_checkpoint_without_one_raises(run: RunDirectory) -> None:
     with pytest.raises(RunDirectoryError, match="no checkpoint"):
         run.load_checkpoint()
+    assert not run.has_checkpoint()
+
+
+def test_checkpoint_keeps_the_runs_seconds_and_reads_older_checkpoints_as_zero(run: RunDirectory) -> None:
+    run.save_checkpoint(Checkpoint(round=2, arrays={}, seconds=12.5), primary_value=None, higher_is_better=True)
+    assert run.has_checkpoint() and run.load_checkpoint().seconds == 12.5
+    state = torch.load(run.checkpoints / "state.pt", weights_only=True)
+    del state["seconds"]  # as written before the total time was kept
+    torch.save(state, run.checkpoints / "state.pt")
+    assert run.load_checkpoint().seconds == 0.0
+
+
+def test_lock_admits_one_run_at_a_time_and_names_the_holder(run: RunDirectory) -> None:
+    import os
+
+    from server.results import RunDirectoryBusy
+
+    other = RunDirectory.open(run.path)  # what a second process opening the folder gets
+    with run.lock():
+        with run.lock():  # re-entrant for its holder
+            pass
+        with pytest.raises(RunDirectoryBusy, match=f"in use by another medfed run \\(pid {os.getpid()}\\)"):
+            with other.lock():
+                pass
+    with other.lock():  # released with its last holder
+        with pytest.raises(RunDirectoryBusy):
+            with run.lock():
+                pass
+
+
+def test_summary_is_read_back_and_discarded(run: RunDirectory) -> None:
+    assert run.read_summary() is None
+    run.write_summary({"rounds_completed": 2, "seconds": 3.0})
+    assert run.read_summary() == {"rounds_completed": 2, "seconds": 3.0}
+    run.discard_summary()
+    assert run.read_summary() is None and not (run.path / "summary.json").exists()
 
 
 def test_checkpoint_rejects_state_that_cannot_be_loaded_safely(run: RunDirectory) -> None:
