@@ -423,12 +423,20 @@ def run_cells(plan: Plan, folder: Path, runner: Runner) -> list[CellResult]:
             _run_cell(result, folder, runner)
         except KeyboardInterrupt:
             result.status = "interrupted"
-            result.reason = (f"interrupted; resume with: medfed run --resume {result.run_dir}" if result.run_dir
-                             else "interrupted")
+            result.reason = _interrupted(result.run_dir)
             log.warning("sweep interrupted in cell %s; writing the tables of what ran", result.cell.label)
             break
         log.info("sweep cell %d/%d: %s", index, len(results), _one_line(result))
     return results
+
+
+def _interrupted(run_dir: Path | None) -> str:
+    """Why a cell stopped and what to do: resume it from its checkpoint, or run it again (none written yet)."""
+    if run_dir is None:
+        return "interrupted"
+    if RunDirectory.open(run_dir).has_checkpoint():
+        return f"interrupted; resume with: medfed run --resume {run_dir}"
+    return f"interrupted before its first checkpoint; run it again with: medfed run {run_dir / 'scenario.yaml'}"
 
 
 def _run_cell(result: CellResult, folder: Path, runner: Runner) -> None:
