@@ -18,6 +18,16 @@ are ignored, as are masks without an image.
   dropped, so an ``[H, W, 1]`` NIfTI is a 2D image.
 * Masks must hold non-negative integer labels (stored as any numeric type).
 
+Every sample also carries the **case** (patient) it belongs to, so that slices of one
+patient are never split across sites or across train/validation (:func:`case_id`):
+
+* DICOM: the file's ``PatientID`` (else its ``SeriesInstanceUID``), so every slice file
+  of one patient is one case;
+* any other file (and DICOM without either tag): the file-name group, the part of the
+  file id before the first ``__`` (:data:`CASE_SEPARATOR`), else the whole id. So a
+  NIfTI / NumPy volume is one case, and 2D slices of one patient saved as NumPy files
+  are grouped by naming them ``<case>__<slice>.npy`` (e.g. ``p007__z012.npy``).
+
 Helpers :func:`resample` (pad to square, then bilinear for images / nearest for
 masks) and :func:`normalize_intensity` (robust per-image min-max to ``[0, 1]``)
 bring the samples to a task's input size and intensity range.
@@ -45,6 +55,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Supported file extensions, longest first so ``.nii.gz`` wins over ``.gz``.
 EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii", ".npy", ".dcm")
 
+#: Separates the case (patient) from the rest of a file id: ``<case>__<slice>``.
+CASE_SEPARATOR = "__"
+
 
 def _extension(path: Path) -> str | None:
     """The supported extension of ``path`` (lower-case), or ``None``."""
@@ -52,19 +65,24 @@ def _extension(path: Path) -> str | None:
     return next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
 
 
-def _case_files(folder: Path) -> dict[str, Path]:
-    """Supported, non-hidden files of ``folder`` by case id (name without extension)."""
+def file_id(path: str | Path) -> str:
+    """The id of a supported file: its name without the extension (``p1.nii.gz`` -> ``p1``)."""
+    path = Path(path)
+    ext = _extension(path)
+    return path.name[: -len(ext)] if ext else path.name
+
+
+def _files_by_id(folder: Path) -> dict[str, Path]:
+    """Supported, non-hidden files of ``folder`` by file id (name without extension)."""
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         ext = _extension(path)
         if ext is None or path.name.startswith(".") or not path.is_file():
             continue
-        case_id = path.name[: -len(ext)]
-        if case_id in files:
-            raise DataError(
-                f"two files with case id {case_id!r} in {folder}: {files[case_id].name} and {path.name}"
-            )
-        files[case_id] = path
+        name = file_id(path)
+        if name in files:
+            raise DataError(f"two files with id {name!r} in {folder}: {files[name].name} and {path.name}")
+        files[name] = path
     return files
 
 
@@ -79,6 +97,34 @@ def _read_nifti(path: Path) -> np.ndarray:
     # Nifti1Image or Nifti2Image, both DataobjImage subclasses with get_fdata.
     image = cast("DataobjImage", nibabel.load(str(path)))
     return np.asarray(image.get_fdata(dtype=np.float64))
+
+
+def case_id(path: str | Path) -> str:
+    """The case (patient) of the samples read from ``path``.
+
+    DICOM: ``PatientID``, else ``SeriesInstanceUID`` (a header read only); otherwise, or
+    when both are empty, the :func:`file_id` up to its first :data:`CASE_SEPARATOR` (the
+    whole id when it has none).
+
+    Raises
+    ------
+    DataError
+        an unreadable DICOM header.
+    """
+    path = Path(path)
+    if _extension(path) == ".dcm":
+        import pydicom
+
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except Exception as error:
+            raise DataError(f"cannot read {path}: {type(error).__name__}: {error}") from None
+        for keyword in ("PatientID", "SeriesInstanceUID"):
+            value = str(header.get(keyword, "") or "").strip()
+            if value:
+                return value
+    name = file_id(path)
+    return name.split(CASE_SEPARATOR, 1)[0] or name
 
 
 def dicom_rescale(dataset: pydicom.Dataset) -> tuple[float, float]:
@@ -148,12 +194,14 @@ def _as_labels(mask: np.ndarray, path: Path) -> np.ndarray:
     return np.round(mask).astype(np.int64)
 
 
-def _slices(array: np.ndarray) -> list[np.ndarray]:
+def slices(array: np.ndarray) -> list[np.ndarray]:
     """The 2D slices of ``array``: itself if 2D, else one per index of the last axis."""
     return [array] if array.ndim == 2 else [array[..., k] for k in range(array.shape[-1])]
 
 
-def load_image_mask_pairs(folder: str | Path) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def load_image_mask_pairs(
+    folder: str | Path,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]:
     """Load every image and its mask from ``folder`` (layout in the module docstring).
 
     Parameters
@@ -163,9 +211,10 @@ def load_image_mask_pairs(folder: str | Path) -> tuple[list[np.ndarray], list[np
 
     Returns
     -------
-    tuple[list[np.ndarray], list[np.ndarray], list[str]]
-        ``(images, masks, ids)``: images ``[H, W]`` float32, masks ``[H, W]`` int64 (same
-        shape as their image), case ids; sorted by id, one entry per 2D slice.
+    tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]
+        ``(images, masks, ids, cases)``: images ``[H, W]`` float32, masks ``[H, W]`` int64
+        (same shape as their image), sample ids and the case (patient, :func:`case_id` of the
+        image file) of each sample; sorted by id, one entry per 2D slice.
 
     Raises
     ------
@@ -179,29 +228,31 @@ def load_image_mask_pairs(folder: str | Path) -> tuple[list[np.ndarray], list[np
     for path in subfolders.values():
         if not path.is_dir():
             raise DataError(f"data folder {root} has no {path.name}/ subfolder (expected {path})")
-    image_files = _case_files(subfolders["images"])
-    mask_files = _case_files(subfolders["masks"])
+    image_files = _files_by_id(subfolders["images"])
+    mask_files = _files_by_id(subfolders["masks"])
     if not image_files:
         raise DataError(f"no image files ({', '.join(EXTENSIONS)}) in {subfolders['images']}")
 
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     ids: list[str] = []
-    for case_id, image_path in sorted(image_files.items()):
-        mask_path = mask_files.get(case_id)
+    cases: list[str] = []
+    for name, image_path in sorted(image_files.items()):
+        mask_path = mask_files.get(name)
         if mask_path is None:
-            raise DataError(f"image {image_path} has no mask {case_id}.<ext> in {subfolders['masks']}")
+            raise DataError(f"image {image_path} has no mask {name}.<ext> in {subfolders['masks']}")
         image, mask = read_array(image_path), read_array(mask_path)
         if image.shape != mask.shape:
             raise DataError(
                 f"image {image_path} has shape {image.shape} but its mask {mask_path} has {mask.shape}"
             )
         labels = _as_labels(mask, mask_path)
-        image_slices, mask_slices = _slices(image), _slices(labels)
+        image_slices, mask_slices = slices(image), slices(labels)
         images.extend(s.astype(np.float32) for s in image_slices)
         masks.extend(np.ascontiguousarray(s) for s in mask_slices)
-        ids.extend([case_id] if image.ndim == 2 else [f"{case_id}_z{k}" for k in range(len(image_slices))])
-    return images, masks, ids
+        ids.extend([name] if image.ndim == 2 else [f"{name}_z{k}" for k in range(len(image_slices))])
+        cases.extend([case_id(image_path)] * len(image_slices))
+    return images, masks, ids, cases
 
 
 def pad_to_square(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

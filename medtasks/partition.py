@@ -24,7 +24,10 @@ Two entry points:
   per site (size, ``P_k(y)``, acquisition and annotator parameters); the task
   generates each site's samples from its profile.
 * :func:`split_indices` for a pool of existing samples (a real data folder):
-  one sorted index array per site.
+  one sorted index array per site. Given ``groups`` (the case, i.e. patient, of each
+  sample) it splits whole cases, so slices of one patient never sit at two sites;
+  :func:`order_by_group` and :func:`group_holdout` then keep a site's cases whole
+  across its train/validation split too.
 
 Everything is deterministic given ``seed``. Each purpose draws from its own
 stream ``numpy_rng(seed, "partition", purpose)``, so that, e.g., adding an
@@ -546,6 +549,7 @@ def split_indices(
     *,
     num_clients: int,
     seed: int,
+    groups: Sequence[str] | np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Split an existing pool of ``N`` samples across ``K`` sites.
 
@@ -559,6 +563,12 @@ def split_indices(
     * ``quantity_skew``: sizes as in :func:`draw_site_profiles` with ``N = len(labels)``,
       taken as contiguous chunks of a seeded permutation.
 
+    With ``groups`` the units split are the ``G`` cases instead of the samples
+    (:func:`_group_units`): each case carries the most frequent label of its samples,
+    the rules above apply to cases (sizes and ``min_samples`` count cases), and each
+    site gets every sample of its cases. When every sample is its own case this is
+    exactly the split without ``groups``.
+
     Parameters
     ----------
     labels : Sequence[int] | np.ndarray
@@ -571,6 +581,9 @@ def split_indices(
         number of sites ``K``.
     seed : int
         the scenario seed.
+    groups : Sequence[str] | np.ndarray | None
+        the case (patient) of each sample, shape ``(N,)``; ``None``: every sample is its
+        own case.
 
     Returns
     -------
@@ -580,7 +593,7 @@ def split_indices(
     Raises
     ------
     ValueError
-        unknown kind, fewer samples than clients, or a split that
+        unknown kind, fewer samples (cases) than clients, or a split that
         cannot satisfy the kind's constraints.
     pydantic.ValidationError
         invalid ``params``.
@@ -589,6 +602,15 @@ def split_indices(
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {y.shape}")
+    if groups is not None:
+        unit, unit_labels = _group_units(y, groups)
+        if unit_labels.size < num_clients:
+            raise ValueError(
+                f"cannot partition {unit_labels.size} cases ({y.size} samples) across {num_clients} "
+                "clients: the samples of one case (patient) stay at one site"
+            )
+        unit_parts = split_indices(unit_labels, kind, model, num_clients=num_clients, seed=seed)
+        return [np.flatnonzero(np.isin(unit, part)).astype(np.int64) for part in unit_parts]
     sizes = _sizes(kind, model, num_clients, y.size, seed)
 
     if isinstance(model, LabelSkewParams):
@@ -604,6 +626,127 @@ def split_indices(
 
     perm = numpy_rng(seed, "partition", "split").permutation(y.size)
     return [np.sort(chunk).astype(np.int64) for chunk in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def _group_units(labels: np.ndarray, groups: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cases as split units: ``(unit of each sample [N], label of each unit [G])``.
+
+    Units are numbered in the order of their first sample, so singleton cases are numbered
+    like the samples; a unit's label is the most frequent label of its samples (the
+    smallest such label on ties).
+
+    Raises
+    ------
+    ValueError
+        ``groups`` and ``labels`` differ in length.
+    """
+    names = np.asarray(groups)
+    if names.shape != labels.shape:
+        raise ValueError(f"groups must give one case per sample: shape {names.shape} vs labels {labels.shape}")
+    _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    unit = rank[inverse.ravel()]
+    values, label_index = np.unique(labels, return_inverse=True)
+    counts = np.zeros((first.size, values.size), dtype=np.int64)
+    np.add.at(counts, (unit, label_index.ravel()), 1)
+    return unit, values[np.argmax(counts, axis=1)]  # argmax: the first (smallest) label on ties
+
+
+def order_by_group(
+    indices: np.ndarray, groups: Sequence[str] | np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """A site's samples ``indices`` (sorted, ``[n]``) ordered case by case.
+
+    The site's cases, numbered in order of their first sample, are put in the order
+    ``rng.permutation``; each case's samples keep their index order. When every sample
+    is its own case this is ``rng.permutation(indices)``.
+
+    Parameters
+    ----------
+    indices : np.ndarray
+        ``[n]`` sorted indices into the pool (a part of :func:`split_indices`).
+    groups : Sequence[str] | np.ndarray
+        ``[N]`` the case of every pool sample.
+    rng : np.random.Generator
+        the site's stream.
+
+    Returns
+    -------
+    np.ndarray
+        ``[n]`` int64, a permutation of ``indices`` with each case contiguous.
+    """
+    names = np.asarray(groups)[indices]
+    _, first, inverse = np.unique(names, return_index=True, return_inverse=True)
+    cases_in_order = np.argsort(first, kind="stable")  # case number -> unique-name index
+    order = rng.permutation(cases_in_order.size)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[cases_in_order[order]] = np.arange(first.size)
+    return np.asarray(indices)[np.argsort(rank[inverse.ravel()], kind="stable")].astype(np.int64)
+
+
+def group_holdout(ordered_groups: Sequence[str] | np.ndarray, n_val: int) -> int:
+    """How many trailing samples form the validation set when cases must stay whole.
+
+    Whole cases are taken from the end of ``ordered_groups`` (contiguous cases, as
+    :func:`order_by_group` gives) until at least ``n_val`` samples are held out. With
+    singleton cases this is ``n_val``.
+
+    Parameters
+    ----------
+    ordered_groups : Sequence[str] | np.ndarray
+        ``[n]`` the case of each of a site's samples, in the site's order.
+    n_val : int
+        the wanted number of validation samples (``>= 1``).
+
+    Returns
+    -------
+    int
+        the number of validation samples, ``>= n_val``; equal to ``n`` when the site has
+        too few cases to keep one for training.
+    """
+    names = np.asarray(ordered_groups)
+    n = names.size
+    held = min(n_val, n)
+    while 0 < held < n and names[n - held] == names[n - held - 1]:
+        held += 1
+    return held
+
+
+def holdout_size(n: int, val_fraction: float, ordered_groups: Sequence[str] | np.ndarray | None = None) -> int:
+    """Validation size of a site of ``n`` samples: ``max(1, round(val_fraction · n))``, grown to
+    whole cases (:func:`group_holdout`) when ``ordered_groups`` (``[n]``) gives each sample's case.
+
+    Raises
+    ------
+    ValueError
+        nothing (no sample, or no case) is left to train on.
+    """
+    n_val = max(1, round(val_fraction * n))
+    if ordered_groups is not None:
+        n_val = group_holdout(ordered_groups, n_val)
+        if n - n_val < 1:
+            cases = len(set(np.asarray(ordered_groups).tolist()))
+            raise ValueError(
+                f"holds {cases} case(s) in {n} samples; it needs at least 2 cases (one to train, one to "
+                "validate): use fewer sites or more cases"
+            )
+    if n - n_val < 1:
+        raise ValueError(f"has {n} samples; it needs at least 2 (one to train, one to validate)")
+    return n_val
+
+
+def cases_by_split(ordered_groups: Sequence[str] | np.ndarray, n_val: int) -> dict[str, list[str]]:
+    """The sorted case ids of a site's training (all but the last ``n_val``) and validation samples.
+
+    Returns
+    -------
+    dict[str, list[str]]
+        ``{"train": [...], "val": [...]}`` (written to ``partitions.json``).
+    """
+    names = [str(name) for name in np.asarray(ordered_groups)]
+    cut = len(names) - n_val
+    return {"train": sorted(set(names[:cut])), "val": sorted(set(names[cut:]))}
 
 
 # --------------------------------------------------------------------------- statistics

@@ -129,6 +129,34 @@ def write_segmentation_folder(root: Path, count: int, *, with_masks: bool = True
     return root
 
 
+def write_dicom(path: Path, stored: Any, slope: float = 1.0, intercept: float = 0.0, *,
+                patient_id: str = "PAT-7", series: str = "") -> Path:
+    """A minimal valid single-frame 16-bit DICOM file holding ``stored`` values (``[H, W]``), of patient
+    ``patient_id`` (empty: no PatientID) and series ``series`` (empty: no SeriesInstanceUID)."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    if patient_id:
+        ds.PatientID = patient_id
+    if series:
+        ds.SeriesInstanceUID = series
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = np.asarray(stored).astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return Path(path)
+
+
 # --- toy scenarios -------------------------------------------------------------------------------------
 def toy_scenario(task: str, strategy: str, *, rounds: int, clients: int, samples: int, local: Mapping[str, Any],
                  server_samples: int = 0, model: str | None = None, task_params: Mapping[str, Any] | None = None,

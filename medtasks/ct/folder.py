@@ -1,10 +1,12 @@
 """Folder sites (``data.source: folder``): real slices in HU read from ``data.path``, measured.
 
-:func:`folder_pool` reads every slice (:func:`_load_ct_slices`), converts it to ``μ``, resamples
+:func:`folder_pool` reads every slice (:func:`_load_ct_cases`), converts it to ``μ``, resamples
 it to ``image_size`` and cuts it to the scanner's field of view (:func:`slice_to_mu`); its label
 is "thorax" when the slice contains lungs, "other" otherwise
-(:func:`~medtasks.ct.anatomy.anatomy_label`). The task splits the pool across sites
-(:func:`~medtasks.partition.split_indices`); :func:`site_samples` measures a site's share with
+(:func:`~medtasks.ct.anatomy.anatomy_label`), and its case is the patient it belongs to
+(:func:`medtasks.io.case_id`: a DICOM file's ``PatientID``, else the file-name group
+``<case>__<rest>``, so a volume is one case). The task splits the pool across sites by case
+(:func:`~medtasks.partition.split_indices` with ``groups``); :func:`site_samples` measures a site's share with
 the site's scanner, with photon noise from ``torch_generator(seed, "ct", "noise", "site", k)``.
 
 The pool and the sites are cached per process, as the task is (``client/cache.py``).
@@ -33,7 +35,13 @@ __all__ = ["folder_pool", "site_samples", "slice_to_mu"]
 
 
 def _load_ct_slices(folder: str | Path) -> list[np.ndarray]:
-    """All slices in HU from a folder of ``.npy`` / ``.dcm`` files (also NIfTI), sorted by file name.
+    """All slices in HU of ``folder`` (:func:`_load_ct_cases` without the cases)."""
+    return _load_ct_cases(folder)[0]
+
+
+def _load_ct_cases(folder: str | Path) -> tuple[list[np.ndarray], list[str]]:
+    """All slices in HU from a folder of ``.npy`` / ``.dcm`` files (also NIfTI), sorted by file name,
+    and the case (patient, :func:`medtasks.io.case_id`) of each.
 
     DICOM values are ``RescaleSlope · stored + RescaleIntercept`` (:func:`medtasks.io.read_array`);
     NumPy files must already hold HU. A 3D file gives one slice per index of its last axis.
@@ -53,10 +61,12 @@ def _load_ct_slices(folder: str | Path) -> list[np.ndarray]:
     if not files:
         raise DataError(f"no CT slices ({', '.join(io.EXTENSIONS)}) in {root}")
     slices: list[np.ndarray] = []
+    cases: list[str] = []
     for path in files:
-        array = io.read_array(path)
-        slices.extend([array] if array.ndim == 2 else [array[..., k] for k in range(array.shape[-1])])
-    return slices
+        file_slices = io.slices(io.read_array(path))
+        slices.extend(file_slices)
+        cases.extend([io.case_id(path)] * len(file_slices))
+    return slices, cases
 
 
 def slice_to_mu(hu: np.ndarray, image_size: int) -> np.ndarray:
@@ -75,16 +85,17 @@ def slice_to_mu(hu: np.ndarray, image_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def folder_pool(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All slices of ``path`` as ``μ [n, N, N]`` and their labels ``[n]`` (cached per process).
+def folder_pool(path: str, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All slices of ``path`` as ``μ [n, N, N]``, their labels ``[n]`` and cases ``[n]`` (cached per process).
 
     Raises
     ------
     DataError
-        The folder cannot be read (:func:`_load_ct_slices`).
+        The folder cannot be read (:func:`_load_ct_cases`).
     """
-    mu = np.stack([slice_to_mu(hu, image_size) for hu in _load_ct_slices(path)])
-    return mu, np.array([anatomy_label(m) for m in mu], dtype=np.int64)
+    slices, cases = _load_ct_cases(path)
+    mu = np.stack([slice_to_mu(hu, image_size) for hu in slices])
+    return mu, np.array([anatomy_label(m) for m in mu], dtype=np.int64), np.asarray(cases)
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ class _FolderSite:
 @functools.lru_cache(maxsize=16)
 def _folder_samples(site: _FolderSite) -> Samples:
     """A folder site's slices measured by its scanner (cached per process)."""
-    mu, labels = folder_pool(site.path, site.image_size)
+    mu, labels, _ = folder_pool(site.path, site.image_size)
     rows = np.asarray(site.indices, dtype=np.int64)
     generator = torch_generator(site.seed, "ct", "noise", "site", site.partition_id)
     return simulate(mu[rows], labels[rows], site.acquisition, site.reference_sigma, site.filter, generator)

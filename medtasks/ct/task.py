@@ -28,7 +28,9 @@ Images are normalised to ``x = μ / (2 μ_water)``: the Hounsfield window ``[−
 :data:`~medtasks.ct.scanner.DATA_RANGE` ``= 1`` on that scale, without clipping. Sinograms are
 normalised the same way (``y / (2 μ_water)``), so ``A x ≈ y`` holds in the network's units too.
 
-Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set.
+Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set. Folder sites
+are split by case (patient, :mod:`medtasks.ct.folder`): a patient's slices stay at one site, and the
+validation set grows to whole cases (``stats["cases"]`` lists the case ids of each split).
 ``data.server_samples > 0`` gives the server a test set (synthetic data only) from the stream
 ``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy mix.
 
@@ -53,6 +55,7 @@ from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,8 +79,11 @@ from medtasks.ct.scanner import (
 )
 from medtasks.partition import (
     SiteProfile,
+    cases_by_split,
+    holdout_size,
     label_histogram,
     neutral_values,
+    order_by_group,
     split_indices,
 )
 from medtasks.seeding import numpy_rng
@@ -205,12 +211,12 @@ class CTReconstructionTask:
         """Site ``partition_id``'s share of the folder pool, measured by its scanner."""
         p, part, seed = self.params, self.ctx.partition, self.ctx.seed
         path = str(Path(self.ctx.data.path or "").resolve())
-        _, labels = folder.folder_pool(path, p.image_size)
+        _, labels, cases = folder.folder_pool(path, p.image_size)
         try:
-            parts = split_indices(labels, part.kind, part.params, num_clients=part.clients, seed=seed)
+            parts = split_indices(labels, part.kind, part.params, num_clients=part.clients, seed=seed, groups=cases)
         except ValueError as error:
             raise DataError(f"cannot split the {len(labels)} slices of {self.ctx.data.path}: {error}") from None
-        indices = numpy_rng(seed, "ct", "site", partition_id).permutation(parts[partition_id])
+        indices = order_by_group(parts[partition_id], cases, numpy_rng(seed, "ct", "site", partition_id))
         if part.kind in ("feature_skew", "concept_shift"):
             profiles = draw_profiles(
                 part, samples_per_client=max(1, len(labels) // part.clients), label_prior=label_histogram(labels, 2), seed=seed
@@ -221,7 +227,7 @@ class CTReconstructionTask:
         samples = folder.site_samples(path, p, indices, acquisition, annotator, seed=seed, partition_id=partition_id)
         share = float(labels[indices].mean()) if len(indices) else 0.0
         info = {"label_distribution": [1.0 - share, share]}
-        return self._split(samples, acquisition, annotator, info, partition_id)
+        return self._split(samples, acquisition, annotator, info, partition_id, cases[indices])
 
     def _split(
         self,
@@ -230,12 +236,18 @@ class CTReconstructionTask:
         annotator: Mapping[str, float],
         info: dict[str, Any],
         partition_id: int,
+        cases: np.ndarray | None = None,
     ) -> ClientData:
-        """Hold out the last ``max(1, round(val_fraction · n))`` slices and describe the site."""
+        """Hold out the last ``max(1, round(val_fraction · n))`` slices and describe the site.
+
+        With ``cases`` (``[n]``, each case contiguous) the hold-out grows to whole cases
+        (:func:`medtasks.partition.holdout_size`) and ``stats["cases"]`` records them.
+        """
         n = len(samples.labels)
-        n_val = max(1, round(self.ctx.data.val_fraction * n))
-        if n - n_val < 1:
-            raise DataError(f"site {partition_id} has {n} slices; it needs at least 2 (one to train, one to validate)")
+        try:
+            n_val = holdout_size(n, self.ctx.data.val_fraction, cases)
+        except ValueError as error:
+            raise DataError(f"site {partition_id} {error}") from None
         fbp_psnr = psnr(samples.fbp, samples.target, DATA_RANGE).mean()
         stats = {
             "n_train": n - n_val,
@@ -250,6 +262,8 @@ class CTReconstructionTask:
             },
             "fbp_psnr": float(fbp_psnr),
         }
+        if cases is not None:
+            stats["cases"] = cases_by_split(cases, n_val)
         return ClientData(
             train=samples.dataset(slice(0, n - n_val)), val=samples.dataset(slice(n - n_val, n)), stats=stats
         )

@@ -17,17 +17,22 @@ Data sources (``data.source``):
 * ``"folder"``: real images and masks read by :func:`medtasks.io.load_image_mask_pairs`
   from ``data.path``, padded to square and resampled to ``image_size``
   (bilinear for images, nearest for masks), normalised per image by robust
-  min-max to ``[0, 1]``. ``num_classes`` is the number of labels in the masks
-  (background included); the label used for label skew is "the image contains
-  the last class". The pool is split with :func:`medtasks.partition.split_indices`;
-  ``feature_skew`` / ``concept_shift`` then apply the same acquisition / annotator
-  transforms as the synthetic data. There is no server test set.
+  min-max to ``[0, 1]``. ``num_classes`` is read from the masks (as stored, before
+  resampling): ``L = max label + 1``, background included, and the labels found must
+  be exactly ``0..L-1``. A ``task.params.num_classes`` given in the scenario is used
+  instead (it may exceed the labels found, never fall below them). The label used
+  for label skew is "the image contains the last class". The pool is split with
+  :func:`medtasks.partition.split_indices` by case (patient, :func:`medtasks.io.case_id`),
+  so a patient's slices stay at one site, and each site holds out whole cases for
+  validation; ``feature_skew`` / ``concept_shift`` then apply the same acquisition /
+  annotator transforms as the synthetic data. There is no server test set.
 
 ``ClientData.stats`` (written to ``partitions.json``): ``n_train``, ``n_val``,
 ``label_histogram`` (images without / with the last class in their *annotated*
 mask, train + val), ``pixel_class_fractions`` (``[C]``), ``acquisition``,
 ``annotator`` and ``label_distribution`` (the drawn ``P_k(y)`` for synthetic
-sites, the empirical one for folder sites).
+sites, the empirical one for folder sites); folder sites add ``cases``
+(``{"train": [...], "val": [...]}``, the sorted case ids of each split).
 
 ``data.params`` must be empty for both sources. Generated and loaded data are
 cached per process (as the task is, ``client/cache.py``), so repeated calls are free.
@@ -36,15 +41,16 @@ cached per process (as the task is, ``client/cache.py``), so repeated calls are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_serializer, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -52,9 +58,12 @@ from medtasks import io
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.partition import (
     SiteProfile,
+    cases_by_split,
     draw_site_profiles,
+    holdout_size,
     label_histogram,
     neutral_values,
+    order_by_group,
     split_indices,
 )
 from medtasks.seeding import numpy_rng
@@ -78,7 +87,8 @@ class SegmentationParams(TaskParams):
     num_classes: int = Field(
         synthetic.NUM_CLASSES,
         ge=2,
-        description="Labels in the masks, background included; must be 4 for synthetic data.",
+        description="Labels in the masks, background included. Unset: 4 for synthetic data (the "
+        "only value it takes), max mask label + 1 for folder data (read from the masks).",
     )
     channels: tuple[int, ...] = Field(
         (8, 16, 32, 64), min_length=2, description="U-Net widths, one per level."
@@ -94,6 +104,24 @@ class SegmentationParams(TaskParams):
     lesion_prevalence: float = Field(
         0.5, ge=0, le=1, description="Base P(image has a lesion) of synthetic sites."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """``num_classes: null`` (how a resolved scenario writes it when unset) leaves it unset."""
+        if isinstance(data, Mapping) and "num_classes" in data and data["num_classes"] is None:
+            return {key: value for key, value in data.items() if key != "num_classes"}
+        return data
+
+    @field_serializer("num_classes")
+    def _dump_num_classes(self, value: int) -> int | None:
+        """``None`` when unset, so the folder task still reads it from the masks after a round trip."""
+        return value if self.num_classes_set else None
+
+    @property
+    def num_classes_set(self) -> bool:
+        """Whether the scenario sets ``num_classes`` (else its default stands for synthetic data)."""
+        return "num_classes" in self.model_fields_set
 
     @model_validator(mode="after")
     def _check_architecture(self) -> SegmentationParams:
@@ -132,6 +160,59 @@ def _dataset(images: np.ndarray, masks: np.ndarray) -> TensorDataset:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _FolderPool:
+    """Every sample of a data folder, resampled and normalised.
+
+    Attributes
+    ----------
+    images : np.ndarray
+        ``[N, S, S]`` float32.
+    masks : np.ndarray
+        ``[N, S, S]`` int64.
+    cases : np.ndarray
+        ``[N]`` the case (patient) of each sample (:func:`medtasks.io.case_id`).
+    labels : tuple[int, ...]
+        the sorted labels found in the stored masks (before resampling, which may drop
+        a small structure).
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    cases: np.ndarray
+    labels: tuple[int, ...]
+
+
+def folder_num_classes(labels: Sequence[int], given: int | None, path: str) -> int:
+    """The number of classes ``L`` of a folder whose masks hold ``labels`` (sorted, non-empty).
+
+    ``L = given`` when the scenario sets ``task.params.num_classes`` (every label must be
+    below it), else ``L = max(labels) + 1`` with ``labels`` exactly ``0..L-1``.
+
+    Raises
+    ------
+    DataError
+        a label ``>= given``; inferred labels with a gap; masks holding background only.
+    """
+    top = int(max(labels))
+    if given is not None:
+        if top >= given:
+            raise DataError(
+                f"task.params.num_classes={given} but the masks in {path} hold label {top} "
+                "(labels must lie in 0..num_classes-1)"
+            )
+        return given
+    missing = sorted(set(range(top + 1)) - {int(v) for v in labels})
+    if missing:
+        raise DataError(
+            f"the masks in {path} hold labels {[int(v) for v in labels]} (max label {top}) but never "
+            f"{missing}: labels must be 0..L-1; relabel the masks or set task.params.num_classes"
+        )
+    if top < 1:
+        raise DataError(f"the masks in {path} hold only background (label 0); at least one foreground label is needed")
+    return top + 1
+
+
 def _contains_last_class(masks: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-image label for label skew: ``[N]`` int, 1 if the mask holds class ``C - 1``."""
     return (masks == num_classes - 1).reshape(len(masks), -1).any(axis=1).astype(np.int64)
@@ -158,20 +239,17 @@ class SegmentationTask:
             if params.num_classes != self.SYNTHETIC_NUM_CLASSES:
                 raise ValueError(
                     f"synthetic segmentation data has {self.SYNTHETIC_NUM_CLASSES} classes "
-                    f"{synthetic.CLASS_NAMES}; got num_classes={params.num_classes}"
+                    f"{synthetic.CLASS_NAMES}; got task.params.num_classes={params.num_classes}"
                 )
-            self.class_names = synthetic.CLASS_NAMES[1:]
         elif ctx.data.source == "folder":
             if not ctx.data.path:
                 raise DataError("data.source 'folder' needs data.path")
-            self.class_names = tuple(f"class{c}" for c in range(1, params.num_classes))
         else:
             raise ValueError(
                 f"unknown data.source {ctx.data.source!r} for segmentation; use synthetic or folder"
             )
         self.ctx = ctx
         self.params: SegmentationParams = params
-        self.num_classes = params.num_classes
         self._loss_fn: LossFn | None = None
         #: Site profiles of synthetic data (``None`` for folder data, whose sites are index splits).
         self.profiles: list[SiteProfile] | None = None
@@ -187,12 +265,36 @@ class SegmentationTask:
                 seed=ctx.seed,
             )
 
+    @functools.cached_property
+    def num_classes(self) -> int:
+        """``C``, background included: 4 for synthetic data; for folder data the
+        ``task.params.num_classes`` the scenario sets, else read from the masks
+        (:meth:`_folder_classes`, which loads the folder on first use)."""
+        if self.ctx.data.source == "synthetic" or self.params.num_classes_set:
+            return self.params.num_classes
+        return self._folder_classes()
+
+    def _folder_classes(self) -> int:
+        """The folder's class count (:func:`folder_num_classes`), checked against the U-Net's groups."""
+        given = self.params.num_classes if self.params.num_classes_set else None
+        num_classes = folder_num_classes(self._folder_pool().labels, given, self._folder_path())
+        if self.params.norm == "group":
+            check_group_norm(self.params.channels, num_classes, self.params.num_groups)
+        return num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the foreground classes ``1..C-1`` (the ``dice_<name>`` metrics)."""
+        if self.ctx.data.source == "synthetic":
+            return synthetic.CLASS_NAMES[1:]
+        return tuple(f"class{c}" for c in range(1, self.num_classes))
+
     # ------------------------------------------------------------------ model, loss
 
     def build_model(self) -> nn.Module:
         """A U-Net (:func:`.model.build_unet`) initialised from the scenario seed."""
         p = self.params
-        return build_unet(p.num_classes, p.channels, p.norm, p.num_groups, seed=self.ctx.seed)
+        return build_unet(self.num_classes, p.channels, p.norm, p.num_groups, seed=self.ctx.seed)
 
     @property
     def loss_fn(self) -> LossFn:
@@ -201,7 +303,7 @@ class SegmentationTask:
             p = self.params
             self._loss_fn = build_loss(
                 p.loss,
-                p.num_classes,
+                self.num_classes,
                 tversky_alpha=p.tversky_alpha,
                 tversky_beta=p.tversky_beta,
                 focal_gamma=p.focal_gamma,
@@ -262,23 +364,22 @@ class SegmentationTask:
         assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
         return path
 
-    def _folder_pool(self) -> tuple[np.ndarray, np.ndarray]:
-        """All folder samples, resampled and normalised: ``([N, S, S] float32, [N, S, S] int64)``."""
+    def _folder_pool(self) -> _FolderPool:
+        """All folder samples, resampled and normalised, with their cases and the labels found."""
 
-        def build() -> tuple[np.ndarray, np.ndarray]:
-            images, masks, _ = io.load_image_mask_pairs(self._folder_path())
+        def build() -> _FolderPool:
+            images, masks, _, cases = io.load_image_mask_pairs(self._folder_path())
             size = self.params.image_size
             pairs = [io.resample(io.normalize_intensity(x), y, size) for x, y in zip(images, masks)]
-            pool_images = np.stack([x for x, _ in pairs])
-            pool_masks = np.stack([y for _, y in pairs])
-            if pool_masks.max() >= self.num_classes:
-                raise DataError(
-                    f"masks in {self.ctx.data.path} hold label {int(pool_masks.max())} but "
-                    f"task.params.num_classes={self.num_classes} (labels must lie in [0, num_classes))"
-                )
-            return pool_images, pool_masks
+            labels = np.unique(np.concatenate([np.unique(y) for y in masks]))
+            return _FolderPool(
+                images=np.stack([x for x, _ in pairs]),
+                masks=np.stack([y for _, y in pairs]),
+                cases=np.asarray(cases),
+                labels=tuple(int(v) for v in labels),
+            )
 
-        key = json.dumps([str(Path(self._folder_path()).resolve()), self.params.image_size, self.num_classes])
+        key = json.dumps([str(Path(self._folder_path()).resolve()), self.params.image_size])
         return _cached(key, build)
 
     def _folder_shift(self, partition_id: int, labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -302,20 +403,24 @@ class SegmentationTask:
         return {"acquisition": profile.acquisition, "annotator": profile.annotator}
 
     def _folder_site(self, partition_id: int) -> ClientData:
-        pool_images, pool_masks = self._folder_pool()
-        labels = _contains_last_class(pool_masks, self.num_classes)
+        """Site ``partition_id``'s cases of the folder pool, shifted as the partition kind says."""
+        pool = self._folder_pool()
+        self._folder_classes()  # the labels fit a given num_classes
+        labels = _contains_last_class(pool.masks, self.num_classes)
         part, seed = self.ctx.partition, self.ctx.seed
         try:
-            parts = split_indices(labels, part.kind, part.params, num_clients=part.clients, seed=seed)
+            parts = split_indices(
+                labels, part.kind, part.params, num_clients=part.clients, seed=seed, groups=pool.cases
+            )
         except ValueError as error:
             path = self.ctx.data.path
             raise DataError(f"cannot split the {len(labels)} samples of {path}: {error}") from None
         rng = numpy_rng(seed, "segmentation", "site", partition_id)
-        indices = rng.permutation(parts[partition_id])
+        indices = order_by_group(parts[partition_id], pool.cases, rng)
         shift = self._folder_shift(partition_id, labels)
         images, masks = synthetic.shift_samples(
-            pool_images[indices],
-            pool_masks[indices],
+            pool.images[indices],
+            pool.masks[indices],
             shift["acquisition"],
             shift["annotator"],
             rng,
@@ -323,12 +428,20 @@ class SegmentationTask:
         )
         lesion_share = float(labels[indices].mean()) if len(indices) else 0.0
         info = {"label_distribution": [1.0 - lesion_share, lesion_share], **shift}
-        return self._split_site(images, masks, info, partition_id)
+        return self._split_site(images, masks, info, partition_id, pool.cases[indices])
 
     def _split_site(
-        self, images: np.ndarray, masks: np.ndarray, info: dict[str, Any], partition_id: int
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        info: dict[str, Any],
+        partition_id: int,
+        cases: np.ndarray | None = None,
     ) -> ClientData:
         """Hold out the last ``max(1, round(val_fraction · n))`` samples and describe the site.
+
+        With ``cases`` the hold-out grows to whole cases (:func:`medtasks.partition.holdout_size`)
+        and ``stats["cases"]`` records the case ids of each split.
 
         Parameters
         ----------
@@ -340,13 +453,14 @@ class SegmentationTask:
             ``acquisition``, ``annotator`` and ``label_distribution`` of the site.
         partition_id : int
             the site (for error messages).
+        cases : np.ndarray | None
+            ``[n]`` the case of each sample, each case contiguous; ``None`` for synthetic data.
         """
         n = len(images)
-        n_val = max(1, round(self.ctx.data.val_fraction * n))
-        if n - n_val < 1:
-            raise DataError(
-                f"site {partition_id} has {n} samples; it needs at least 2 (one to train, one to validate)"
-            )
+        try:
+            n_val = holdout_size(n, self.ctx.data.val_fraction, cases)
+        except ValueError as error:
+            raise DataError(f"site {partition_id} {error}") from None
         pixel_counts = np.bincount(masks.ravel(), minlength=self.num_classes)
         stats = {
             "n_train": n - n_val,
@@ -357,6 +471,8 @@ class SegmentationTask:
             "annotator": {k: float(v) for k, v in info["annotator"].items()},
             "label_distribution": [float(p) for p in info["label_distribution"]],
         }
+        if cases is not None:
+            stats["cases"] = cases_by_split(cases, n_val)
         return ClientData(
             train=_dataset(images[: n - n_val], masks[: n - n_val]),
             val=_dataset(images[n - n_val :], masks[n - n_val :]),

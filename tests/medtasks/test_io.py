@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from medtasks.base import DataError
-from medtasks.io import load_image_mask_pairs, normalize_intensity, resample
+from medtasks.io import case_id, load_image_mask_pairs, normalize_intensity, resample
+from tests.helpers import write_dicom
 
 
 def _folder(root: Path) -> Path:
@@ -37,32 +38,6 @@ def _write_nifti(path: Path, array: np.ndarray) -> None:
     nibabel.save(nibabel.Nifti1Image(array, affine=np.eye(4)), str(path))
 
 
-def _write_dicom(path: Path, stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> None:
-    """A minimal valid single-frame 16-bit DICOM file holding ``stored`` values."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 def test_npy_pairs_load_with_values_dtypes_and_sorted_ids(tmp_path):
     root = _folder(tmp_path)
     rng = np.random.default_rng(0)
@@ -74,9 +49,9 @@ def test_npy_pairs_load_with_values_dtypes_and_sorted_ids(tmp_path):
         np.save(root / "masks" / f"{case}.npy", mask.astype(np.uint8))
         arrays[case] = (image, mask)
 
-    images, masks, ids = load_image_mask_pairs(root)
+    images, masks, ids, cases = load_image_mask_pairs(root)
 
-    assert ids == ["a", "b"]
+    assert ids == cases == ["a", "b"]
     for image, mask, case in zip(images, masks, ids):
         assert image.dtype == np.float32 and mask.dtype == np.int64
         np.testing.assert_allclose(image, arrays[case][0], rtol=1e-6)
@@ -91,9 +66,10 @@ def test_nifti_volume_expands_to_every_slice_along_last_axis(tmp_path):
     _write_nifti(root / "images" / "vol.nii.gz", volume)
     _write_nifti(root / "masks" / "vol.nii", labels)
 
-    images, masks, ids = load_image_mask_pairs(root)
+    images, masks, ids, cases = load_image_mask_pairs(root)
 
     assert ids == ["vol_z0", "vol_z1", "vol_z2"]
+    assert cases == ["vol"] * 3  # a volume is one case: its slices stay together
     for k in range(3):
         assert images[k].shape == (4, 5)
         np.testing.assert_array_equal(images[k], volume[..., k])
@@ -103,14 +79,33 @@ def test_nifti_volume_expands_to_every_slice_along_last_axis(tmp_path):
 def test_dicom_applies_rescale_slope_and_intercept(tmp_path):
     root = _folder(tmp_path)
     stored = np.arange(12, dtype=np.uint16).reshape(3, 4) * 10
-    _write_dicom(root / "images" / "ct.dcm", stored, slope=2.0, intercept=-1024.0)
+    write_dicom(root / "images" / "ct.dcm", stored, slope=2.0, intercept=-1024.0)
     np.save(root / "masks" / "ct.npy", (stored > 50).astype(np.int64))
 
-    images, masks, ids = load_image_mask_pairs(root)
+    images, masks, ids, cases = load_image_mask_pairs(root)
 
-    assert ids == ["ct"]
+    assert ids == ["ct"] and cases == ["PAT-7"]  # the DICOM PatientID
     np.testing.assert_allclose(images[0], stored * 2.0 - 1024.0)
     np.testing.assert_array_equal(masks[0], stored > 50)
+
+
+def test_npy_slices_are_grouped_into_cases_by_the_file_name(tmp_path):
+    root = _folder(tmp_path)
+    for name in ("p1__z0", "p1__z1", "p2__z0", "single", "__odd"):
+        np.save(root / "images" / f"{name}.npy", np.zeros((3, 3)))
+        np.save(root / "masks" / f"{name}.npy", np.zeros((3, 3)))
+
+    _, _, ids, cases = load_image_mask_pairs(root)
+
+    assert dict(zip(ids, cases)) == {"p1__z0": "p1", "p1__z1": "p1", "p2__z0": "p2", "single": "single", "__odd": "__odd"}
+
+
+def test_dicom_without_patient_id_falls_back_to_series_then_file_name(tmp_path):
+    stored = np.zeros((3, 4), dtype=np.uint16)
+    write_dicom(tmp_path / "a__1.dcm", stored, patient_id="", series="1.2.3")
+    write_dicom(tmp_path / "b__1.dcm", stored, patient_id="", series="")
+    assert case_id(tmp_path / "a__1.dcm") == "1.2.3"
+    assert case_id(tmp_path / "b__1.dcm") == "b"
 
 
 def test_other_files_and_extra_masks_are_ignored(tmp_path):

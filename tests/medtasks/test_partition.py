@@ -13,9 +13,13 @@ from medtasks.partition import (
     PARAMS_MODELS,
     LabelSkewParams,
     ParamRange,
+    cases_by_split,
     draw_site_profiles,
+    group_holdout,
     heterogeneity,
+    holdout_size,
     label_histogram,
+    order_by_group,
     split_indices,
     validate_params,
 )
@@ -295,3 +299,70 @@ def test_label_histogram_and_heterogeneity():
     assert heterogeneity([[0.5, 0.5], [0.5, 0.5]]) == 0.0
     assert heterogeneity([[1, 0], [0, 1]]) == pytest.approx(0.5)
     assert heterogeneity([[10, 0], [0, 5]]) == pytest.approx(0.5)  # histograms normalised
+
+
+# --------------------------------------------------------------------------- case-aware splits
+
+GROUP_PARAMS = {"label_skew": {"alpha": 1.0, "min_samples": 1}, "quantity_skew": {"min_samples": 1}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_singleton_groups_split_exactly_like_no_groups(kind):
+    labels = np.random.default_rng(3).integers(0, 3, size=60)
+    params = KIND_PARAMS[kind]
+    plain = split_indices(labels, kind, params, num_clients=4, seed=5)
+    grouped = split_indices(labels, kind, params, num_clients=4, seed=5, groups=[f"s{i}" for i in range(60)])
+    assert all(np.array_equal(a, b) for a, b in zip(plain, grouped))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_case_never_sits_at_two_sites(kind):
+    rng = np.random.default_rng(4)
+    groups = np.repeat([f"p{g}" for g in rng.permutation(20)], rng.integers(1, 9, size=20))
+    labels = rng.integers(0, 2, size=groups.size)
+    parts = split_indices(labels, kind, GROUP_PARAMS.get(kind, {}), num_clients=4, seed=1, groups=groups)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(groups.size))
+    held = [set(groups[part].tolist()) for part in parts]
+    assert all(held) and sum(len(h) for h in held) == 20  # every case whole, at exactly one site
+
+
+def test_cases_carry_their_majority_label_into_label_skew():
+    groups = np.repeat(["a", "b", "c", "d"], 3)
+    labels = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1])  # majorities: a 0, b 1, c 0, d 1
+    parts = split_indices(labels, "label_skew", {"classes_per_client": 1, "min_samples": 1},
+                          num_clients=2, seed=0, groups=groups)
+    assert sorted(sorted(set(groups[p].tolist())) for p in parts) == [["a", "c"], ["b", "d"]]
+
+
+def test_fewer_cases_than_clients_is_one_line():
+    with pytest.raises(ValueError, match=r"cannot partition 2 cases \(6 samples\) across 3 clients"):
+        split_indices(np.zeros(6, int), "iid", {}, num_clients=3, seed=0, groups=list("aaabbb"))
+    with pytest.raises(ValueError, match="one case per sample"):
+        split_indices(np.zeros(6, int), "iid", {}, num_clients=2, seed=0, groups=list("aab"))
+
+
+def test_order_by_group_keeps_cases_contiguous_and_matches_a_permutation_for_singletons():
+    indices = np.array([1, 2, 3, 4, 6, 7, 8])
+    groups = np.array(list("xaabbxccc"))  # pool of 9; the site holds a, b and c whole
+    ordered = order_by_group(indices, groups, np.random.default_rng(0))
+    names = "".join(groups[ordered])
+    assert sorted(ordered.tolist()) == indices.tolist()
+    runs = [c for k, c in enumerate(names) if k == 0 or names[k - 1] != c]
+    assert sorted(runs) == ["a", "b", "c"]  # one run per case: each case contiguous
+    singletons = np.array([f"s{i}" for i in range(10)])
+    assert np.array_equal(order_by_group(indices, singletons, np.random.default_rng(2)),
+                          np.random.default_rng(2).permutation(indices))
+
+
+def test_holdout_takes_whole_cases_from_the_end():
+    ordered = np.array(list("aaabbbbcc"))
+    assert group_holdout(ordered, 1) == 2  # all of c
+    assert group_holdout(ordered, 3) == 6  # c, then all of b
+    assert group_holdout(ordered, 7) == 9  # nothing left to train on
+    assert group_holdout(np.array(list("abcd")), 2) == 2
+    assert cases_by_split(ordered, 6) == {"train": ["a"], "val": ["b", "c"]}
+    assert holdout_size(9, 0.2, ordered) == 2 and holdout_size(9, 0.2) == 2
+    with pytest.raises(ValueError, match="holds 1 case\\(s\\) in 4 samples; it needs at least 2 cases"):
+        holdout_size(4, 0.2, np.array(list("aaaa")))
+    with pytest.raises(ValueError, match="has 1 samples"):
+        holdout_size(1, 0.2)

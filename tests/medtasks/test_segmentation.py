@@ -397,6 +397,70 @@ def test_folder_masks_with_too_many_labels_are_a_data_error(tmp_path):
         task.client_data(0)
 
 
+def _label_folder(root, labels_per_case, side=32):
+    """A folder of 2D cases whose mask ``k`` holds the labels ``labels_per_case[k]`` (one stripe each)."""
+    for name in ("images", "masks"):
+        (root / name).mkdir(parents=True)
+    for case, labels in enumerate(labels_per_case):
+        mask = np.zeros((side, side), dtype=np.int64)
+        for j, label in enumerate(labels):
+            mask[4 * j: 4 * j + 3, 4:28] = label
+        np.save(root / "images" / f"c{case}.npy", mask * 50.0)
+        np.save(root / "masks" / f"c{case}.npy", mask)
+    return root
+
+
+def _folder_task(root, **params) -> SegmentationTask:
+    return SegmentationTask(_context(params={"image_size": 32, "channels": (4, 8), **params},
+                                     data=DataSpec(source="folder", path=str(root)), partition=PartitionSpec(clients=2)))
+
+
+def test_folder_num_classes_is_read_from_the_masks(tmp_path):
+    task = _folder_task(_label_folder(tmp_path, [(1,), (1, 2), (2,), (1, 2)] * 2))  # two foreground classes
+    assert task.num_classes == 3 and task.class_names == ("class1", "class2")
+    site = task.client_data(0)
+    metrics = task.evaluate(task.build_model(), site.val)
+    assert {"dice_class1", "dice_class2"} <= metrics.keys() and "dice_class3" not in metrics
+    assert len(site.stats["pixel_class_fractions"]) == 3
+
+
+def test_folder_labels_must_be_0_to_L_minus_1_and_fit_a_given_num_classes(tmp_path):
+    gap = _folder_task(_label_folder(tmp_path / "gap", [(2,), (3,)] * 4))
+    with pytest.raises(DataError, match=r"hold labels \[0, 2, 3\] \(max label 3\) but never \[1\]") as error:
+        gap.build_model()
+    assert "task.params.num_classes" in str(error.value) and "\n" not in str(error.value)
+    background = _folder_task(_label_folder(tmp_path / "empty", [(0,)] * 4))
+    with pytest.raises(DataError, match="only background"):
+        background.client_data(0)
+    small = _folder_task(_label_folder(tmp_path / "small", [(1, 2)] * 4), num_classes=2)
+    with pytest.raises(DataError, match=r"task.params.num_classes=2 but the masks .* hold label 2"):
+        small.client_data(0)
+    assert _folder_task(tmp_path / "gap", num_classes=5).num_classes == 5  # a larger given value is kept
+
+
+def test_a_label_lost_to_resampling_still_counts(tmp_path):
+    for name in ("images", "masks"):
+        (tmp_path / name).mkdir()
+    for case in range(4):
+        mask = np.zeros((64, 64), dtype=np.int64)
+        mask[10:40, 10:40] = 1
+        mask[50, 50] = 2  # one pixel: nearest-neighbour resampling to 32 may drop it
+        np.save(tmp_path / "images" / f"c{case}.npy", mask * 50.0)
+        np.save(tmp_path / "masks" / f"c{case}.npy", mask)
+    assert _folder_task(tmp_path).num_classes == 3
+
+
+def test_synthetic_num_classes_stays_4_and_unset_survives_a_round_trip():
+    unset = SegmentationParams()
+    assert unset.num_classes == 4 and not unset.num_classes_set
+    assert unset.model_dump()["num_classes"] is None  # what a resolved scenario writes
+    assert not SegmentationParams.model_validate(unset.model_dump()).num_classes_set
+    given = SegmentationParams.model_validate(SegmentationParams(num_classes=4).model_dump())
+    assert given.num_classes_set and given.num_classes == 4
+    task = SegmentationTask(_context())
+    assert task.num_classes == 4 and task.class_names == synthetic.CLASS_NAMES[1:]
+
+
 def test_bad_contexts_are_rejected_early():
     with pytest.raises(ValueError, match="synthetic segmentation data has 4 classes"):
         SegmentationTask(_context(params={"image_size": 32, "num_classes": 3}))
