@@ -336,6 +336,28 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
+# PyTorch's warning when a full backward hook fires on a module none of whose inputs requires a gradient
+# (``torch.utils.hooks.BackwardHook``); see :func:`_ignore_input_gradient_warning`.
+INPUT_GRADIENT_WARNING = (
+    "Full backward hook is firing when gradients are computed with respect to module outputs since no inputs "
+    "require gradients"
+)
+
+
+def _ignore_input_gradient_warning() -> None:
+    """Silence PyTorch's warning about the full backward hooks Opacus attaches, and only that warning.
+
+    Opacus computes per-sample gradients from each layer's activations (its forward hook) and the
+    gradient of the layer's output (its full backward hook); it never reads the gradient of the
+    layer's input. The first layer's input is the data batch, which does not require a gradient, so
+    PyTorch warns at every backward pass that the hook sees only output gradients: exactly what
+    Opacus needs. Making the data require a gradient would only add a backward pass to the input.
+    The filter is (re)installed each time hooks are attached, so it stays in force even where a
+    caller's ``warnings.catch_warnings`` replaced the filters in between.
+    """
+    warnings.filterwarnings("ignore", message=INPUT_GRADIENT_WARNING, category=UserWarning)
+
+
 class DPSGDClient:
     """Sample-level DP-SGD for one round of one client (the trainer's ``PrivateTraining``).
 
@@ -436,6 +458,7 @@ class DPSGDClient:
             max_grad_norm=self.params.max_grad_norm, poisson_sampling=self.params.poisson_sampling,
             noise_generator=self.generator, wrap_model=False,
         )
+        _ignore_input_gradient_warning()
         count_step = private_optimizer.step_hook  # the engine's accountant, fresh for this round
 
         def on_private_gradient(dp_optimizer: DPOptimizer) -> None:

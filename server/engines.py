@@ -17,12 +17,14 @@ partition id and round, never by node id or arrival order).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import random
 import uuid
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -30,11 +32,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from server.federation import Federation, RunInterrupted
+from server.federation import Federation, FederationError, RunInterrupted
 from server.flower_cli import FLOWER_ENVIRONMENT
 from server.progress import Progress
 from server.results import RunDirectory
-from server.scenario import Scenario
+from server.scenario import EngineSection, Scenario
 
 log = logging.getLogger("medfed")
 
@@ -158,6 +160,26 @@ def _run_inprocess(federation: Federation) -> dict[str, Any]:
     return federation.run(grid)
 
 
+class EngineError(FederationError):
+    """The simulation engine itself failed (Ray did not start, an actor pool could not be built, ...)."""
+
+
+@contextlib.contextmanager
+def _flower_quiet() -> Iterator[None]:
+    """Flower's engine logs each failure as tracebacks: medfed reports it as one line instead (``-v`` shows them).
+
+    A ClientApp error still reaches the run as an error reply (``metrics.jsonl``), as on the
+    in-process engine. The logger stays quiet after an engine failure or Ctrl-C, when its threads may
+    still be logging; it is restored after a run that ended normally.
+    """
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        flwr_log.setLevel(logging.CRITICAL)
+    yield
+    flwr_log.setLevel(level)
+
+
 def _shutdown_ray() -> None:
     import ray
 
@@ -165,47 +187,79 @@ def _shutdown_ray() -> None:
         ray.shutdown()
 
 
-def _run_simulation(federation: Federation) -> dict[str, Any]:
-    """Flower's Simulation Engine (Ray) with the federation loop as the ServerApp."""
-    import warnings
+def _first_cause(error: BaseException) -> str:
+    """``Type: message`` of the innermost exception ``error`` was raised from, on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split()) or "no message"
+    return f"{type(error).__name__}: {text}"
 
+
+def simulation_backend_config(engine: EngineSection) -> dict[str, dict[str, Any]]:
+    """Flower's Ray backend config for ``engine``: resources per client, and a private Ray instance.
+
+    ``address: local`` makes ``ray.init`` start a new Ray instance for this run even when a Ray
+    cluster already runs on the machine (``ray start``, ``RAY_ADDRESS``), which it would otherwise
+    join, and which refuses the CPU count this run asks for.
+    """
+    return {
+        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "address": "local",
+            "num_cpus": engine.workers * engine.cpus_per_client,
+            "num_gpus": 0,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            "log_to_driver": False,
+        },
+    }
+
+
+def _run_simulation(federation: Federation) -> dict[str, Any]:
+    """Flower's Simulation Engine (Ray) with the federation loop as the ServerApp.
+
+    Raises
+    ------
+    EngineError
+        If the engine failed (one line: its first cause); the ServerApp is told to stop at once
+        rather than wait for replies that cannot come.
+    """
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
 
-    engine = federation.scenario.engine
     results: list[dict[str, Any]] = []
+    raised: list[BaseException] = []  # by the federation loop: passed on as they are
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
             results.append(federation.run(grid))
-        except RunInterrupted:  # Ctrl-C in the main thread; it reports the interruption
+        except RunInterrupted:  # Ctrl-C in the main thread or an engine failure; the main thread reports it
             log.debug("ServerApp thread stopped on request")
+        except BaseException as error:
+            raised.append(error)
+            raise
 
-    backend_config: dict[str, dict[str, Any]] = {
-        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": engine.workers * engine.cpus_per_client,
-            "num_gpus": 0,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-        },
-    }
-    with warnings.catch_warnings():
+    with _flower_quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=federation.scenario.partition.clients,
-                backend_config=backend_config,
+                backend_config=simulation_backend_config(federation.scenario.engine),
             )
         except KeyboardInterrupt:
             federation.stop.set()  # the ServerApp runs in a thread of its own: tell it to stop too
             _shutdown_ray()  # Flower's worker threads may wait on actors Ctrl-C killed; release them
             raise
+        except Exception as error:
+            if raised and error is raised[0]:
+                raise
+            federation.stop.set()  # the engine is gone: the ServerApp must not wait for its replies
+            raise EngineError(f"the simulation engine failed: {_first_cause(error)}") from error
     if not results:
-        raise RuntimeError("the simulation ended before the run finished (see the log above)")
+        raise EngineError("the simulation engine failed: it ended before the run finished")
     return results[0]
