@@ -26,7 +26,7 @@ from medtasks.ct.scanner import IMAGE_SCALE, Acquisition, simulate
 from medtasks.ct.synthetic import draw_phantom
 from medtasks.ct.task import CTReconstructionTask
 from medtasks.registry import get_task_class
-from tests.helpers import single_torch_thread
+from tests.helpers import single_torch_thread, write_dicom
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(single_torch_thread)  # a 2nd MKL thread stalls sparse matmuls
 
@@ -330,26 +330,6 @@ def test_scenario_loader_resolves_the_ct_defaults():
 # ----------------------------------------------------------------------------- folder data
 
 
-def _write_dicom(path, hu: np.ndarray) -> None:
-    """A minimal CT DICOM storing ``hu + 1024`` with RescaleIntercept −1024."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = hu.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.PixelData = (hu + 1024).astype(np.uint16).tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
-
-
 def _hu(mu: np.ndarray) -> np.ndarray:
     return 1000.0 * (mu - MU_WATER) / MU_WATER
 
@@ -361,7 +341,7 @@ def test_folder_of_npy_and_dicom_slices_becomes_measured_sites(tmp_path):
     np.save(tmp_path / "a.npy", np.stack(thorax, axis=-1))  # a volume: three slices on the last axis
     for i, hu in enumerate(abdomen[:2]):
         np.save(tmp_path / f"b{i}.npy", hu[:, 4:-4])  # not square: padded with air
-    _write_dicom(tmp_path / "c.dcm", np.round(abdomen[2]))
+    write_dicom(tmp_path / "c.dcm", np.round(abdomen[2]) + 1024, intercept=-1024.0, patient_id="")  # HU + 1024 stored
     (tmp_path / "notes.txt").write_text("ignored")
 
     slices = ct_folder._load_ct_slices(tmp_path)
