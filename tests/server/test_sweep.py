@@ -250,7 +250,8 @@ def test_ctrl_c_records_the_cell_and_writes_the_tables_of_what_ran(tmp_path: Pat
     assert main(["sweep", str(tiny_tabular(tmp_path)), "--grid", "local.lr=0.01,0.1,1.0", "--out", str(out)]) == 130
     cells = json.loads((out / "sweep.json").read_text())["cells"]
     assert [cell["status"] for cell in cells] == ["ok", "interrupted", "not run"] and len(calls) == 2
-    assert f"medfed run --resume {out / cells[1]['run_dir']}" in cells[1]["reason"]
+    # stopped before its first checkpoint: nothing to resume, so the advice is to run it again
+    assert f"run it again with: medfed run {out / cells[1]['run_dir'] / 'scenario.yaml'}" in cells[1]["reason"]
     assert [row["status"] for row in read_csv(out / "sweep.csv")] == ["ok", "interrupted"]
     assert "interrupted" in capsys.readouterr().err
 
