@@ -38,25 +38,8 @@ SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.md", "privacy_utility.png")
 
 
 def run_sweep(plan: Plan, folder: Path, runner: Runner) -> SweepOutcome:
-    """Run the cells one after the other into ``folder`` and write sweep.json/csv/md and the plot.
-
-    A cell whose run raises is recorded as failed (one line) and the sweep goes on; Ctrl-C stops the sweep
-    after recording the cell it interrupted. The tables are written in both cases.
-
-    Parameters
-    ----------
-    plan : Plan
-        From :func:`plan_sweep`.
-    folder : Path
-        The sweep folder (:meth:`Plan.create_folder`).
-    runner : Runner
-        What ``medfed run`` runs a scenario with (``server.engines.run_scenario`` with a progress display).
-
-    Returns
-    -------
-    SweepOutcome
-        Every cell's result, the files written and the Markdown tables.
-    """
+    """:func:`server.sweep.run_cells` (same parameters), then sweep.json/csv/md and the plot of what ran, also
+    after Ctrl-C; returns every cell's result, the files written and the Markdown tables."""
     return _write_outputs(plan, folder, run_cells(plan, folder, runner))
 
 
