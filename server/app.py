@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server import scenario as scenario_module
+from server.engines import shutdown_ray
 from server.federation import Federation, FederationError
 from server.launch import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.progress import make_progress
@@ -55,6 +56,8 @@ def main(grid: Grid, context: Context) -> None:
         log.addHandler(logging.StreamHandler(sys.stdout))
         log.setLevel(logging.INFO)
     scenario = scenario_from_run_config(context.run_config)
+    if isinstance(grid, InMemoryGrid):
+        stop_ray_on_exit()
     try:
         check_supernodes(grid, scenario)
     except FederationError as error:
@@ -68,6 +71,18 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.write_scenario(scenario.to_yaml())
     log.info("%s%s", RUN_DIRECTORY_PREFIX, run_dir.path.resolve())
     Federation(scenario, run_dir, make_progress(interactive=False), resume=bool(resume)).run(grid)
+
+
+def stop_ray_on_exit() -> None:
+    """Have Flower's simulation runtime stop its Ray instance when it exits, also on ``flwr stop``.
+
+    ``flwr stop`` (or Ctrl-C) makes the ``flwr-simulation`` process leave through Flower's exit handlers
+    without stopping Ray, whose agents then outlive the run, orphaned. Registered here, the ServerApp's
+    process shuts Ray down on its way out (within Flower's 5 s grace before a forced exit).
+    """
+    from flwr.supercore.exit import add_exit_handler
+
+    add_exit_handler(shutdown_ray)
 
 
 def scenario_from_run_config(run_config: dict) -> scenario_module.Scenario:

@@ -9,6 +9,7 @@
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
                  [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
+    medfed superlink stop   (the local SuperLink `flwr run .` left running; see server/local_superlink.py)
 
 Exit codes: 0 success, 1 a run failed (one line says why; for a sweep: a cell failed), 2 invalid input
 (scenario, option or file), 130 interrupted.
@@ -20,15 +21,18 @@ import argparse
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Literal, NamedTuple, NoReturn, TextIO
 
 if TYPE_CHECKING:  # pragma: no cover
     from server.results import RunDirectory
     from server.scenario import Scenario
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+THREAD_GRACE_SECONDS = 3.0  # how long the command waits, on its way out, for threads an engine left behind
 ROUNDS_KEY = "strategy.rounds"  # the one key a resumed run may change (more rounds for a finished run)
 DEPLOYED_ROUND_TIMEOUT_HINT = 600  # seconds: above it, a deployed run is told a hung hospital would stall it
 
@@ -48,6 +52,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped (``| head``): not an error
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK
+
+
+def console_main() -> NoReturn:
+    """The ``medfed`` console script: :func:`main`, then :func:`leave` with its exit code."""
+    leave(main())
+
+
+def leave(code: int, grace: float = THREAD_GRACE_SECONDS) -> NoReturn:
+    """Exit with ``code``, even when an engine left a thread that can never finish.
+
+    After Ctrl-C (or an engine failure) on the simulation engine, Flower's worker threads can stay
+    blocked in ``ray.get`` on actors that are gone; Python's exit would wait for them forever. By then
+    the run directory is complete (its files are written atomically) and the one-line report printed, so
+    after ``grace`` seconds the process ends without them (``os._exit``, output flushed first).
+    """
+    deadline = time.monotonic() + grace
+    for thread in _waited_threads():
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.is_alive() for thread in _waited_threads()):
+        log.debug("leaving %d engine threads behind", len(_waited_threads()))
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _waited_threads() -> list[threading.Thread]:
+    """The live threads Python's exit would wait for (non-daemon ones, including thread-pool workers)."""
+    return [thread for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -136,6 +171,10 @@ def _add_deploy_parser(commands: argparse._SubParsersAction) -> None:
         parser = actions.add_parser(action, help=help_text)
         parser.add_argument("name", help="federation name, or the path of a federation folder")
     deploy.set_defaults(handler=_deploy)
+    superlink = commands.add_parser("superlink", help="the local SuperLink that `flwr run .` starts in the background")
+    superlink_actions = superlink.add_subparsers(dest="superlink_action", required=True)
+    superlink_actions.add_parser("stop", help="stop this FLWR_HOME's local SuperLink (and no other)")
+    superlink.set_defaults(handler=_superlink)
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -338,6 +377,16 @@ def _next_step(run_dir: RunDirectory) -> str:
 
 
 def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
+    """Run ``scenario`` into ``run_dir``; Ctrl-C at any moment, even while the engine is still being imported,
+    ends with the one line saying what to do next."""
+    try:
+        return _run_engine(scenario, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        print(f"medfed: interrupted; {_next_step(run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run_engine(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
     from medtasks.base import DataError
     from server.engines import run_scenario
     from server.federation import FederationError, InputError
@@ -356,9 +405,6 @@ def _execute(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> int:
         return _fail(str(error), EXIT_INVALID)
     except (FederationError, RunDirectoryError) as error:
         return _fail(f"{error} (results so far are in {run_dir.path}; {_next_step(run_dir)})", EXIT_RUN_FAILED)
-    except KeyboardInterrupt:
-        print(f"medfed: interrupted; {_next_step(run_dir)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
     _print_summary(summary, run_dir.path)
     return EXIT_OK
 
@@ -465,6 +511,23 @@ def _deploy(args: argparse.Namespace) -> int:
         return _fail(str(error), error.exit_code)
 
 
+def _superlink(args: argparse.Namespace) -> int:
+    """``medfed superlink stop``: end exactly the local SuperLink of this ``FLWR_HOME`` (:mod:`server.local_superlink`)."""
+    from server import local_superlink
+
+    try:
+        links = local_superlink.find()
+    except local_superlink.LocalSuperLinkError as error:
+        return _fail(str(error), EXIT_INVALID)
+    if not links:
+        print(f"no local SuperLink runs for {local_superlink.database()}")
+        return EXIT_OK
+    for link in links:
+        if local_superlink.stop(link):
+            print(f"stopped the local SuperLink (pid {link.pid}, port {link.port})")
+    return EXIT_OK
+
+
 def _print_summary(summary: dict, path: Path) -> None:
     final = summary.get("final", {})
     parts = []
@@ -559,4 +622,4 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

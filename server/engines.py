@@ -22,6 +22,8 @@ import copy
 import logging
 import os
 import random
+import sys
+import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
@@ -180,10 +182,26 @@ def _flower_quiet() -> Iterator[None]:
     flwr_log.setLevel(level)
 
 
-def _shutdown_ray() -> None:
-    import ray
+class _QuietAfterStop(logging.Filter):
+    """Drops medfed's log records from other threads once ``stop`` is set.
 
-    if ray.is_initialized():
+    After Ctrl-C the ServerApp thread goes on until it next checks ``stop``; what it would log then
+    (a strategy's summary line, say) would follow the command's last line.
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.stop.is_set() and record.thread != self.thread)
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started, if any: its raylet, GCS and agents end with it."""
+    ray = sys.modules.get("ray")  # never import Ray only to find that it is not running
+    if ray is not None and ray.is_initialized():
         ray.shutdown()
 
 
@@ -242,6 +260,8 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
             raised.append(error)
             raise
 
+    quiet_after_stop = _QuietAfterStop(federation.stop)
+    log.addFilter(quiet_after_stop)
     with _flower_quiet(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -253,13 +273,14 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
             )
         except KeyboardInterrupt:
             federation.stop.set()  # the ServerApp runs in a thread of its own: tell it to stop too
-            _shutdown_ray()  # Flower's worker threads may wait on actors Ctrl-C killed; release them
+            shutdown_ray()  # Flower's worker threads may wait on actors Ctrl-C killed; release them
             raise
         except Exception as error:
             if raised and error is raised[0]:
                 raise
             federation.stop.set()  # the engine is gone: the ServerApp must not wait for its replies
             raise EngineError(f"the simulation engine failed: {_first_cause(error)}") from error
+    log.removeFilter(quiet_after_stop)  # only a run that ended normally: the ServerApp thread is done
     if not results:
         raise EngineError("the simulation engine failed: it ended before the run finished")
     return results[0]

@@ -138,3 +138,35 @@ def test_a_running_ray_cluster_does_not_break_the_default_engine(tmp_path: Path,
         assert cluster.poll() is None  # the cluster that was there is left alone
     finally:
         stop_group(cluster.pid)
+
+
+def first_file(folder: Path, pattern: str, seconds: float) -> Path | None:
+    """The first file under ``folder`` matching ``pattern``, waiting up to ``seconds`` for it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process groups are read from /proc")
+@pytest.mark.parametrize("moment", ["ray start-up", "round 1"])
+def test_ctrl_c_on_the_simulation_engine_is_one_line_and_ends_every_process(tmp_path: Path, moment: str) -> None:
+    command = medfed_command(tmp_path, "strategy.rounds=50")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as a terminal's foreground job
+    try:
+        waited_for = "*/*/scenario.yaml" if moment == "ray start-up" else "*/*/partitions.json"  # after discovery
+        assert first_file(tmp_path, waited_for, 120) is not None, f"the run did not reach {moment}"
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        _, stderr = process.communicate(timeout=30)  # never the hang at exit of Flower's blocked threads
+        assert process.returncode == 130
+        assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+        lines = run_lines(stderr)
+        assert lines[-1].startswith("medfed: interrupted; "), lines
+        assert wait_until_gone(process.pid, 15) == []  # Ray's processes ended with the run
+    finally:
+        stop_group(process.pid)
