@@ -19,6 +19,8 @@ The node learns everything from the message (the resolved scenario travels in th
 ``config`` record) plus its own ``node_config``: ``partition-id``, and optionally
 ``data-path``, the hospital's own data folder (:func:`site_data`). State that must
 survive between rounds lives in ``context.state`` (kept by Flower per node).
+The model trains and evaluates on the device ``engine.device`` names on this node's machine
+(:mod:`client.device`); the reply's records hold CPU arrays.
 Any failure becomes an error reply with a one-line reason, which the server logs
 and leaves out of the aggregate.
 """
@@ -40,6 +42,7 @@ from flwr.clientapp import ClientApp
 
 import privacy
 from client.cache import scenario_from_json, task_for
+from client.device import client_device
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import dataset_size, fit
 from medtasks.scenario import Scenario
@@ -133,6 +136,12 @@ def site_data(scenario: Scenario, context: Context, pid: int) -> tuple[Task, int
     return task_for(local), 0, 1
 
 
+def _model_on_device(task: Task, scenario: Scenario) -> torch.nn.Module:
+    """A fresh model of ``task`` (initialised on the CPU, as everywhere) on the device this client trains and
+    evaluates on (:func:`client.device.client_device`); what it sends back becomes CPU arrays in its records."""
+    return task.build_model().to(client_device(scenario.engine))
+
+
 def _client_rule(scenario: Scenario) -> ClientRule:
     algorithm = get_algorithm(scenario.strategy.name)
     return algorithm.client_rule(algorithm.Params.model_validate(scenario.strategy.params))
@@ -166,7 +175,7 @@ def train(message: Message, context: Context) -> Message:
     started = time.perf_counter()
     scenario, pid, server_round = _prepare(message, context, "train")
     task, index, sites = site_data(scenario, context, pid)
-    model = task.build_model()
+    model = _model_on_device(task, scenario)
     rule = _client_rule(scenario)
     dataset = rule.training_data(task, index, sites)
     rule.receive(model, message.content, context.state)
@@ -209,7 +218,7 @@ def evaluate(message: Message, context: Context) -> Message:
     scenario, pid, _ = _prepare(message, context, "evaluate")
     task, index, _ = site_data(scenario, context, pid)
     data = task.client_data(index)
-    model = task.build_model()
+    model = _model_on_device(task, scenario)
     _client_rule(scenario).receive(model, message.content, context.state)
     metrics = task.evaluate(model, data.val)
     record = MetricRecord({key: float(value) for key, value in metrics.items()})

@@ -9,6 +9,7 @@ AISTATS 2017, arXiv:1602.05629, Algorithm 1):
 The algorithm-specific parts (FedProx term, SCAFFOLD correction, ...) come from
 the :class:`~strategies.base.ClientRule`; the task supplies the loss; an optional
 :class:`privacy.PrivateTraining` mechanism (DP-SGD) replaces optimiser and loader.
+Training runs on the model's device: every batch is moved there before the task sees it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medtasks.base import PooledSites, Task
+from medtasks.placement import model_device, to_device
 from medtasks.scenario import LocalSection
 from privacy import PrivateTraining
 from strategies.base import ClientRule
@@ -97,9 +99,9 @@ def fit(
     Parameters
     ----------
     model : torch.nn.Module
-        the model to train, updated in place.
+        the model to train, updated in place, on the device it is on (each batch is moved there).
     task : Task
-        supplies the loss (:meth:`medtasks.base.Task.loss`).
+        supplies the loss (:meth:`medtasks.base.Task.loss`), given batches on the model's device.
     dataset : Dataset
         the site's training samples.
     local : LocalSection
@@ -129,13 +131,15 @@ def fit(
     if private is not None:
         optimizer, loader = private.attach(model, optimizer, loader)
     model.train()
+    device = model_device(model)
     total_loss, loss_steps, steps = 0.0, 0, 0
     for batch in epoch_batches(loader, local.epochs, local.max_steps):
         steps += 1
         if private is not None and private.is_empty(batch):
             private.noise_step(optimizer)
             continue
-        total_loss += _gradient_step(model, task, rule, optimizer, batch, steps, private=private is not None)
+        total_loss += _gradient_step(model, task, rule, optimizer, to_device(batch, device), steps,
+                                     private=private is not None)
         loss_steps += 1
     return FitResult(loss=total_loss / max(loss_steps, 1), steps=steps, num_examples=dataset_size(dataset))
 

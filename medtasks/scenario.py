@@ -159,10 +159,17 @@ class AttackSection(_Section):
 
 
 class EngineSection(_Section):
-    """``engine``: what runs the clients (:mod:`server.engines`).
+    """``engine``: what runs the clients (:mod:`server.engines`) and on which device they train.
 
     ``deployment`` is a run on real SuperNodes (``medfed run --engine deployment --federation NAME``); a run
     directory's scenario.yaml records it, ``workers`` is then unused.
+
+    ``device`` is where each client trains and evaluates its model: ``auto`` (CUDA when the client's machine
+    has it, else the CPU), ``cpu``, or ``cuda`` (a machine without CUDA is refused: by ``medfed validate`` for
+    the local engines, by the node itself in a deployment, where each hospital's machine decides). In
+    simulation a client gets a GPU only through its Ray share ``gpus_per_client``: a share below 1 packs
+    several clients on one GPU (0.5: two), a share above 1 is a whole number of GPUs, 0 gives none, so an ``auto`` client then trains on the CPU and
+    ``cuda`` is refused. The server's own models (central evaluation, pFedHN's hypernetwork) stay on the CPU.
     """
 
     backend: Literal["simulation", "inprocess", "deployment"] = Field(
@@ -170,6 +177,26 @@ class EngineSection(_Section):
     )
     workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
     cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where clients train: auto (CUDA if the machine has it), cpu or cuda"
+    )
+    gpus_per_client: float = Field(
+        0.0, ge=0, le=8, description="Ray GPU share per client (simulation; 0.5 packs two clients on one GPU)"
+    )
+
+    @field_validator("gpus_per_client")
+    @classmethod
+    def _whole_gpus_above_one(cls, share: float) -> float:
+        if share > 1 and not share.is_integer():
+            raise ValueError(f"a share above 1 is a whole number of GPUs (Ray's rule), got {share:g}")
+        return share
+
+    @model_validator(mode="after")
+    def _gpu_share_needs_a_gpu_device(self) -> EngineSection:
+        if self.gpus_per_client > 0 and self.device == "cpu":
+            raise ValueError(f"gpus_per_client {self.gpus_per_client:g} reserves GPUs that device 'cpu' never uses "
+                             "(set engine.device to auto or cuda, or engine.gpus_per_client to 0)")
+        return self
 
 
 class OutputSection(_Section):
@@ -263,7 +290,9 @@ class Scenario(_Section):
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
 
 
-LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (("defense", None), ("strategy", "example_counts"))
+LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (
+    ("defense", None), ("strategy", "example_counts"), ("engine", "device"), ("engine", "gpus_per_client"),
+)
 """(section, key) of the settings :meth:`Scenario.to_json` leaves out at their default (``None``: the whole
 section)."""
 

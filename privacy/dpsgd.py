@@ -45,6 +45,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medtasks.placement import generator_on, model_device
 from medtasks.seeding import torch_generator
 from privacy.accounting import (
     Entry,
@@ -383,7 +384,9 @@ class DPSGDClient:
         The mechanism's settings.
     generator : torch.Generator
         Noise stream, derived by the caller from (seed, round, partition).
-        Poisson sampling draws from the loader's own generator.
+        Poisson sampling draws from the loader's own generator. For a model on
+        another device the noise comes from a generator there with the same seed
+        (:func:`medtasks.placement.generator_on`): another stream, as good a one.
     prior : Sequence[Entry], default ()
         The node's accountant history before this round.
     rounds : int, default 1
@@ -456,7 +459,7 @@ class DPSGDClient:
         hooks, private_optimizer, private_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=self.params.max_grad_norm, poisson_sampling=self.params.poisson_sampling,
-            noise_generator=self.generator, wrap_model=False,
+            noise_generator=generator_on(self.generator, model_device(model)), wrap_model=False,
         )
         _ignore_input_gradient_warning()
         count_step = private_optimizer.step_hook  # the engine's accountant, fresh for this round

@@ -3,6 +3,9 @@
 :func:`server.scenario.validate` runs them after the schema and the registries' checks, so ``medfed
 validate`` and ``medfed run`` refuse the same scenarios with the same one line (exit 2):
 
+* :func:`check_device`: ``engine.device: cuda`` for an engine that runs the clients here (simulation,
+  inprocess) on a machine without CUDA, or in simulation without a GPU share (``engine.gpus_per_client``).
+  Deployed nodes resolve the device on their own machines, so a deployment is not checked here.
 * :func:`check_dependencies`: the optional modules a task's data needs. A task class declares them with
   an optional classmethod ``requirements(ctx: TaskContext) -> list[(key, module, install hint)]`` (e.g.
   :meth:`medtasks.mil.task.MILTask.requirements`); a module that cannot be found is refused naming the
@@ -20,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING
 
+from client.device import resolve_device
 from medtasks.registry import get_task_class
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,8 +38,28 @@ def check(scenario: Scenario) -> None:
     ValueError
         One line naming the scenario key (``data: ...`` for data that cannot be built).
     """
+    check_device(scenario)
     check_dependencies(scenario)
     check_privacy_budget(scenario)
+
+
+def check_device(scenario: Scenario) -> None:
+    """Refuse ``engine.device: cuda`` where the clients run on this machine and cannot have a GPU.
+
+    Raises
+    ------
+    ValueError
+        ``engine.device: ...`` on a machine without CUDA (simulation, inprocess), or ``engine.gpus_per_client:
+        ...`` for a simulation without a GPU share (Ray reserves no GPU for a client without one).
+    """
+    engine = scenario.engine
+    if engine.device != "cuda" or engine.backend == "deployment":
+        return
+    resolve_device(engine.device)
+    if engine.backend == "simulation" and engine.gpus_per_client == 0:
+        raise ValueError("engine.gpus_per_client: device 'cuda' in simulation needs a GPU share per client, and 0 "
+                         "reserves none; set engine.gpus_per_client to 1 (one GPU per client) or 0.5 (two clients "
+                         "per GPU)")
 
 
 def module_available(name: str) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import random
 import sys
@@ -219,13 +220,18 @@ def simulation_backend_config(engine: EngineSection) -> dict[str, dict[str, Any]
     ``address: local`` makes ``ray.init`` start a new Ray instance for this run even when a Ray
     cluster already runs on the machine (``ray start``, ``RAY_ADDRESS``), which it would otherwise
     join, and which refuses the CPU count this run asks for.
+
+    Each client asks for ``engine.gpus_per_client`` GPUs (0 unless the scenario shares GPUs; ``device: cpu``
+    with a share is refused when the scenario is loaded), and Ray gets the ``⌈workers · share⌉`` GPUs that
+    ``workers`` clients training at once need; a share below 1 packs several clients on one GPU.
     """
+    gpus = math.ceil(round(engine.workers * engine.gpus_per_client, 6))  # 30 × 0.1 is 3.0000000000000004
     return {
-        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": engine.gpus_per_client},
         "init_args": {
             "address": "local",
             "num_cpus": engine.workers * engine.cpus_per_client,
-            "num_gpus": 0,
+            "num_gpus": gpus,
             "include_dashboard": False,
             "logging_level": "ERROR",
             "log_to_driver": False,

@@ -79,6 +79,7 @@ from flwr.serverapp import Grid
 from pydantic import Field
 from torch.utils.data import DataLoader
 
+from medtasks.placement import model_device, to_device
 from strategies.aggregation import Aggregator
 from strategies.base import (
     ARRAYS_KEY,
@@ -246,9 +247,10 @@ def full_gradient(model: torch.nn.Module, task: Task, dataset: Dataset, batch_si
     buffers = {name: value.clone() for name, value in model.named_buffers()}
     total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in parameters.items()}
     model.train()
+    device = model_device(model)
     for start, batch in zip(range(0, size, batch_size), DataLoader(dataset, batch_size=batch_size, shuffle=False)):
         model.zero_grad(set_to_none=True)
-        task.loss(model, batch).backward()
+        task.loss(model, to_device(batch, device)).backward()
         share = min(batch_size, size - start) / size
         for name, p in parameters.items():
             if p.grad is not None:
@@ -258,6 +260,12 @@ def full_gradient(model: torch.nn.Module, task: Task, dataset: Dataset, batch_si
         for name, value in model.named_buffers():
             value.copy_(buffers[name])
     return {name: value.float() for name, value in total.items()}
+
+
+def _beside(tensors: Mapping[str, torch.Tensor], parameters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (received or stored control variates, on the CPU) on the device of the parameter of the same
+    name (a name the model lacks stays where it is, for the caller's check)."""
+    return {name: t.to(parameters[name].device) if name in parameters else t for name, t in tensors.items()}
 
 
 class ScaffoldClient(ClientRule):
@@ -272,13 +280,13 @@ class ScaffoldClient(ClientRule):
         self._control = None
         if SERVER_VARIATE_KEY not in content:  # evaluation: w only
             return
-        control = content.array_records[SERVER_VARIATE_KEY].to_torch_state_dict()
         parameters = trainable_parameters(model)
+        control = _beside(content.array_records[SERVER_VARIATE_KEY].to_torch_state_dict(), parameters)
         if set(control) != set(parameters):
             raise ValueError(f"scaffold: '{SERVER_VARIATE_KEY}' does not match the model's trainable parameters")
         local: dict[str, torch.Tensor]
         if LOCAL_VARIATE_KEY in state:
-            local = state.array_records[LOCAL_VARIATE_KEY].to_torch_state_dict()
+            local = _beside(state.array_records[LOCAL_VARIATE_KEY].to_torch_state_dict(), parameters)
         else:
             local = {name: torch.zeros_like(p) for name, p in parameters.items()}
         self._start = {name: p.detach().clone() for name, p in parameters.items()}

@@ -162,7 +162,8 @@ def train_generator(generator: Generator, discriminator: nn.Module, target_class
     generator : Generator
         G, trained in place.
     discriminator : nn.Module
-        D: ``[B, C, S, S]`` → logits ``[B, K]``; used in eval mode without gradients to its weights.
+        D: ``[B, C, S, S]`` → logits ``[B, K]``; a CPU copy of it is used in eval mode without gradients to its
+        weights (on whatever device the site trains).
     target_class : int
         c.
     steps, batch : int
@@ -177,7 +178,7 @@ def train_generator(generator: Generator, discriminator: nn.Module, target_class
     float
         ``L(G)`` of the last step.
     """
-    discriminator = copy.deepcopy(discriminator).eval()
+    discriminator = copy.deepcopy(discriminator).cpu().eval()  # G, its latents and its fakes live on the CPU
     discriminator.requires_grad_(False)
     optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.5, 0.999))
     generator.train()

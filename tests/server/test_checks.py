@@ -1,5 +1,5 @@
-"""Checks before a run starts: optional modules, a privacy budget one round already exceeds, and a runtime
-that reports one line per cause rather than one per site."""
+"""Checks before a run starts: optional modules, a privacy budget one round already exceeds, a device the machine
+or the engine cannot give, and a runtime that reports one line per cause rather than one per site."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -98,6 +99,48 @@ def test_central_dp_budget_that_one_round_exceeds_is_refused(tmp_path: Path, cap
     assert main(["validate", str(_write(tmp_path, TABULAR, mechanism="central", params=fits))]) == 0
 
 
+# --- (c) a device the machine or the engine cannot give ------------------------------------------------
+def _with_engine(**engine: object) -> dict:
+    return {**TABULAR, "engine": engine}
+
+
+@pytest.mark.parametrize("backend", ["simulation", "inprocess"])
+def test_cuda_on_a_machine_without_it_is_refused_for_the_local_engines(backend: str, tmp_path: Path, capsys,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _refused("validate", _write(tmp_path, _with_engine(backend=backend, device="cuda", gpus_per_client=1)),
+                   capsys)
+    assert "engine.device: 'cuda' but this machine has no CUDA device" in err and "use auto or cpu" in err
+
+
+def test_a_deployment_leaves_the_device_to_each_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    scenario = scenario_module.validate(_with_engine(backend="deployment", device="cuda"))
+    assert scenario.engine.device == "cuda"
+
+
+def test_cuda_in_simulation_without_a_gpu_share_is_refused_with_the_key_to_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(scenario_module.ScenarioError, match=r"engine\.gpus_per_client: device 'cuda' in simulation"):
+        scenario_module.validate(_with_engine(backend="simulation", device="cuda"))
+    for engine in ({"backend": "simulation", "gpus_per_client": 0.5}, {"backend": "inprocess"}):
+        assert scenario_module.validate(_with_engine(device="cuda", **engine)).engine.device == "cuda"
+
+
+def test_a_gpu_share_with_device_cpu_is_refused() -> None:
+    with pytest.raises(scenario_module.ScenarioError,
+                       match=r"^<scenario>: engine: gpus_per_client 0.5 reserves GPUs that device 'cpu' never uses"):
+        scenario_module.validate(_with_engine(device="cpu", gpus_per_client=0.5))
+
+
+def test_a_gpu_share_above_one_is_whole_gpus() -> None:
+    with pytest.raises(scenario_module.ScenarioError, match=r"^<scenario>: engine\.gpus_per_client: a share above 1 "
+                                                            r"is a whole number of GPUs \(Ray's rule\), got 1\.5$"):
+        scenario_module.validate(_with_engine(gpus_per_client=1.5))
+    assert scenario_module.validate(_with_engine(gpus_per_client=2)).engine.gpus_per_client == 2
+
+
 # --- the runtime: one line per cause ----------------------------------------------------------------------
 def _failed_reply(node: int, reason: str) -> Message:
     return Message(Error(code=901, reason=reason), reply_to=make_message(RecordDict(), src_node_id=0, dst_node_id=node))
@@ -118,7 +161,7 @@ def test_describe_sites_writes_runs_as_ranges() -> None:
     assert describe_sites([3]) == "client 3"
 
 
-# --- (c) `flwr run .` with a num-supernodes that is not partition.clients ----------------------------------
+# --- (d) `flwr run .` with a num-supernodes that is not partition.clients ----------------------------------
 class SimulatedGrid(InMemoryGrid):
     """Flower's simulation grid with ``nodes`` registered supernodes (nothing else is used here)."""
 

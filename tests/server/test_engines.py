@@ -81,6 +81,16 @@ def test_the_ray_init_arguments_ask_for_a_private_instance(tmp_path: Path) -> No
     assert config["init_args"]["num_cpus"] == 3 * config["client_resources"]["num_cpus"]
 
 
+def test_each_client_asks_ray_for_its_gpu_share_and_ray_for_the_workers_total(tmp_path: Path) -> None:
+    default = simulation_backend_config(small_scenario(tmp_path, "engine.workers=3").engine)
+    assert default["client_resources"]["num_gpus"] == 0 and default["init_args"]["num_gpus"] == 0  # as before
+    shared = simulation_backend_config(small_scenario(tmp_path, "engine.workers=3", "engine.gpus_per_client=0.5").engine)
+    assert shared["client_resources"]["num_gpus"] == 0.5
+    assert shared["init_args"]["num_gpus"] == 2  # ⌈3 · 0.5⌉: three clients at once on two GPUs
+    tenth = simulation_backend_config(small_scenario(tmp_path, "engine.workers=30", "engine.gpus_per_client=0.1").engine)
+    assert tenth["init_args"]["num_gpus"] == 3  # not ⌈3.0000000000000004⌉
+
+
 def process_group(pgid: int) -> list[int]:
     """The pids of process group ``pgid`` still running (zombies excluded)."""
     pids = []
