@@ -237,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.scenario:
         return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
     try:
-        scenario = scenario_module.load(args.scenario, args.overrides)
+        scenario = scenario_module.load(args.scenario, [*args.overrides, *_engine_override(args.engine)])
     except scenario_module.ScenarioError as error:
         return _fail(str(error), EXIT_INVALID)
     refused = _check_before_running(scenario, args.engine, args.scenario)
@@ -253,6 +253,11 @@ def _run(args: argparse.Namespace) -> int:
             return _execute(scenario, run_dir, resume=False)
     except RunDirectoryError as error:  # only the lock's: _execute reports its own
         return _fail(str(error), EXIT_INVALID)
+
+
+def _engine_override(engine: str | None) -> list[str]:
+    """``--engine E`` as the override ``engine.backend=E``, so the scenario's checks see the engine that runs it."""
+    return [f"engine.backend={engine}"] if engine else []
 
 
 def _check_before_running(scenario: Scenario, engine: Literal["simulation", "inprocess", "deployment"] | None,
@@ -430,7 +435,7 @@ def _run_deployed(args: argparse.Namespace, run_dir: RunDirectory | None = None,
         elif not args.scenario:
             return _fail("run needs a scenario file (or --resume RUN_DIR)", EXIT_INVALID)
         else:
-            scenario = scenario_module.load(args.scenario, args.overrides)
+            scenario = scenario_module.load(args.scenario, [*args.overrides, *_engine_override("deployment")])
         resolved = scenario.to_yaml()
         scenario = deployed_scenario(scenario, federation)
     except (scenario_module.ScenarioError, RunDirectoryError) as error:

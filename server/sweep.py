@@ -289,11 +289,10 @@ def _build_cell(scenario_path: str | Path, overrides: Sequence[str], texts: dict
     seeding = [f"{SEED_KEY}={seed}"] if seed is not None else []
     described = VALUE_SEPARATOR.join(assignments + seeding) or "(no assignments)"
     try:
-        scenario = load(scenario_path, [*overrides, *assignments, *seeding])
+        engine_override = [f"engine.backend={engine}"] if engine is not None else []  # checked as the engine that runs
+        scenario = load(scenario_path, [*overrides, *engine_override, *assignments, *seeding])
     except ScenarioError as error:
         raise SweepError(f"cell {described}: {error}") from None
-    if engine is not None:
-        scenario.engine.backend = engine  # type: ignore[assignment]  # one of RUNNABLE_ENGINES
     if scenario.engine.backend not in RUNNABLE_ENGINES:
         raise SweepError(f"cell {described}: engine.backend '{scenario.engine.backend}' cannot run in a sweep "
                          f"(choose --engine {'|'.join(RUNNABLE_ENGINES)})")

@@ -190,3 +190,22 @@ def test_supernode_check_passes_equal_counts_and_leaves_deployments_to_discovery
     scenario = scenario_module.load(ROOT / "scenarios" / "quickstart.yaml", ["partition.clients=3"])
     server_app.check_supernodes(SimulatedGrid(3), scenario, settle=0.2)
     server_app.check_supernodes(InProcessGrid(client_app, 2), scenario, settle=0.2)  # not a simulation: no check
+
+
+# --- the engine a run is started on is the one the checks see -----------------------------------------------
+def test_the_device_checks_see_the_engine_given_on_the_command_line(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from server.sweep import SweepError, plan_sweep
+
+    quickstart = ROOT / "scenarios" / "quickstart.yaml"  # engine.backend: simulation in the file
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SweepError, match="engine.gpus_per_client"):  # simulation without a GPU share
+        plan_sweep(quickstart, ["engine.device=cuda"], ["local.epochs=1,2"], engine="simulation")
+    assert len(plan_sweep(quickstart, ["engine.device=cuda"], ["local.epochs=1,2"], engine="inprocess").cells) == 2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine: the hospitals' are not checked
+    code = main(["run", str(quickstart), "--set", "engine.device=cuda", "--engine", "deployment",
+                 "--federation", "no-such-federation"])
+    assert code == EXIT_INVALID
+    error = capsys.readouterr().err
+    assert "no-such-federation" in error and "engine.device" not in error
