@@ -239,8 +239,11 @@ def check_compatible(scenario: Scenario, algorithm: Algorithm, params: AttackPar
     from medtasks.registry import get_task_class
 
     backdoor = cast(BackdoorParams, params)
-    check_poisoning(scenario, algorithm, backdoor, LABEL, TASKS)
     task = scenario.task.name
+    if task == "segmentation" and scenario.data.source != "synthetic":
+        raise ValueError(f"data.source: {LABEL} measures its success on the server's test set, which segmentation "
+                         f"has for synthetic data only, not '{scenario.data.source}'")
+    check_poisoning(scenario, algorithm, backdoor, LABEL, TASKS)
     if backdoor.erase_class is not None and task != "segmentation":
         raise ValueError(f"attack.params.erase_class: applies to the segmentation task only, not '{task}'")
     key = INPUT_SIDE[task]
@@ -250,9 +253,6 @@ def check_compatible(scenario: Scenario, algorithm: Algorithm, params: AttackPar
                          f"({side})")
     if task != "segmentation":
         return
-    if scenario.data.source != "synthetic":
-        raise ValueError(f"data.source: {LABEL} measures its success on the server's test set, which segmentation "
-                         f"has for synthetic data only, not '{scenario.data.source}'")
     source, classes = erased_class(scenario, backdoor), num_classes(scenario)
     if source >= classes:
         raise ValueError(f"attack.params.erase_class: {source} is not a foreground class of the task (1..{classes - 1})")

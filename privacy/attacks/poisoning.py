@@ -72,8 +72,9 @@ class PoisoningParams(AttackParams):
 
 # --- tasks -------------------------------------------------------------------------------------------------
 def num_classes(scenario: Scenario) -> int:
-    """L, the class count of a task: digits' 10, tabular's ``num_classes``, segmentation's ``num_classes`` (pixel
-    classes, background included), MIL's 2 (bag labels negative / positive)."""
+    """L, the class count of a task: digits' 10, tabular's ``num_classes``, segmentation's pixel classes (background
+    included; :attr:`medtasks.segmentation.task.SegmentationTask.num_classes`), MIL's 2 (bag labels negative /
+    positive)."""
     name = scenario.task.name
     if name == "digits":
         from medtasks.digits import NUM_CLASSES
@@ -81,10 +82,10 @@ def num_classes(scenario: Scenario) -> int:
         return NUM_CLASSES
     if name == "mil":
         return 2
-    if name == "segmentation":
-        from medtasks.segmentation.task import SegmentationParams
+    if name == "segmentation":  # the task's own count: for folder data read from the masks unless given
+        from medtasks.segmentation.task import SegmentationTask
 
-        return SegmentationParams.model_validate(scenario.task.params).num_classes
+        return SegmentationTask(scenario.task_context()).num_classes
     from medtasks.tabular import TabularParams
 
     return TabularParams.model_validate(scenario.task.params).num_classes

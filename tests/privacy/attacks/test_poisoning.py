@@ -379,3 +379,18 @@ def test_boosted_mil_backdoor_calls_triggered_tumour_slides_benign(tmp_path: Pat
     """Measured (seed 0): every triggered positive test slide called benign, none without the trigger."""
     metrics = _boosted(tmp_path, "attack-backdoor-mil", 5, "auc")
     assert metrics["backdoor_accuracy"] >= 0.9 and metrics["clean_target_rate"] <= 0.5, metrics
+
+
+def test_the_class_count_of_folder_segmentation_is_read_from_its_masks(tmp_path: Path) -> None:
+    from privacy.attacks.poisoning import num_classes
+    from server.scenario import load
+    from tests.helpers import QUICKSTART, write_segmentation_folder
+
+    root = write_segmentation_folder(tmp_path / "data", 6)
+    for path in (root / "masks").glob("*.npy"):
+        np.save(path, np.minimum(np.load(path), 2))  # labels 0, 1, 2: three classes, not the default four
+    folder = load(QUICKSTART, ["data.source=folder", f"data.path={root}", "data.server_samples=0",
+                               "partition.kind=iid", "partition.params={}", "partition.clients=2",
+                               "task.params.image_size=32"])
+    assert num_classes(folder) == 3
+    assert num_classes(load(QUICKSTART, [])) == 4  # synthetic data: its four classes
