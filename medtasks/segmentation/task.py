@@ -54,7 +54,7 @@ from pydantic import Field, field_serializer, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medtasks import io
+from medtasks import io, sites
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.partition import (
     SiteProfile,
@@ -64,7 +64,6 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
     order_by_group,
-    split_indices,
 )
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
@@ -231,6 +230,7 @@ class SegmentationTask:
     models: ClassVar[tuple[str, ...]] = ("unet",)
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
+    hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
     def __init__(self, ctx: TaskContext) -> None:
@@ -242,8 +242,7 @@ class SegmentationTask:
                     f"{synthetic.CLASS_NAMES}; got task.params.num_classes={params.num_classes}"
                 )
         elif ctx.data.source == "folder":
-            if not ctx.data.path:
-                raise DataError("data.source 'folder' needs data.path")
+            sites.check_data(type(self), ctx)
         else:
             raise ValueError(
                 f"unknown data.source {ctx.data.source!r} for segmentation; use synthetic or folder"
@@ -275,9 +274,17 @@ class SegmentationTask:
         return self._folder_classes()
 
     def _folder_classes(self) -> int:
-        """The folder's class count (:func:`folder_num_classes`), checked against the U-Net's groups."""
+        """The class count of every folder the sites and the server read together (:func:`folder_num_classes`
+        of the union of their labels; a given ``num_classes`` is checked against each folder), checked
+        against the U-Net's groups."""
         given = self.params.num_classes if self.params.num_classes_set else None
-        num_classes = folder_num_classes(self._folder_pool().labels, given, self._folder_path())
+        folders = sites.data_folders(self.ctx.data)
+        found = [self._folder_pool(folder).labels for folder in folders]
+        if given is not None:
+            for folder, labels in zip(folders, found):
+                folder_num_classes(labels, given, folder)
+        union = sorted({label for labels in found for label in labels})
+        num_classes = folder_num_classes(union, given, ", ".join(folders))
         if self.params.norm == "group":
             check_group_norm(self.params.channels, num_classes, self.params.num_groups)
         return num_classes
@@ -332,7 +339,10 @@ class SegmentationTask:
         return _cached(self._cache_key("client", partition_id), lambda: build(partition_id))
 
     def server_data(self) -> Dataset | None:
-        """Central test set (synthetic source with ``server_samples > 0``), else ``None``."""
+        """Central test set: every slice of ``data.test_path`` as stored (folder data), the neutral
+        synthetic site of ``server_samples > 0`` images, else ``None``."""
+        if self.ctx.data.test_path:
+            return _cached(self._cache_key("server"), self._test_set)
         n = self.ctx.data.server_samples
         if self.ctx.data.source != "synthetic" or n <= 0:
             return None
@@ -358,17 +368,31 @@ class SegmentationTask:
         )
         return self._split_site(samples.images, samples.masks, profile.to_json(), partition_id)
 
-    def _folder_path(self) -> str:
-        """``data.path`` of folder data."""
-        path = self.ctx.data.path
-        assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
-        return path
+    def server_stats(self) -> dict[str, Any] | None:
+        """The test folder's description for ``partitions.json`` (``None`` without ``data.test_path``):
+        ``folder``, ``n``, ``cases`` and ``label_histogram`` (images without / with the last class)."""
+        if not self.ctx.data.test_path:
+            return None
+        pool = self._folder_pool(self.ctx.data.test_path)
+        return {
+            "folder": self.ctx.data.test_path,
+            "n": len(pool.masks),
+            "cases": sorted({str(case) for case in pool.cases}),
+            "label_histogram": label_histogram(_contains_last_class(pool.masks, self.num_classes), 2),
+        }
 
-    def _folder_pool(self) -> _FolderPool:
-        """All folder samples, resampled and normalised, with their cases and the labels found."""
+    def _test_set(self) -> Dataset:
+        """Every slice of ``data.test_path``, neither shifted nor relabelled."""
+        assert self.ctx.data.test_path is not None
+        pool = self._folder_pool(self.ctx.data.test_path)
+        self._folder_classes()  # its labels fit the model
+        return _dataset(pool.images, pool.masks)
+
+    def _folder_pool(self, folder: str) -> _FolderPool:
+        """All samples of ``folder``, resampled and normalised, with their cases and the labels found."""
 
         def build() -> _FolderPool:
-            images, masks, _, cases = io.load_image_mask_pairs(self._folder_path())
+            images, masks, _, cases = io.load_image_mask_pairs(folder)
             size = self.params.image_size
             pairs = [io.resample(io.normalize_intensity(x), y, size) for x, y in zip(images, masks)]
             labels = np.unique(np.concatenate([np.unique(y) for y in masks]))
@@ -379,7 +403,7 @@ class SegmentationTask:
                 labels=tuple(int(v) for v in labels),
             )
 
-        key = json.dumps([str(Path(self._folder_path()).resolve()), self.params.image_size])
+        key = json.dumps([str(Path(folder).resolve()), self.params.image_size])
         return _cached(key, build)
 
     def _folder_shift(self, partition_id: int, labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -402,21 +426,21 @@ class SegmentationTask:
         )[partition_id]
         return {"acquisition": profile.acquisition, "annotator": profile.annotator}
 
+    def _pool_labels(self, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, cases)`` of a folder's samples: "contains the last class" (label skew) and the patient."""
+        pool = self._folder_pool(folder)
+        return _contains_last_class(pool.masks, self.num_classes), pool.cases
+
     def _folder_site(self, partition_id: int) -> ClientData:
-        """Site ``partition_id``'s cases of the folder pool, shifted as the partition kind says."""
-        pool = self._folder_pool()
+        """Site ``partition_id``'s cases (its share of the pool, or its hospital folder), shifted as the
+        partition kind says; a hospital site's statistics name its ``folder``."""
         self._folder_classes()  # the labels fit a given num_classes
-        labels = _contains_last_class(pool.masks, self.num_classes)
-        part, seed = self.ctx.partition, self.ctx.seed
-        try:
-            parts = split_indices(
-                labels, part.kind, part.params, num_clients=part.clients, seed=seed, groups=pool.cases
-            )
-        except ValueError as error:
-            path = self.ctx.data.path
-            raise DataError(f"cannot split the {len(labels)} samples of {path}: {error}") from None
-        rng = numpy_rng(seed, "segmentation", "site", partition_id)
-        indices = order_by_group(parts[partition_id], pool.cases, rng)
+        ctx = self.ctx
+        folder, rows = sites.site_rows(ctx.data, ctx.partition, ctx.seed, partition_id, self._pool_labels, "samples")
+        pool = self._folder_pool(folder)
+        labels, _ = self._pool_labels(folder)
+        rng = numpy_rng(ctx.seed, "segmentation", "site", partition_id)
+        indices = order_by_group(rows, pool.cases, rng)
         shift = self._folder_shift(partition_id, labels)
         images, masks = synthetic.shift_samples(
             pool.images[indices],
@@ -428,7 +452,10 @@ class SegmentationTask:
         )
         lesion_share = float(labels[indices].mean()) if len(indices) else 0.0
         info = {"label_distribution": [1.0 - lesion_share, lesion_share], **shift}
-        return self._split_site(images, masks, info, partition_id, pool.cases[indices])
+        site = self._split_site(images, masks, info, partition_id, pool.cases[indices])
+        if sites.natural_sites(ctx.data):
+            site.stats["folder"] = folder
+        return site
 
     def _split_site(
         self,
