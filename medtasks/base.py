@@ -156,7 +156,9 @@ class Task(Protocol):
     example (a MIL bag's tiles): sample-level DP-SGD then refuses it. And
     ``hospital_folders = True`` for a folder task that reads ``data.sites`` and
     ``data.test_path`` (``pooled_test_set = True`` when its ``data.server_samples`` draws
-    the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`.
+    the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`. An optional
+    method ``server_stats() -> dict | None`` describes the central test set for
+    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``).
     """
 
     name: ClassVar[str]

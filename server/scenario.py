@@ -7,7 +7,9 @@ the sections that depend on a name (``task.params`` against the task's schema,
 partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
 against the aggregation rule's, ``attack.params`` against the attack's), refuses the
 combinations a strategy, a defense, a privacy mechanism or an attack cannot run, resolves every
-default, so the resolved scenario written to a run directory says exactly what ran, and finally runs
+default and makes every data folder absolute (``data.path``, ``data.sites``, ``data.test_path``; relative
+ones are relative to the scenario file), so the resolved scenario written to a run directory says exactly
+what ran, refuses folder settings the task cannot read (:func:`medtasks.sites.check_data`), and finally runs
 :mod:`server.checks` (the optional modules the task needs; a DP-SGD budget that one round already exceeds).
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:

@@ -28,11 +28,13 @@ Images are normalised to ``x = μ / (2 μ_water)``: the Hounsfield window ``[−
 :data:`~medtasks.ct.scanner.DATA_RANGE` ``= 1`` on that scale, without clipping. Sinograms are
 normalised the same way (``y / (2 μ_water)``), so ``A x ≈ y`` holds in the network's units too.
 
-Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set. Folder sites
-are split by case (patient, :mod:`medtasks.ct.folder`): a patient's slices stay at one site, and the
-validation set grows to whole cases (``stats["cases"]`` lists the case ids of each split).
-``data.server_samples > 0`` gives the server a test set (synthetic data only) from the stream
-``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy mix.
+Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set. A folder pool
+(``data.sites: split``) is split by case (patient, :mod:`medtasks.ct.folder`): a patient's slices stay
+at one site; a hospital folder of ``data.sites`` (:mod:`medtasks.sites`) is its site whole, and its
+``stats["folder"]`` names it. The validation set grows to whole cases (``stats["cases"]`` lists the
+case ids of each split). ``data.server_samples > 0`` gives the server a test set (synthetic data only)
+from the stream ``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy
+mix; for folder data ``data.test_path`` is the test set, every slice measured by the neutral scanner.
 
 Samples are ``(fbp [1, N, N], sinogram [1, A_k, N], target [1, N, N], geometry [2])`` with
 ``geometry = (views_k, angular_range_k)`` in float64. All samples of one site share a geometry;

@@ -31,14 +31,18 @@ Data sources:
 
 * ``data.source: folder``: real slides at ``data.path`` (:mod:`medtasks.mil.folder`: one
   sub-folder of tiles per slide and ``labels.csv``). ``data.server_samples`` slides, drawn
-  from ``(seed, "mil", "folder", "server")``, are the server's test set; the others are
-  assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew`` splits each
-  class by Dirichlet shares). ``feature_skew`` re-stains a site's tiles as H&E
+  as whole patients from ``(seed, "mil", "folder", "server")``, are the server's test set; the
+  others are assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew``
+  splits each class by Dirichlet shares), by patient when ``labels.csv`` has a ``patient``
+  column. With ``data.sites`` every hospital folder is its site whole, and ``data.test_path``
+  (every slide, unshifted) is the server's test set (:mod:`medtasks.sites`). ``feature_skew`` re-stains a site's tiles as H&E
   (:func:`medtasks.mil.synthetic.restain`); ``concept_shift`` drops the positive label of a
   slide whose positive-tile fraction is below the site's threshold (needs tile truth). Bags
-  have ``K = min(tiles_per_slide, largest slide)`` tiles (:func:`~medtasks.mil.folder.fixed_size_bags`).
+  have ``K = min(tiles_per_slide, largest slide of every folder)`` tiles
+  (:func:`~medtasks.mil.folder.fixed_size_bags`).
 
-Each site's last ``max(1, round(val_fraction · n_k))`` slides are its validation set.
+Each site's last ``max(1, round(val_fraction · n_k))`` slides are its validation set, grown to
+whole patients with a ``patient`` column.
 
 Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labels [K] int64
 (1 / 0 / -1 unknown), padding [K] bool, site_log_odds [] float32)`` (:class:`MILBatch`);
@@ -47,7 +51,8 @@ Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labe
 
 ``ClientData.stats``: ``n_train``, ``n_val``, ``label_histogram`` (``[negative, positive]``
 annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``; observed for
-folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``. ``data.params`` must be
+folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``; with a ``patient`` column
+``cases`` (the patients of each split), and for a hospital site its ``folder``. ``data.params`` must be
 empty. Generated slides and folder reads are cached per process (as the task is,
 ``client/cache.py``).
 """

@@ -15,24 +15,28 @@ Data sources (``data.source``):
   acquisition and annotator and the base prevalence, from the stream
   ``(seed, "segmentation", "server")``.
 * ``"folder"``: real images and masks read by :func:`medtasks.io.load_image_mask_pairs`
-  from ``data.path``, padded to square and resampled to ``image_size``
+  from each data folder (:mod:`medtasks.sites`: ``data.path``, the hospital folders of
+  ``data.sites``, ``data.test_path``), padded to square and resampled to ``image_size``
   (bilinear for images, nearest for masks), normalised per image by robust
-  min-max to ``[0, 1]``. ``num_classes`` is read from the masks (as stored, before
-  resampling): ``L = max label + 1``, background included, and the labels found must
-  be exactly ``0..L-1``. A ``task.params.num_classes`` given in the scenario is used
-  instead (it may exceed the labels found, never fall below them). The label used
-  for label skew is "the image contains the last class". The pool is split with
-  :func:`medtasks.partition.split_indices` by case (patient, :func:`medtasks.io.case_id`),
-  so a patient's slices stay at one site, and each site holds out whole cases for
-  validation; ``feature_skew`` / ``concept_shift`` then apply the same acquisition /
-  annotator transforms as the synthetic data. There is no server test set.
+  min-max to ``[0, 1]``. ``num_classes`` is read from the masks of every folder
+  together (as stored, before resampling): ``L = max label + 1``, background included,
+  and the labels found must be exactly ``0..L-1``. A ``task.params.num_classes`` given in
+  the scenario is used instead (it may exceed the labels found in each folder, never fall
+  below them). The label used for label skew is "the image contains the last class". A
+  pool (``data.sites: split``) is split with :func:`medtasks.partition.split_indices` by
+  case (patient, :func:`medtasks.io.case_id`), so a patient's slices stay at one site; a
+  hospital folder is its site whole. Each site holds out whole cases for validation;
+  ``feature_skew`` / ``concept_shift`` then apply the same acquisition / annotator
+  transforms as the synthetic data. ``data.test_path`` is the server's test set, read
+  whole and unshifted; ``data.server_samples`` is refused for folder data.
 
 ``ClientData.stats`` (written to ``partitions.json``): ``n_train``, ``n_val``,
 ``label_histogram`` (images without / with the last class in their *annotated*
 mask, train + val), ``pixel_class_fractions`` (``[C]``), ``acquisition``,
 ``annotator`` and ``label_distribution`` (the drawn ``P_k(y)`` for synthetic
 sites, the empirical one for folder sites); folder sites add ``cases``
-(``{"train": [...], "val": [...]}``, the sorted case ids of each split).
+(``{"train": [...], "val": [...]}``, the sorted case ids of each split) and hospital
+sites their ``folder``. :meth:`SegmentationTask.server_stats` describes a test folder.
 
 ``data.params`` must be empty for both sources. Generated and loaded data are
 cached per process (as the task is, ``client/cache.py``), so repeated calls are free.
