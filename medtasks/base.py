@@ -154,7 +154,7 @@ class Task(Protocol):
     the centralized baseline then batches its pooled data site by site. And
     ``per_sample_gradients = False`` for a task whose layers see sub-units of an
     example (a MIL bag's tiles): sample-level DP-SGD then refuses it. And
-    ``hospital_folders = True`` for a folder task that reads ``data.sites`` and
+    ``reads_hospital_folders = True`` for a folder task that reads ``data.sites`` and
     ``data.test_path`` (``pooled_test_set = True`` when its ``data.server_samples`` draws
     the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`. An optional
     method ``server_stats() -> dict | None`` describes the central test set for

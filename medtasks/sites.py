@@ -19,7 +19,7 @@ exactly as for a pooled site. ``partition.kind`` ``iid`` leaves the hospitals as
 ``data.test_path`` is a folder in the layout of one site's folder, read whole as the server's central
 test set, never shifted, in every ``sites`` mode.
 
-A task that reads hospital folders declares ``hospital_folders = True``; one whose
+A task that reads hospital folders declares ``reads_hospital_folders = True``; one whose
 ``data.server_samples`` draws a test set from the pooled ``data.path`` (MIL) declares
 ``pooled_test_set = True``. :func:`check_data` refuses what a task cannot honour, in one line naming
 the key: the tasks call it when built, and :mod:`server.scenario` when it loads a scenario.
@@ -121,6 +121,7 @@ def site_rows(data: DataSpec, partition: PartitionSpec, seed: int, partition_id:
 
 
 def _names(folders: Sequence[str]) -> str:
+    """The folders' own names, for a message (``a, b, c``; the first six)."""
     shown = ", ".join(Path(folder).name for folder in folders[:6])
     return shown + (", ..." if len(folders) > 6 else "")
 
@@ -131,7 +132,7 @@ def check_data(task: type, ctx: TaskContext) -> None:
     Parameters
     ----------
     task : type
-        the task class; its optional ``hospital_folders`` and ``pooled_test_set`` class attributes
+        the task class; its optional ``reads_hospital_folders`` and ``pooled_test_set`` class attributes
         (module docstring) say what it reads.
     ctx : TaskContext
         the task's context (paths already resolved).
@@ -141,8 +142,8 @@ def check_data(task: type, ctx: TaskContext) -> None:
     ValueError
         one line naming the key: hospital folders or ``data.test_path`` for a task that reads one pool
         only; hospital folders with a pool-splitting ``partition.kind`` or a ``partition.clients`` other
-        than their number; ``data.server_samples`` where the task takes no test set from a pool, or
-        beside another source of it.
+        than their number; a ``data.test_path`` that is also a site's folder; ``data.server_samples``
+        where the task takes no test set from a pool, or beside another source of it.
     """
     data, partition = ctx.data, ctx.partition
     if data.source != "folder":
@@ -151,7 +152,7 @@ def check_data(task: type, ctx: TaskContext) -> None:
     if not data.path and not (natural and not isinstance(data.sites, str)):
         raise DataError("data.source 'folder' needs data.path")
     name = getattr(task, "name", task.__name__)
-    if not getattr(task, "hospital_folders", False):
+    if not getattr(task, "reads_hospital_folders", False):
         if natural or data.test_path:
             key = "data.sites" if natural else "data.test_path"
             raise ValueError(f"{key}: the {name} task reads one data folder (data.path); it has no hospital "
@@ -159,6 +160,8 @@ def check_data(task: type, ctx: TaskContext) -> None:
         return
     if natural:
         _check_hospitals(data, partition)
+    if data.test_path:
+        _check_test_held_out(data)
     if data.server_samples > 0:
         _check_server_samples(data, name, pooled=getattr(task, "pooled_test_set", False))
 
@@ -173,8 +176,16 @@ def _check_hospitals(data: DataSpec, partition: PartitionSpec) -> None:
     folders = hospital_folders(data)
     if len(folders) != partition.clients:
         where = f"in {data.path} " if isinstance(data.sites, str) else ""
-        raise ValueError(f"data.sites: {len(folders)} hospital folders {where}({_names(folders)}) but "
-                         f"partition.clients is {partition.clients}")
+        counted = f"{len(folders)} hospital folder{'s' if len(folders) > 1 else ''}"
+        raise ValueError(f"data.sites: {counted} {where}({_names(folders)}) but partition.clients is {partition.clients}")
+
+
+def _check_test_held_out(data: DataSpec) -> None:
+    """``data.test_path`` is none of the folders the sites train on."""
+    test = Path(str(data.test_path)).resolve()
+    if any(Path(folder).resolve() == test for folder in hospital_folders(data) or [str(data.path)]):
+        raise ValueError(f"data.test_path: {data.test_path} is also a site's folder; the central test set "
+                         "must be held out of every site")
 
 
 def _check_server_samples(data: DataSpec, task: str, *, pooled: bool) -> None:

@@ -222,8 +222,12 @@ def _resolve_data_paths(scenario: Scenario, source: str, base_dir: Path) -> None
     if data.path:
         data.path = _existing_folder(data.path, base_dir, f"{source}: data.path: data folder not found")
     if isinstance(data.sites, list):
-        data.sites = [_existing_folder(folder, base_dir, f"{source}: data.sites[{k}]: hospital folder not found")
-                      for k, folder in enumerate(data.sites)]
+        hospitals = [_existing_folder(folder, base_dir, f"{source}: data.sites[{k}]: hospital folder not found")
+                     for k, folder in enumerate(data.sites)]
+        try:
+            data.sites = hospitals  # validated again: two spellings of one folder are one folder twice
+        except ValidationError as error:
+            raise ScenarioError(f"{source}: {_describe(error, DataSection, 'data')}") from None
     if data.test_path:
         data.test_path = _existing_folder(data.test_path, base_dir, f"{source}: data.test_path: test folder not found")
     try:

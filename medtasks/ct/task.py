@@ -128,7 +128,7 @@ class CTReconstructionTask:
     models: ClassVar[tuple[str, ...]] = ("fbpconvnet", "unrolled")
     primary_metric: ClassVar[str] = "psnr"
     higher_is_better: ClassVar[bool] = True
-    hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
 
     def __init__(self, ctx: TaskContext) -> None:
         params = cast(CTParams, checked_params(type(self), ctx))  # an instance of self.Params

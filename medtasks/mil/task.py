@@ -35,9 +35,10 @@ Data sources:
   others are assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew``
   splits each class by Dirichlet shares), by patient when ``labels.csv`` has a ``patient``
   column. With ``data.sites`` every hospital folder is its site whole, and ``data.test_path``
-  (every slide, unshifted) is the server's test set (:mod:`medtasks.sites`). ``feature_skew`` re-stains a site's tiles as H&E
-  (:func:`medtasks.mil.synthetic.restain`); ``concept_shift`` drops the positive label of a
-  slide whose positive-tile fraction is below the site's threshold (needs tile truth). Bags
+  (every slide, unshifted) is the server's test set (:mod:`medtasks.sites`). ``feature_skew``
+  re-stains a site's tiles as H&E (:func:`medtasks.mil.synthetic.restain`); ``concept_shift``
+  drops the positive label of a slide whose positive-tile fraction is below the site's
+  threshold (needs tile truth). Bags
   have ``K = min(tiles_per_slide, largest slide of every folder)`` tiles
   (:func:`~medtasks.mil.folder.fixed_size_bags`).
 
@@ -51,8 +52,9 @@ Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labe
 
 ``ClientData.stats``: ``n_train``, ``n_val``, ``label_histogram`` (``[negative, positive]``
 annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``; observed for
-folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``; with a ``patient`` column
-``cases`` (the patients of each split), and for a hospital site its ``folder``. ``data.params`` must be
+folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``; with a ``patient``
+column ``cases`` (the patients of each split), and for a hospital site its ``folder``
+(:meth:`MILTask.server_stats` describes a test set read from a folder). ``data.params`` must be
 empty. Generated slides and folder reads are cached per process (as the task is,
 ``client/cache.py``).
 """
@@ -242,7 +244,7 @@ class MILTask:
     per_sample_gradients: ClassVar[bool] = False  # the tile encoder sees tiles, not bags: no per-bag DP-SGD
     primary_metric: ClassVar[str] = "auc"
     higher_is_better: ClassVar[bool] = True
-    hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
     pooled_test_set: ClassVar[bool] = True  # data.server_samples slides drawn from a pooled data.path
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"
 

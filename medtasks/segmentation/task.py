@@ -234,7 +234,7 @@ class SegmentationTask:
     models: ClassVar[tuple[str, ...]] = ("unet",)
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
-    hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
     def __init__(self, ctx: TaskContext) -> None:

@@ -299,10 +299,11 @@ def test_the_new_keys_travel_to_clients_only_when_set(tmp_path):
     ("segmentation", {"sites": "hospitals"}, 3, "iid", ["data.sites", "split, subfolders"]),
     ("segmentation", {"sites": ["a", "missing"]}, 2, "iid", ["data.sites[1]: hospital folder not found"]),
     ("segmentation", {"test_path": "missing"}, 3, "iid", ["data.test_path: test folder not found"]),
+    ("segmentation", {"sites": ["a", "./a"]}, 2, "iid", ["data.sites: lists a hospital folder twice"]),
+    ("ct", {"sites": ["a", "b"], "test_path": "b"}, 2, "iid", ["data.test_path: ", "/b is also a site's folder"]),
 ])
 def test_folder_settings_a_task_cannot_honour_are_refused_naming_the_key(tmp_path, task, data, clients, kind, words):
-    task_folder = "ct" if task == "ct" else task
-    _hospitals(tmp_path, task_folder)
+    _hospitals(tmp_path, task)
     raw = _raw({"source": "folder", "path": str(tmp_path), **data}, task=task, clients=clients, kind=kind)
     with pytest.raises(ScenarioError) as error:
         validate(raw, base_dir=tmp_path)
