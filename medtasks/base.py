@@ -8,10 +8,10 @@ them: register it in :mod:`medtasks.registry` or name it as ``"pkg.module:Class"
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -33,7 +33,14 @@ class DataSpec:
     source : str
         ``"synthetic"`` (the task's generator) or ``"folder"`` (real data at ``path``).
     path : str | None
-        folder of real data, required when ``source == "folder"``.
+        folder of real data, required when ``source == "folder"`` (unless ``sites`` lists the folders).
+    sites : str | Sequence[str]
+        where the sites of folder data come from (:mod:`medtasks.sites`): ``"split"`` (``path`` is one
+        pool split by the partition), ``"subfolders"`` (every sub-folder of ``path`` is one hospital,
+        one site, sorted by name) or the hospital folders themselves, one site each, in order.
+    test_path : str | None
+        folder read whole as the server's central test set, in the layout of one site's folder
+        (``None`` = none from a folder).
     samples_per_client : int
         mean number of samples a site holds (train + validation).
     val_fraction : float
@@ -46,6 +53,8 @@ class DataSpec:
 
     source: str = "synthetic"
     path: str | None = None
+    sites: Literal["split", "subfolders"] | Sequence[str] = "split"
+    test_path: str | None = None
     samples_per_client: int = 64
     val_fraction: float = 0.2
     server_samples: int = 0
@@ -144,7 +153,12 @@ class Task(Protocol):
     mini-batches must not mix sites (e.g. a CT batch shares one scanner geometry);
     the centralized baseline then batches its pooled data site by site. And
     ``per_sample_gradients = False`` for a task whose layers see sub-units of an
-    example (a MIL bag's tiles): sample-level DP-SGD then refuses it.
+    example (a MIL bag's tiles): sample-level DP-SGD then refuses it. And
+    ``reads_hospital_folders = True`` for a folder task that reads ``data.sites`` and
+    ``data.test_path`` (``pooled_test_set = True`` when its ``data.server_samples`` draws
+    the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`. An optional
+    method ``server_stats() -> dict | None`` describes the central test set for
+    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``).
     """
 
     name: ClassVar[str]

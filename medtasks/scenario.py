@@ -17,7 +17,7 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from medtasks.base import DataSpec, PartitionSpec, TaskContext
 from medtasks.partition import KINDS
@@ -46,19 +46,50 @@ class TaskSection(_Section):
 
 
 class DataSection(_Section):
-    """``data``: the source of each site's samples."""
+    """``data``: the source of each site's samples.
+
+    Folder data (``source: folder``) comes as one pool at ``path`` split across the sites
+    (``sites: split``), or as one folder per hospital, each one site (``sites: subfolders``: the
+    sub-folders of ``path``; or ``sites`` listing the folders); ``test_path`` is the server's central
+    test set (:mod:`medtasks.sites`). Relative paths are relative to the scenario file.
+    """
 
     source: Literal["synthetic", "folder"] = "synthetic"
-    path: str | None = Field(None, description="data folder, required for source: folder")
+    path: str | None = Field(None, description="data folder, required for source: folder (unless sites lists them)")
+    sites: Literal["split", "subfolders"] | list[str] = Field(
+        "split",
+        description="split: data.path is one pool split by the partition; subfolders: each sub-folder of "
+                    "data.path is one hospital (one site, sorted by name); or the list of hospital folders",
+    )
+    test_path: str | None = Field(None, description="folder read whole as the server's central test set (folder data)")
     samples_per_client: int = Field(64, ge=2, le=1_000_000)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     server_samples: int = Field(0, ge=0, le=1_000_000, description="central test set size (0 = none)")
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites_form(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("split", "subfolders"):
+            raise ValueError(f"'{value}' is not a mode (allowed: split, subfolders, or a list of hospital folders)")
+        if isinstance(value, list):
+            if not value or not all(isinstance(folder, str) and folder for folder in value):
+                raise ValueError("a list of hospital folders needs at least one folder, each a non-empty path")
+            if len(set(value)) != len(value):
+                raise ValueError(f"lists a hospital folder twice: {value}")
+        return value
+
+    @field_validator("sites", "test_path")
+    @classmethod
+    def _folder_source_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in ("split", None) and info.data.get("source") != "folder":
+            raise ValueError("hospital and test folders need data.source: folder (synthetic data has none)")
+        return value
+
     @model_validator(mode="after")
     def _folder_needs_path(self) -> DataSection:
-        if self.source == "folder" and not self.path:
-            raise ValueError("source 'folder' needs data.path")
+        if self.source == "folder" and not self.path and not isinstance(self.sites, list):
+            raise ValueError("source 'folder' needs data.path (or data.sites listing the hospital folders)")
         return self
 
 
@@ -292,6 +323,7 @@ class Scenario(_Section):
 
 LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("defense", None), ("strategy", "example_counts"), ("engine", "device"), ("engine", "gpus_per_client"),
+    ("data", "sites"), ("data", "test_path"),
 )
 """(section, key) of the settings :meth:`Scenario.to_json` leaves out at their default (``None``: the whole
 section)."""

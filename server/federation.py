@@ -171,7 +171,7 @@ class Federation:
         seed_everything(scenario.seed, "server")
         cohort, stats = discover(grid, scenario, stop=self.stop)
         if not self.resume:
-            self.run_dir.write_partitions({"kind": scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}})
+            self.run_dir.write_partitions(self._partitions(stats))
         self.privacy = PrivacyRound(scenario, stats)
 
         algorithm = get_algorithm(scenario.strategy.name)
@@ -324,6 +324,16 @@ class Federation:
         if self._site_lines and phase == "train":
             for pid, site_metrics in record["clients"].items():
                 log.info("round %d | site %s | %s", server_round, pid, _site_summary(site_metrics))
+
+    def _partitions(self, stats: dict[int, Any]) -> dict[str, Any]:
+        """What ``partitions.json`` holds: the partition kind, each site's statistics and, when the task
+        describes its central test set (an optional ``server_stats()``, e.g. a test folder), ``"server"``."""
+        partitions: dict[str, Any] = {"kind": self.scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}}
+        server_stats = getattr(self.task, "server_stats", None)
+        described = server_stats() if server_stats is not None else None
+        if described is not None:
+            partitions["server"] = described
+        return partitions
 
     def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord,
                             strategy: Any) -> dict[str, float] | None:

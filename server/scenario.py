@@ -7,7 +7,9 @@ the sections that depend on a name (``task.params`` against the task's schema,
 partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
 against the aggregation rule's, ``attack.params`` against the attack's), refuses the
 combinations a strategy, a defense, a privacy mechanism or an attack cannot run, resolves every
-default, so the resolved scenario written to a run directory says exactly what ran, and finally runs
+default and makes every data folder absolute (``data.path``, ``data.sites``, ``data.test_path``; relative
+ones are relative to the scenario file), so the resolved scenario written to a run directory says exactly
+what ran, refuses folder settings the task cannot read (:func:`medtasks.sites.check_data`), and finally runs
 :mod:`server.checks` (the optional modules the task needs; a DP-SGD budget that one round already exceeds).
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
@@ -25,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import privacy
+from medtasks import sites
 from medtasks.partition import PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
 from medtasks.scenario import (
@@ -88,7 +91,7 @@ def validate(raw: Mapping[str, Any], *, source: str = "<scenario>", base_dir: Pa
         raise ScenarioError(f"{source}: {_describe(error, Scenario)}") from None
     _resolve_named_params(scenario, source)
     if scenario.data.source == "folder":
-        _resolve_data_path(scenario, source, base_dir or Path.cwd())
+        _resolve_data_paths(scenario, source, base_dir or Path.cwd())
     try:
         checks.check(scenario)  # this machine's modules, and budgets that the data's sizes already rule out
     except ValueError as error:
@@ -210,13 +213,38 @@ def _defense_params_schema(section: DefenseSection, source: str) -> type[BaseMod
     return schema
 
 
-def _resolve_data_path(scenario: Scenario, source: str, base_dir: Path) -> None:
-    data_path = Path(scenario.data.path or "").expanduser()
-    if not data_path.is_absolute():
-        data_path = (base_dir / data_path).resolve()
-    if not data_path.is_dir():
-        raise ScenarioError(f"{source}: data.path: data folder not found: {data_path}")
-    scenario.data.path = str(data_path)
+def _resolve_data_paths(scenario: Scenario, source: str, base_dir: Path) -> None:
+    """Make ``data.path``, the hospital folders of ``data.sites`` and ``data.test_path`` absolute (relative
+    ones are relative to ``base_dir``, the scenario file's folder), so that the resolved scenario.yaml of a run
+    directory still finds them on ``--resume``; then refuse what the task cannot read from them
+    (:func:`medtasks.sites.check_data`)."""
+    data = scenario.data
+    if data.path:
+        data.path = _existing_folder(data.path, base_dir, f"{source}: data.path: data folder not found")
+    if isinstance(data.sites, list):
+        hospitals = [_existing_folder(folder, base_dir, f"{source}: data.sites[{k}]: hospital folder not found")
+                     for k, folder in enumerate(data.sites)]
+        try:
+            data.sites = hospitals  # validated again: two spellings of one folder are one folder twice
+        except ValidationError as error:
+            raise ScenarioError(f"{source}: {_describe(error, DataSection, 'data')}") from None
+    if data.test_path:
+        data.test_path = _existing_folder(data.test_path, base_dir, f"{source}: data.test_path: test folder not found")
+    try:
+        sites.check_data(get_task_class(scenario.task.name), scenario.task_context())
+    except ValueError as error:
+        raise ScenarioError(f"{source}: {error}") from None
+
+
+def _existing_folder(path: str, base_dir: Path, missing: str) -> str:
+    """``path`` as an absolute folder (a relative one below ``base_dir``); ``ScenarioError`` ``missing: <path>``
+    when it is no folder."""
+    folder = Path(path).expanduser()
+    if not folder.is_absolute():
+        folder = (base_dir / folder).resolve()
+    if not folder.is_dir():
+        raise ScenarioError(f"{missing}: {folder}")
+    return str(folder)
 
 
 def _describe(error: ValidationError, model: type | None, prefix: str = "") -> str:

@@ -1,15 +1,18 @@
-"""Folder sites (``data.source: folder``): real slices in HU read from ``data.path``, measured.
+"""Folder sites (``data.source: folder``): real slices in HU read from a data folder, measured.
 
-:func:`folder_pool` reads every slice (:func:`_load_ct_cases`), converts it to ``μ``, resamples
+A folder is ``data.path`` (one pool), a hospital folder of ``data.sites`` or the test folder
+``data.test_path`` (:mod:`medtasks.sites`). :func:`folder_pool` reads every slice (:func:`_load_ct_cases`), converts it to ``μ``, resamples
 it to ``image_size`` and cuts it to the scanner's field of view (:func:`slice_to_mu`); its label
 is "thorax" when the slice contains lungs, "other" otherwise
 (:func:`~medtasks.ct.anatomy.anatomy_label`), and its case is the patient it belongs to
 (:func:`medtasks.io.case_id`: a DICOM file's ``PatientID``, else the file-name group
-``<case>__<rest>``, so a volume is one case). The task splits the pool across sites by case
-(:func:`~medtasks.partition.split_indices` with ``groups``); :func:`site_samples` measures a site's share with
-the site's scanner, with photon noise from ``torch_generator(seed, "ct", "noise", "site", k)``.
+``<case>__<rest>``, so a volume is one case). The task splits a pool across sites by case
+(:func:`~medtasks.partition.split_indices` with ``groups``), or gives each site its hospital folder
+whole; :func:`site_samples` measures a site's slices with the site's scanner, with photon noise from
+``torch_generator(seed, "ct", "noise", "site", k)``, and the test folder's with the neutral scanner
+(stream ``(seed, "ct", "noise", "server")``).
 
-The pool and the sites are cached per process, as the task is (``client/cache.py``).
+The folders and the sites are cached per process, as the task is (``client/cache.py``).
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class _FolderSite:
     reference_sigma: float
     filter: FilterName
     seed: int
-    partition_id: int
+    stream: tuple[str | int, ...]
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,7 +120,7 @@ def _folder_samples(site: _FolderSite) -> Samples:
     """A folder site's slices measured by its scanner (cached per process)."""
     mu, labels, _ = folder_pool(site.path, site.image_size)
     rows = np.asarray(site.indices, dtype=np.int64)
-    generator = torch_generator(site.seed, "ct", "noise", "site", site.partition_id)
+    generator = torch_generator(site.seed, "ct", "noise", *site.stream)
     return simulate(mu[rows], labels[rows], site.acquisition, site.reference_sigma, site.filter, generator)
 
 
@@ -129,9 +132,9 @@ def site_samples(
     annotator: Mapping[str, float],
     *,
     seed: int,
-    partition_id: int,
+    stream: tuple[str | int, ...],
 ) -> Samples:
-    """The slices ``indices`` of the pool at ``path``, measured by site ``partition_id``'s scanner.
+    """The slices ``indices`` of the folder at ``path``, measured by one scanner.
 
     Parameters
     ----------
@@ -147,8 +150,9 @@ def site_samples(
         The site's :data:`~medtasks.ct.scanner.ANNOTATOR_SPACE` values.
     seed : int
         The scenario seed.
-    partition_id : int
-        The site's index ``k``.
+    stream : tuple[str | int, ...]
+        Who measures: ``("site", k)`` for site ``k``, ``("server",)`` for the central test set; the photon
+        noise is drawn from ``torch_generator(seed, "ct", "noise", *stream)``.
 
     Returns
     -------
@@ -163,6 +167,6 @@ def site_samples(
         reference_sigma=float(annotator["reference_smoothing"]),
         filter=params.filter,
         seed=seed,
-        partition_id=partition_id,
+        stream=tuple(stream),
     )
     return _folder_samples(site)

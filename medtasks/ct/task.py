@@ -28,11 +28,13 @@ Images are normalised to ``x = μ / (2 μ_water)``: the Hounsfield window ``[−
 :data:`~medtasks.ct.scanner.DATA_RANGE` ``= 1`` on that scale, without clipping. Sinograms are
 normalised the same way (``y / (2 μ_water)``), so ``A x ≈ y`` holds in the network's units too.
 
-Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set. Folder sites
-are split by case (patient, :mod:`medtasks.ct.folder`): a patient's slices stay at one site, and the
-validation set grows to whole cases (``stats["cases"]`` lists the case ids of each split).
-``data.server_samples > 0`` gives the server a test set (synthetic data only) from the stream
-``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy mix.
+Each site's last ``max(1, round(val_fraction · n_k))`` slices are its validation set. A folder pool
+(``data.sites: split``) is split by case (patient, :mod:`medtasks.ct.folder`): a patient's slices stay
+at one site; a hospital folder of ``data.sites`` (:mod:`medtasks.sites`) is its site whole, and its
+``stats["folder"]`` names it. The validation set grows to whole cases (``stats["cases"]`` lists the
+case ids of each split). ``data.server_samples > 0`` gives the server a test set (synthetic data only)
+from the stream ``(seed, "ct", "server")`` with the neutral scanner and reference and the base anatomy
+mix; for folder data ``data.test_path`` is the test set, every slice measured by the neutral scanner.
 
 Samples are ``(fbp [1, N, N], sinogram [1, A_k, N], target [1, N, N], geometry [2])`` with
 ``geometry = (views_k, angular_range_k)`` in float64. All samples of one site share a geometry;
@@ -61,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from medtasks import sites
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.ct import folder, realdata, synthetic
 from medtasks.ct.anatomy import FOLDER_LABELS, anatomy_names
@@ -84,7 +87,6 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
     order_by_group,
-    split_indices,
 )
 from medtasks.seeding import numpy_rng
 
@@ -126,13 +128,14 @@ class CTReconstructionTask:
     models: ClassVar[tuple[str, ...]] = ("fbpconvnet", "unrolled")
     primary_metric: ClassVar[str] = "psnr"
     higher_is_better: ClassVar[bool] = True
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
 
     def __init__(self, ctx: TaskContext) -> None:
         params = cast(CTParams, checked_params(type(self), ctx))  # an instance of self.Params
         if ctx.data.source not in ("synthetic", "folder"):
             raise ValueError(f"unknown data.source {ctx.data.source!r} for ct; use synthetic or folder")
-        if ctx.data.source == "folder" and not ctx.data.path:
-            raise DataError("data.source 'folder' needs data.path")
+        if ctx.data.source == "folder":
+            sites.check_data(type(self), ctx)
         self.ctx = ctx
         self.params: CTParams = params
         self.model_name: str = ctx.model or self.models[0]
@@ -191,7 +194,10 @@ class CTReconstructionTask:
         return self._folder_site(partition_id)
 
     def server_data(self) -> Dataset | None:
-        """Central test set (synthetic source with ``server_samples > 0``): neutral scanner and reference."""
+        """Central test set, measured by the neutral scanner with the neutral reference: every slice of
+        ``data.test_path`` (folder data), or ``server_samples > 0`` synthetic slices; else ``None``."""
+        if self.ctx.data.test_path:
+            return self._test_samples().dataset(slice(None))
         n = self.ctx.data.server_samples
         if self.ctx.data.source != "synthetic" or n <= 0:
             return None
@@ -207,16 +213,44 @@ class CTReconstructionTask:
         )
         return samples.dataset(slice(None))
 
+    def server_stats(self) -> dict[str, Any] | None:
+        """The test folder's description for ``partitions.json`` (``None`` without ``data.test_path``):
+        ``folder``, ``n``, ``cases``, ``label_names`` and ``label_histogram``."""
+        if not self.ctx.data.test_path:
+            return None
+        _, labels, cases = self._pool(self.ctx.data.test_path)
+        return {
+            "folder": self.ctx.data.test_path,
+            "n": len(labels),
+            "cases": sorted({str(case) for case in cases}),
+            "label_names": list(self.label_names),
+            "label_histogram": label_histogram(labels, len(self.label_names)),
+        }
+
+    def _pool(self, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(μ, labels, cases)`` of every slice of the folder ``path`` (:func:`~medtasks.ct.folder.folder_pool`)."""
+        return folder.folder_pool(str(Path(path).resolve()), self.params.image_size)
+
+    def _pool_labels(self, path: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, cases)`` of the folder ``path``."""
+        return self._pool(path)[1:]
+
+    def _test_samples(self) -> Samples:
+        """Every slice of ``data.test_path`` measured by the neutral scanner (noise stream ``"server"``)."""
+        test_path = str(Path(self.ctx.data.test_path or "").resolve())
+        labels = self._pool(test_path)[1]
+        neutral = neutral_values(ACQUISITION_SPACE), neutral_values(ANNOTATOR_SPACE)
+        return folder.site_samples(test_path, self.params, np.arange(len(labels)), *neutral, seed=self.ctx.seed,
+                                   stream=("server",))
+
     def _folder_site(self, partition_id: int) -> ClientData:
-        """Site ``partition_id``'s share of the folder pool, measured by its scanner."""
+        """Site ``partition_id``'s slices (its share of the pool, or its hospital folder), measured by its
+        scanner; a hospital site's statistics name its ``folder``."""
         p, part, seed = self.params, self.ctx.partition, self.ctx.seed
-        path = str(Path(self.ctx.data.path or "").resolve())
-        _, labels, cases = folder.folder_pool(path, p.image_size)
-        try:
-            parts = split_indices(labels, part.kind, part.params, num_clients=part.clients, seed=seed, groups=cases)
-        except ValueError as error:
-            raise DataError(f"cannot split the {len(labels)} slices of {self.ctx.data.path}: {error}") from None
-        indices = order_by_group(parts[partition_id], cases, numpy_rng(seed, "ct", "site", partition_id))
+        site_folder, rows = sites.site_rows(self.ctx.data, part, seed, partition_id, self._pool_labels, "slices")
+        path = str(Path(site_folder).resolve())
+        labels, cases = self._pool_labels(path)
+        indices = order_by_group(rows, cases, numpy_rng(seed, "ct", "site", partition_id))
         if part.kind in ("feature_skew", "concept_shift"):
             profiles = draw_profiles(
                 part, samples_per_client=max(1, len(labels) // part.clients), label_prior=label_histogram(labels, 2), seed=seed
@@ -224,10 +258,13 @@ class CTReconstructionTask:
             acquisition, annotator = profiles[partition_id].acquisition, profiles[partition_id].annotator
         else:
             acquisition, annotator = neutral_values(ACQUISITION_SPACE), neutral_values(ANNOTATOR_SPACE)
-        samples = folder.site_samples(path, p, indices, acquisition, annotator, seed=seed, partition_id=partition_id)
+        samples = folder.site_samples(path, p, indices, acquisition, annotator, seed=seed, stream=("site", partition_id))
         share = float(labels[indices].mean()) if len(indices) else 0.0
         info = {"label_distribution": [1.0 - share, share]}
-        return self._split(samples, acquisition, annotator, info, partition_id, cases[indices])
+        site = self._split(samples, acquisition, annotator, info, partition_id, cases[indices])
+        if sites.natural_sites(self.ctx.data):
+            site.stats["folder"] = site_folder
+        return site
 
     def _split(
         self,

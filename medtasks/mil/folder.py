@@ -3,7 +3,7 @@
 Layout::
 
     root/
-      labels.csv            header: slide,label[,positive_tiles]
+      labels.csv            header: slide,label[,positive_tiles][,patient]
       <slide>/<tile>.png    tile images: .png, .jpg / .jpeg (any mode, read as RGB) or .npy
       <slide>/<tile>.npy    ([H, W, 3] uint8 0..255, or float in [0, 1])
 
@@ -11,7 +11,10 @@ Layout::
 (0 or 1) and optionally ``positive_tiles``, the names (file name without extension) of the
 slide's positive tiles separated by spaces or ``;`` (empty = none). With that column every
 tile's truth is known (listed = 1, else 0) and attention localisation can be scored; without
-it tile truth is :data:`~medtasks.mil.synthetic.UNKNOWN_TILE`.
+it tile truth is :data:`~medtasks.mil.synthetic.UNKNOWN_TILE`. An optional ``patient`` column names
+the patient (case) of each slide: the task then keeps a patient's slides together, at one site and on
+one side of every split (an empty cell makes the slide its own case). Without it every slide is its
+own case.
 
 Tiles are resized to ``T × T`` (bilinear with antialiasing) and kept in ``[0, 1]``; tiles of a
 slide are sorted by file name. Hidden files and other extensions are ignored. Every problem
@@ -40,16 +43,18 @@ from medtasks.base import DataError
 from medtasks.mil.synthetic import UNKNOWN_TILE
 
 LABELS_FILE = "labels.csv"
-SLIDE_COLUMN, LABEL_COLUMN, TILE_TRUTH_COLUMN = "slide", "label", "positive_tiles"
+SLIDE_COLUMN, LABEL_COLUMN, TILE_TRUTH_COLUMN, PATIENT_COLUMN = "slide", "label", "positive_tiles", "patient"
 TILE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".npy")
 
 
 @dataclass(frozen=True)
 class SlideRow:
-    """One row of ``labels.csv``: the slide's label and, if given, its positive tile names."""
+    """One row of ``labels.csv``: the slide's label and, if given, its positive tile names and patient
+    (``""``: none given in a table with the column)."""
 
     label: int
     positive_tiles: frozenset[str] | None
+    patient: str | None = None
 
 
 @dataclass(frozen=True)
@@ -66,12 +71,21 @@ class SlideFolder:
         per slide, ``[K_s]`` int64 (1, 0, or ``UNKNOWN_TILE`` without truth).
     labels : np.ndarray
         ``[S]`` int64 slide labels from the CSV.
+    patients : tuple[str, ...] | None
+        per slide, its patient (a slide with an empty ``patient`` cell is its own), or ``None`` when
+        the CSV has no ``patient`` column.
     """
 
     names: tuple[str, ...]
     bags: tuple[np.ndarray, ...]
     tile_labels: tuple[np.ndarray, ...]
     labels: np.ndarray
+    patients: tuple[str, ...] | None = None
+
+    @property
+    def cases(self) -> np.ndarray:
+        """``[S]`` the case of each slide: its patient, else the slide itself."""
+        return np.asarray(self.patients if self.patients is not None else self.names)
 
     @property
     def has_tile_truth(self) -> bool:
@@ -88,7 +102,7 @@ def read_labels(path: Path) -> dict[str, SlideRow]:
         missing file, missing column, empty table, duplicate slide, bad label.
     """
     if not path.is_file():
-        expected = f"{SLIDE_COLUMN},{LABEL_COLUMN}[,{TILE_TRUTH_COLUMN}]"
+        expected = f"{SLIDE_COLUMN},{LABEL_COLUMN}[,{TILE_TRUTH_COLUMN}][,{PATIENT_COLUMN}]"
         raise DataError(f"no {path.name} in {path.parent} (columns {expected})")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -114,7 +128,8 @@ def read_labels(path: Path) -> dict[str, SlideRow]:
         truth = None
         if TILE_TRUTH_COLUMN in columns:
             truth = frozenset(t for t in re.split(r"[;\s]+", raw.get(TILE_TRUTH_COLUMN, "")) if t)
-        rows[name] = SlideRow(int(label), truth)
+        patient = raw.get(PATIENT_COLUMN, "") if PATIENT_COLUMN in columns else None
+        rows[name] = SlideRow(int(label), truth, patient)
     return rows
 
 
@@ -214,7 +229,10 @@ def load_slide_folder(root: str | Path, tile_size: int) -> SlideFolder:
         tile_labels.append(_tile_labels(files, rows[name], root / name))
         bags.append(np.stack([read_tile(path, tile_size) for path in files.values()]))
     labels = np.array([rows[name].label for name in names], dtype=np.int64)
-    return SlideFolder(names=names, bags=tuple(bags), tile_labels=tuple(tile_labels), labels=labels)
+    patients = None
+    if any(rows[name].patient is not None for name in names):
+        patients = tuple(rows[name].patient or name for name in names)
+    return SlideFolder(names=names, bags=tuple(bags), tile_labels=tuple(tile_labels), labels=labels, patients=patients)
 
 
 def fixed_size_bags(

@@ -31,14 +31,19 @@ Data sources:
 
 * ``data.source: folder``: real slides at ``data.path`` (:mod:`medtasks.mil.folder`: one
   sub-folder of tiles per slide and ``labels.csv``). ``data.server_samples`` slides, drawn
-  from ``(seed, "mil", "folder", "server")``, are the server's test set; the others are
-  assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew`` splits each
-  class by Dirichlet shares). ``feature_skew`` re-stains a site's tiles as H&E
-  (:func:`medtasks.mil.synthetic.restain`); ``concept_shift`` drops the positive label of a
-  slide whose positive-tile fraction is below the site's threshold (needs tile truth). Bags
-  have ``K = min(tiles_per_slide, largest slide)`` tiles (:func:`~medtasks.mil.folder.fixed_size_bags`).
+  as whole patients from ``(seed, "mil", "folder", "server")``, are the server's test set; the
+  others are assigned to sites by :func:`medtasks.partition.split_indices` (``label_skew``
+  splits each class by Dirichlet shares), by patient when ``labels.csv`` has a ``patient``
+  column. With ``data.sites`` every hospital folder is its site whole, and ``data.test_path``
+  (every slide, unshifted) is the server's test set (:mod:`medtasks.sites`). ``feature_skew``
+  re-stains a site's tiles as H&E (:func:`medtasks.mil.synthetic.restain`); ``concept_shift``
+  drops the positive label of a slide whose positive-tile fraction is below the site's
+  threshold (needs tile truth). Bags
+  have ``K = min(tiles_per_slide, largest slide of every folder)`` tiles
+  (:func:`~medtasks.mil.folder.fixed_size_bags`).
 
-Each site's last ``max(1, round(val_fraction · n_k))`` slides are its validation set.
+Each site's last ``max(1, round(val_fraction · n_k))`` slides are its validation set, grown to
+whole patients with a ``patient`` column.
 
 Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labels [K] int64
 (1 / 0 / -1 unknown), padding [K] bool, site_log_odds [] float32)`` (:class:`MILBatch`);
@@ -47,7 +52,9 @@ Samples are ``(bag [K, 3, T, T] float32, label [] float32 (annotated), tile_labe
 
 ``ClientData.stats``: ``n_train``, ``n_val``, ``label_histogram`` (``[negative, positive]``
 annotated slides, train + val), ``label_distribution`` (the drawn ``P_k(Y)``; observed for
-folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``. ``data.params`` must be
+folder sites), ``train_log_odds``, ``acquisition`` and ``annotator``; with a ``patient``
+column ``cases`` (the patients of each split), and for a hospital site its ``folder``
+(:meth:`MILTask.server_stats` describes a test set read from a folder). ``data.params`` must be
 empty. Generated slides and folder reads are cached per process (as the task is,
 ``client/cache.py``).
 """
@@ -68,6 +75,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from medtasks import sites
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.mil import folder as folder_io
 from medtasks.mil.ihc import IHC_ACQUISITION_SPACE, INSTALL_HINT, generate_ihc_slides
@@ -93,10 +101,13 @@ from medtasks.mil.synthetic import (
 from medtasks.partition import (
     ParamRange,
     SiteProfile,
+    cases_by_split,
     draw_site_profiles,
+    group_holdout,
+    holdout_size,
     label_histogram,
     neutral_values,
-    split_indices,
+    order_by_group,
 )
 from medtasks.seeding import numpy_rng
 
@@ -233,6 +244,8 @@ class MILTask:
     per_sample_gradients: ClassVar[bool] = False  # the tile encoder sees tiles, not bags: no per-bag DP-SGD
     primary_metric: ClassVar[str] = "auc"
     higher_is_better: ClassVar[bool] = True
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
+    pooled_test_set: ClassVar[bool] = True  # data.server_samples slides drawn from a pooled data.path
     DEFAULT_MODEL: ClassVar[str] = "gated_attention"
 
     @classmethod
@@ -255,8 +268,7 @@ class MILTask:
         if ctx.data.source not in ("synthetic", "folder"):
             raise ValueError(f"unknown data.source {ctx.data.source!r} for MIL; use synthetic or folder")
         if ctx.data.source == "folder":
-            if not ctx.data.path:
-                raise DataError("data.source 'folder' needs data.path")
+            sites.check_data(type(self), ctx)
             if params.tile_source != "rendered":
                 raise ValueError("task.params.tile_source applies to data.source synthetic only")
         self.ctx = ctx
@@ -336,29 +348,31 @@ class MILTask:
         if not 0 <= partition_id < self.ctx.partition.clients:
             raise ValueError(f"partition_id {partition_id} outside [0, {self.ctx.partition.clients})")
         if self.ctx.data.source == "folder":
-            slides, label_distribution = self._folder_site(partition_id)
-        else:
-            assert self.profiles is not None
-            profile = self.profiles[partition_id]
-            acquisition, annotator = self._shift(partition_id)
-            spec = self._spec(
-                ("mil", "site", partition_id),
-                profile.n_samples,
-                profile.label_distribution[1],
-                acquisition=acquisition,
-                annotator=annotator,
-            )
-            slides, label_distribution = _generate(spec), list(profile.label_distribution)
-        return self._split_site(slides, label_distribution, partition_id)
+            return self._folder_site(partition_id)
+        assert self.profiles is not None
+        profile = self.profiles[partition_id]
+        acquisition, annotator = self._shift(partition_id)
+        spec = self._spec(
+            ("mil", "site", partition_id),
+            profile.n_samples,
+            profile.label_distribution[1],
+            acquisition=acquisition,
+            annotator=annotator,
+        )
+        return self._split_site(_generate(spec), list(profile.label_distribution), partition_id)
 
-    def _split_site(self, slides: Slides, label_distribution: Sequence[float], partition_id: int) -> ClientData:
-        """Hold out the last ``max(1, round(val_fraction · n))`` slides and describe the site."""
+    def _split_site(self, slides: Slides, label_distribution: Sequence[float], partition_id: int,
+                    cases: np.ndarray | None = None) -> ClientData:
+        """Hold out the last ``max(1, round(val_fraction · n))`` slides and describe the site.
+
+        With ``cases`` (``[n]``, each patient's slides contiguous) the hold-out grows to whole patients
+        (:func:`medtasks.partition.holdout_size`) and ``stats["cases"]`` records them.
+        """
         n = len(slides.labels)
-        n_val = max(1, round(self.ctx.data.val_fraction * n))
-        if n - n_val < 1:
-            raise DataError(
-                f"site {partition_id} has {n} slides; it needs at least 2 (one to train, one to validate)"
-            )
+        try:
+            n_val = holdout_size(n, self.ctx.data.val_fraction, cases)
+        except ValueError as error:
+            raise DataError(f"site {partition_id} {error}") from None
         log_odds = site_log_odds(slides.labels[: n - n_val])
         acquisition, annotator = self._shift(partition_id)
         stats = {
@@ -370,6 +384,8 @@ class MILTask:
             "acquisition": {k: float(v) for k, v in acquisition.items()},
             "annotator": {k: float(v) for k, v in annotator.items()},
         }
+        if cases is not None:
+            stats["cases"] = cases_by_split(cases, n_val)
         return ClientData(
             train=_dataset(slides, slice(0, n - n_val), log_odds),
             val=_dataset(slides, slice(n - n_val, n), log_odds),
@@ -377,56 +393,97 @@ class MILTask:
         )
 
     def server_data(self) -> Dataset | None:
-        """Central test set: a neutral site with the base prevalence (synthetic), the held-out
-        slides (folder), or ``None`` (``server_samples = 0``)."""
+        """Central test set: a neutral site with the base prevalence (synthetic), every slide of
+        ``data.test_path`` or the held-out slides of a pooled folder, or ``None`` (``server_samples = 0``)."""
+        test = self._test_slides()
+        if test is not None:
+            folder, indices = test
+            return _dataset(self._folder_slides(folder, indices, numpy_rng(self.ctx.seed, "mil", "server")))
         n = self.ctx.data.server_samples
         if n <= 0:
             return None
-        if self.ctx.data.source == "folder":
-            server, _ = self._folder_split()
-            return _dataset(self._folder_slides(server, numpy_rng(self.ctx.seed, "mil", "server")))
         return _dataset(_generate(self._spec(("mil", "server"), n, self.params.positive_rate, held_out=True)))
+
+    def server_stats(self) -> dict[str, Any] | None:
+        """The folder test set's description for ``partitions.json`` (``None`` when it is not read from a
+        folder): ``folder``, ``n``, ``label_histogram`` and, with a ``patient`` column, ``cases``."""
+        test = self._test_slides()
+        if test is None:
+            return None
+        folder, indices = test
+        data = self._folder(folder)
+        stats: dict[str, Any] = {"folder": folder, "n": len(indices),
+                                 "label_histogram": label_histogram(data.labels[indices], 2)}
+        if data.patients is not None:
+            stats["cases"] = sorted({str(case) for case in data.cases[indices]})
+        return stats
 
     # ------------------------------------------------------------------ folder data
 
-    def _folder_path(self) -> str:
-        """``data.path`` of folder data."""
-        path = self.ctx.data.path
-        assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
-        return path
+    def _folder(self, folder: str) -> folder_io.SlideFolder:
+        """Every slide of ``folder`` (cached per process)."""
+        return _read_folder(str(Path(folder).resolve()), self.params.tile_size)
 
-    def _folder(self) -> folder_io.SlideFolder:
-        return _read_folder(str(Path(self._folder_path()).resolve()), self.params.tile_size)
+    def _test_slides(self) -> tuple[str, np.ndarray] | None:
+        """``(folder, slide indices)`` of the central test set when a folder holds it: every slide of
+        ``data.test_path``, or the ``server_samples`` slides held out of a pooled ``data.path``."""
+        data = self.ctx.data
+        if data.test_path:
+            return data.test_path, np.arange(len(self._folder(data.test_path).labels))
+        if data.source == "folder" and data.server_samples > 0:
+            return str(data.path), self._folder_split()[0]
+        return None
 
     def _folder_split(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``(server slide indices, per-site slide indices)`` of the folder, seeded."""
-        labels = self._folder().labels
+        """``(server slide indices, per-site slide indices)`` of the pooled ``data.path``, seeded.
+
+        The server takes whole patients from the front of a seeded order until it holds
+        ``server_samples`` slides; the sites split the rest by patient (every slide its own patient
+        without a ``patient`` column).
+        """
+        path = str(self.ctx.data.path)
+        data = self._folder(path)
+        labels, cases = data.labels, data.cases
         part, n_server = self.ctx.partition, self.ctx.data.server_samples
         if len(labels) - n_server < 2 * part.clients:
             raise DataError(
-                f"{self.ctx.data.path} holds {len(labels)} slides: too few for {n_server} server slides "
+                f"{path} holds {len(labels)} slides: too few for {n_server} server slides "
                 f"and 2 per site for {part.clients} sites"
             )
-        order = numpy_rng(self.ctx.seed, "mil", "folder", "server").permutation(len(labels))
-        server, pool = np.sort(order[:n_server]), np.sort(order[n_server:])
-        try:
-            parts = split_indices(labels[pool], part.kind, part.params, num_clients=part.clients, seed=self.ctx.seed)
-        except ValueError as error:
-            raise DataError(f"cannot split the {len(pool)} slides of {self.ctx.data.path}: {error}") from None
+        order = order_by_group(np.arange(len(labels)), cases, numpy_rng(self.ctx.seed, "mil", "folder", "server"))
+        n_first = group_holdout(cases[order][::-1], n_server)  # whole patients from the front
+        server, pool = np.sort(order[:n_first]), np.sort(order[n_first:])
+        grouped = cases[pool] if data.patients is not None else None
+        parts = sites.split_pool(labels[pool], grouped, part, self.ctx.seed, f"slides of {path}")
         return server, [pool[p] for p in parts]
+
+    def _site_slides(self, partition_id: int) -> tuple[str, np.ndarray]:
+        """``(folder, sorted slide indices)`` of site ``partition_id``: its hospital folder whole, or its
+        part of the pooled ``data.path``."""
+        folders = sites.hospital_folders(self.ctx.data)
+        if folders:
+            return folders[partition_id], np.arange(len(self._folder(folders[partition_id]).labels))
+        return str(self.ctx.data.path), self._folder_split()[1][partition_id]
+
+    @functools.cached_property
+    def _bag_size(self) -> int:
+        """``K = min(tiles_per_slide, largest slide)`` over every folder the sites and the server read, so
+        that bags of every site and of the test set have one size."""
+        largest = max(len(bag) for folder in sites.data_folders(self.ctx.data) for bag in self._folder(folder).bags)
+        return min(self.params.tiles_per_slide, largest)
 
     def _folder_slides(
         self,
+        folder: str,
         indices: np.ndarray,
         rng: np.random.Generator,
         acquisition: dict[str, float] | None = None,
         threshold: float = 0.0,
     ) -> Slides:
-        """Folder slides ``indices`` as :class:`Slides`: ``K``-tile bags, re-stained with
+        """Slides ``indices`` of ``folder`` as :class:`Slides`: ``K``-tile bags, re-stained with
         ``acquisition``, the CSV label dropped where the positive fraction is below ``threshold``."""
-        data = self._folder()
-        k = min(self.params.tiles_per_slide, max(len(bag) for bag in data.bags))
-        tiles, tile_labels, padding = folder_io.fixed_size_bags(data, indices, k, rng)
+        data = self._folder(folder)
+        tiles, tile_labels, padding = folder_io.fixed_size_bags(data, indices, self._bag_size, rng)
         if acquisition is not None:
             tiles = restain(tiles, acquisition)
         slides = labelled_slides(tiles, tile_labels, padding=padding)
@@ -435,22 +492,30 @@ class MILTask:
             if not data.has_tile_truth:
                 raise DataError(
                     f"concept_shift on folder data needs tile truth: add a {folder_io.TILE_TRUTH_COLUMN} "
-                    f"column to {Path(self._folder_path()) / folder_io.LABELS_FILE}"
+                    f"column to {Path(folder) / folder_io.LABELS_FILE}"
                 )
             labels = labels * (slides.tumour_fraction >= threshold - 1e-12)
         return dataclasses.replace(slides, labels=labels.astype(np.int64))
 
-    def _folder_site(self, partition_id: int) -> tuple[Slides, list[float]]:
-        _, sites = self._folder_split()
+    def _folder_site(self, partition_id: int) -> ClientData:
+        """Site ``partition_id``'s slides (its part of the pool, or its hospital folder) in a seeded order,
+        patient by patient, re-stained / relabelled as the partition kind says; a hospital site's statistics
+        name its ``folder``, and a ``patient`` column gives its ``cases``."""
+        folder, site_slides = self._site_slides(partition_id)
+        data = self._folder(folder)
         rng = numpy_rng(self.ctx.seed, "mil", "site", partition_id)
-        indices = rng.permutation(sites[partition_id])
+        indices = order_by_group(site_slides, data.cases, rng)
         acquisition, annotator = self._shift(partition_id)
         shifted = self.ctx.partition.kind == "feature_skew"
         slides = self._folder_slides(
-            indices, rng, acquisition if shifted else None, annotator["positive_threshold"]
+            folder, indices, rng, acquisition if shifted else None, annotator["positive_threshold"]
         )
         share = float(slides.labels.mean()) if len(slides.labels) else 0.0
-        return slides, [1.0 - share, share]
+        cases = data.cases[indices] if data.patients is not None else None
+        site = self._split_site(slides, [1.0 - share, share], partition_id, cases)
+        if sites.natural_sites(self.ctx.data):
+            site.stats["folder"] = folder
+        return site
 
     # ------------------------------------------------------------------ evaluation
 

@@ -15,24 +15,28 @@ Data sources (``data.source``):
   acquisition and annotator and the base prevalence, from the stream
   ``(seed, "segmentation", "server")``.
 * ``"folder"``: real images and masks read by :func:`medtasks.io.load_image_mask_pairs`
-  from ``data.path``, padded to square and resampled to ``image_size``
+  from each data folder (:mod:`medtasks.sites`: ``data.path``, the hospital folders of
+  ``data.sites``, ``data.test_path``), padded to square and resampled to ``image_size``
   (bilinear for images, nearest for masks), normalised per image by robust
-  min-max to ``[0, 1]``. ``num_classes`` is read from the masks (as stored, before
-  resampling): ``L = max label + 1``, background included, and the labels found must
-  be exactly ``0..L-1``. A ``task.params.num_classes`` given in the scenario is used
-  instead (it may exceed the labels found, never fall below them). The label used
-  for label skew is "the image contains the last class". The pool is split with
-  :func:`medtasks.partition.split_indices` by case (patient, :func:`medtasks.io.case_id`),
-  so a patient's slices stay at one site, and each site holds out whole cases for
-  validation; ``feature_skew`` / ``concept_shift`` then apply the same acquisition /
-  annotator transforms as the synthetic data. There is no server test set.
+  min-max to ``[0, 1]``. ``num_classes`` is read from the masks of every folder
+  together (as stored, before resampling): ``L = max label + 1``, background included,
+  and the labels found must be exactly ``0..L-1``. A ``task.params.num_classes`` given in
+  the scenario is used instead (it may exceed the labels found in each folder, never fall
+  below them). The label used for label skew is "the image contains the last class". A
+  pool (``data.sites: split``) is split with :func:`medtasks.partition.split_indices` by
+  case (patient, :func:`medtasks.io.case_id`), so a patient's slices stay at one site; a
+  hospital folder is its site whole. Each site holds out whole cases for validation;
+  ``feature_skew`` / ``concept_shift`` then apply the same acquisition / annotator
+  transforms as the synthetic data. ``data.test_path`` is the server's test set, read
+  whole and unshifted; ``data.server_samples`` is refused for folder data.
 
 ``ClientData.stats`` (written to ``partitions.json``): ``n_train``, ``n_val``,
 ``label_histogram`` (images without / with the last class in their *annotated*
 mask, train + val), ``pixel_class_fractions`` (``[C]``), ``acquisition``,
 ``annotator`` and ``label_distribution`` (the drawn ``P_k(y)`` for synthetic
 sites, the empirical one for folder sites); folder sites add ``cases``
-(``{"train": [...], "val": [...]}``, the sorted case ids of each split).
+(``{"train": [...], "val": [...]}``, the sorted case ids of each split) and hospital
+sites their ``folder``. :meth:`SegmentationTask.server_stats` describes a test folder.
 
 ``data.params`` must be empty for both sources. Generated and loaded data are
 cached per process (as the task is, ``client/cache.py``), so repeated calls are free.
@@ -54,7 +58,7 @@ from pydantic import Field, field_serializer, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from medtasks import io
+from medtasks import io, sites
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.partition import (
     SiteProfile,
@@ -64,7 +68,6 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
     order_by_group,
-    split_indices,
 )
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
@@ -231,6 +234,7 @@ class SegmentationTask:
     models: ClassVar[tuple[str, ...]] = ("unet",)
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
+    reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
     def __init__(self, ctx: TaskContext) -> None:
@@ -242,8 +246,7 @@ class SegmentationTask:
                     f"{synthetic.CLASS_NAMES}; got task.params.num_classes={params.num_classes}"
                 )
         elif ctx.data.source == "folder":
-            if not ctx.data.path:
-                raise DataError("data.source 'folder' needs data.path")
+            sites.check_data(type(self), ctx)
         else:
             raise ValueError(
                 f"unknown data.source {ctx.data.source!r} for segmentation; use synthetic or folder"
@@ -275,9 +278,17 @@ class SegmentationTask:
         return self._folder_classes()
 
     def _folder_classes(self) -> int:
-        """The folder's class count (:func:`folder_num_classes`), checked against the U-Net's groups."""
+        """The class count of every folder the sites and the server read together (:func:`folder_num_classes`
+        of the union of their labels; a given ``num_classes`` is checked against each folder), checked
+        against the U-Net's groups."""
         given = self.params.num_classes if self.params.num_classes_set else None
-        num_classes = folder_num_classes(self._folder_pool().labels, given, self._folder_path())
+        folders = sites.data_folders(self.ctx.data)
+        found = [self._folder_pool(folder).labels for folder in folders]
+        if given is not None:
+            for folder, labels in zip(folders, found):
+                folder_num_classes(labels, given, folder)
+        union = sorted({label for labels in found for label in labels})
+        num_classes = folder_num_classes(union, given, ", ".join(folders))
         if self.params.norm == "group":
             check_group_norm(self.params.channels, num_classes, self.params.num_groups)
         return num_classes
@@ -332,7 +343,10 @@ class SegmentationTask:
         return _cached(self._cache_key("client", partition_id), lambda: build(partition_id))
 
     def server_data(self) -> Dataset | None:
-        """Central test set (synthetic source with ``server_samples > 0``), else ``None``."""
+        """Central test set: every slice of ``data.test_path`` as stored (folder data), the neutral
+        synthetic site of ``server_samples > 0`` images, else ``None``."""
+        if self.ctx.data.test_path:
+            return _cached(self._cache_key("server"), self._test_set)
         n = self.ctx.data.server_samples
         if self.ctx.data.source != "synthetic" or n <= 0:
             return None
@@ -358,17 +372,31 @@ class SegmentationTask:
         )
         return self._split_site(samples.images, samples.masks, profile.to_json(), partition_id)
 
-    def _folder_path(self) -> str:
-        """``data.path`` of folder data."""
-        path = self.ctx.data.path
-        assert path is not None  # __init__ raised DataError for data.source 'folder' without data.path
-        return path
+    def server_stats(self) -> dict[str, Any] | None:
+        """The test folder's description for ``partitions.json`` (``None`` without ``data.test_path``):
+        ``folder``, ``n``, ``cases`` and ``label_histogram`` (images without / with the last class)."""
+        if not self.ctx.data.test_path:
+            return None
+        pool = self._folder_pool(self.ctx.data.test_path)
+        return {
+            "folder": self.ctx.data.test_path,
+            "n": len(pool.masks),
+            "cases": sorted({str(case) for case in pool.cases}),
+            "label_histogram": label_histogram(_contains_last_class(pool.masks, self.num_classes), 2),
+        }
 
-    def _folder_pool(self) -> _FolderPool:
-        """All folder samples, resampled and normalised, with their cases and the labels found."""
+    def _test_set(self) -> Dataset:
+        """Every slice of ``data.test_path``, neither shifted nor relabelled."""
+        assert self.ctx.data.test_path is not None
+        pool = self._folder_pool(self.ctx.data.test_path)
+        self._folder_classes()  # its labels fit the model
+        return _dataset(pool.images, pool.masks)
+
+    def _folder_pool(self, folder: str) -> _FolderPool:
+        """All samples of ``folder``, resampled and normalised, with their cases and the labels found."""
 
         def build() -> _FolderPool:
-            images, masks, _, cases = io.load_image_mask_pairs(self._folder_path())
+            images, masks, _, cases = io.load_image_mask_pairs(folder)
             size = self.params.image_size
             pairs = [io.resample(io.normalize_intensity(x), y, size) for x, y in zip(images, masks)]
             labels = np.unique(np.concatenate([np.unique(y) for y in masks]))
@@ -379,7 +407,7 @@ class SegmentationTask:
                 labels=tuple(int(v) for v in labels),
             )
 
-        key = json.dumps([str(Path(self._folder_path()).resolve()), self.params.image_size])
+        key = json.dumps([str(Path(folder).resolve()), self.params.image_size])
         return _cached(key, build)
 
     def _folder_shift(self, partition_id: int, labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -402,21 +430,21 @@ class SegmentationTask:
         )[partition_id]
         return {"acquisition": profile.acquisition, "annotator": profile.annotator}
 
+    def _pool_labels(self, folder: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels, cases)`` of a folder's samples: "contains the last class" (label skew) and the patient."""
+        pool = self._folder_pool(folder)
+        return _contains_last_class(pool.masks, self.num_classes), pool.cases
+
     def _folder_site(self, partition_id: int) -> ClientData:
-        """Site ``partition_id``'s cases of the folder pool, shifted as the partition kind says."""
-        pool = self._folder_pool()
+        """Site ``partition_id``'s cases (its share of the pool, or its hospital folder), shifted as the
+        partition kind says; a hospital site's statistics name its ``folder``."""
         self._folder_classes()  # the labels fit a given num_classes
-        labels = _contains_last_class(pool.masks, self.num_classes)
-        part, seed = self.ctx.partition, self.ctx.seed
-        try:
-            parts = split_indices(
-                labels, part.kind, part.params, num_clients=part.clients, seed=seed, groups=pool.cases
-            )
-        except ValueError as error:
-            path = self.ctx.data.path
-            raise DataError(f"cannot split the {len(labels)} samples of {path}: {error}") from None
-        rng = numpy_rng(seed, "segmentation", "site", partition_id)
-        indices = order_by_group(parts[partition_id], pool.cases, rng)
+        ctx = self.ctx
+        folder, rows = sites.site_rows(ctx.data, ctx.partition, ctx.seed, partition_id, self._pool_labels, "samples")
+        pool = self._folder_pool(folder)
+        labels, _ = self._pool_labels(folder)
+        rng = numpy_rng(ctx.seed, "segmentation", "site", partition_id)
+        indices = order_by_group(rows, pool.cases, rng)
         shift = self._folder_shift(partition_id, labels)
         images, masks = synthetic.shift_samples(
             pool.images[indices],
@@ -428,7 +456,10 @@ class SegmentationTask:
         )
         lesion_share = float(labels[indices].mean()) if len(indices) else 0.0
         info = {"label_distribution": [1.0 - lesion_share, lesion_share], **shift}
-        return self._split_site(images, masks, info, partition_id, pool.cases[indices])
+        site = self._split_site(images, masks, info, partition_id, pool.cases[indices])
+        if sites.natural_sites(ctx.data):
+            site.stats["folder"] = folder
+        return site
 
     def _split_site(
         self,

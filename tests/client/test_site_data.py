@@ -27,7 +27,7 @@ def test_each_hospital_trains_on_its_own_folder(tmp_path: Path) -> None:
     pool = write_segmentation_folder(tmp_path / "coordinator", 12)  # what the scenario names (not read by sites)
     hospitals = [write_segmentation_folder(tmp_path / f"hospital-{k}", count) for k, count in enumerate((8, 15))]
     scenario = small_scenario(tmp_path, "strategy.rounds=1", "partition.clients=2", "data.source=folder",
-                              f"data.path={pool}", "data.server_samples=4", "data.val_fraction=0.25")
+                              f"data.path={pool}", "data.server_samples=0", "data.val_fraction=0.25")
     run_dir = new_run_directory(scenario)
     Federation(scenario, run_dir, make_progress(interactive=False)).run(grid_with_data_paths(hospitals))
     sites = json.loads((run_dir.path / "partitions.json").read_text())["clients"]

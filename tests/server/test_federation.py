@@ -123,7 +123,8 @@ def test_a_users_folder_of_npy_slices_runs_federated(tmp_path: Path) -> None:
 
 def test_a_broken_data_folder_stops_with_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     folder = write_segmentation_folder(tmp_path / "data", 8, with_masks=False)
-    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}"]
+    overrides = [*SMALL, f"output.dir={tmp_path / 'runs'}", "data.source=folder", f"data.path={folder}",
+                 "data.server_samples=0"]
     assert main(["run", str(QUICKSTART)] + [item for o in overrides for item in ("--set", o)]) == 2  # the input's fault
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("medfed: error")]
