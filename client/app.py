@@ -132,6 +132,7 @@ def site_data(scenario: Scenario, context: Context, pid: int) -> tuple[Task, int
     local = scenario.model_copy(deep=True)
     local.data.path = str(Path(str(path)).expanduser())  # before the source: a folder source needs a path
     local.data.source, local.data.server_samples = "folder", 0
+    local.data.sites, local.data.test_path = "split", None  # its own folder, whole: no hospital folders, no test set
     local.partition.clients, local.partition.kind, local.partition.params = 1, "iid", {}
     return task_for(local), 0, 1
 

@@ -44,3 +44,16 @@ def test_a_missing_hospital_folder_stops_discovery_with_one_line(tmp_path: Path)
     with pytest.raises(FederationError, match=r"a client could not prepare its data: DataError: .*nowhere") as error:
         Federation(scenario, new_run_directory(scenario), make_progress(interactive=False)).run(grid)
     assert "\n" not in str(error.value)
+
+
+def test_a_hospital_folder_scenario_deploys_on_nodes_with_their_own_folders(tmp_path: Path) -> None:
+    for k, count in enumerate((6, 9)):  # the hospital folders the scenario names, as the coordinator has them
+        write_segmentation_folder(tmp_path / "hospitals" / f"h{k}", count)
+    scenario = small_scenario(tmp_path, "strategy.rounds=1", "partition.clients=2", "partition.kind=iid",
+                              "partition.params={}", "data.source=folder", f"data.path={tmp_path / 'hospitals'}",
+                              "data.sites=subfolders", "data.server_samples=0")
+    own = [write_segmentation_folder(tmp_path / f"node-{k}", count) for k, count in enumerate((7, 5))]
+    run_dir = new_run_directory(scenario)
+    Federation(scenario, run_dir, make_progress(interactive=False)).run(grid_with_data_paths(own))
+    sites = json.loads((run_dir.path / "partitions.json").read_text())["clients"]
+    assert [sites[pid]["n_train"] + sites[pid]["n_val"] for pid in ("0", "1")] == [7, 5]  # each node's own folder
