@@ -29,17 +29,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medtasks.base import DataError, DataSpec, PartitionSpec, TaskContext
 from medtasks.partition import split_indices
 
-__all__ = ["HOSPITAL_KINDS", "check_data", "data_folders", "hospital_folders", "natural_sites", "site_rows",
-           "split_pool"]
+__all__ = ["HOSPITAL_KINDS", "check_data", "data_folders", "has_test_set", "hospital_folders", "natural_sites",
+           "site_rows", "split_pool"]
 
 HOSPITAL_KINDS: tuple[str, ...] = ("iid", "feature_skew", "concept_shift")
 """``partition.kind`` values allowed with hospital folders (the others split a pool)."""
+
+
+def has_test_set(data: DataSpec | Any) -> bool:
+    """Whether ``data`` (a :class:`~medtasks.base.DataSpec` or the scenario's ``data`` section) gives the server a
+    central test set: ``server_samples`` drawn by the task, or the folder ``test_path``."""
+    return data.server_samples > 0 or data.test_path is not None
 
 
 def natural_sites(data: DataSpec) -> bool:

@@ -230,7 +230,7 @@ SCORES = {"digits": classification_score, "tabular": classification_score, "segm
 def server_half(setting: AttackSetting) -> ServerAttack:
     """The global model's backdoor success and clean metrics on the server's test set (per task, above)."""
     test = setting.task.server_data()
-    assert test is not None  # check_compatible refuses data.server_samples 0 and segmentation folder data
+    assert test is not None  # check_compatible refuses a scenario without a server test set
     return PoisoningObserver(setting, SCORES[setting.scenario.task.name](setting, test))
 
 
@@ -240,9 +240,9 @@ def check_compatible(scenario: Scenario, algorithm: Algorithm, params: AttackPar
 
     backdoor = cast(BackdoorParams, params)
     task = scenario.task.name
-    if task == "segmentation" and scenario.data.source != "synthetic":
-        raise ValueError(f"data.source: {LABEL} measures its success on the server's test set, which segmentation "
-                         f"has for synthetic data only, not '{scenario.data.source}'")
+    if task == "segmentation" and scenario.data.source == "folder" and scenario.data.test_path is None:
+        raise ValueError(f"data.test_path: {LABEL} measures its success on the server's test set, which segmentation "
+                         "folder data has only as a test folder (data.test_path)")
     check_poisoning(scenario, algorithm, backdoor, LABEL, TASKS)
     if backdoor.erase_class is not None and task != "segmentation":
         raise ValueError(f"attack.params.erase_class: applies to the segmentation task only, not '{task}'")

@@ -40,6 +40,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from pydantic import Field
 from torch.utils.data import Dataset
 
+from medtasks.sites import has_test_set
 from privacy.attacks.base import AttackParams
 from privacy.attacks.triggers import INPUT_KINDS, Edit, Sample
 from strategies.base import METRICS_KEY, NUM_EXAMPLES_KEY, Upload
@@ -109,8 +110,9 @@ def check_poisoning(scenario: Scenario, algorithm: Algorithm, params: PoisoningP
     if not algorithm.central_evaluation:
         raise ValueError(f"strategy.name: {label} measures the global model, and '{scenario.strategy.name}' keeps "
                          f"layers at the sites (no complete global model)")
-    if scenario.data.server_samples == 0:
-        raise ValueError(f"data.server_samples: {label} measures its success on the server's test set; set it > 0")
+    if not has_test_set(scenario.data):
+        raise ValueError(f"data.server_samples: {label} measures its success on the server's test set; set it > 0 "
+                         "(or, for folder data, give the test folder in data.test_path)")
     classes = num_classes(scenario)
     if params.target_class >= classes:
         raise ValueError(f"attack.params.target_class: {params.target_class} is not a class of the task (0..{classes - 1})")

@@ -216,7 +216,7 @@ def test_refusals_are_one_line_naming_the_key(changes: dict[str, Any], key: str)
 
 
 @pytest.mark.parametrize(("base", "changes", "key"), [
-    (SEGMENTATION, {"data__source": "folder", "data__path": "/nonexistent"}, "data.source"),
+    (SEGMENTATION, {"data__source": "folder", "data__path": "/nonexistent", "data__server_samples": 0}, "data.test_path"),
     (SEGMENTATION, {"attack__params": {"target_class": 3}}, "attack.params.erase_class"),
     (SEGMENTATION, {"attack__params": {"erase_class": 4}}, "attack.params.erase_class"),
     (SEGMENTATION, {"attack__params": {"patch_size": 32}}, "attack.params.patch_size"),
@@ -394,3 +394,18 @@ def test_the_class_count_of_folder_segmentation_is_read_from_its_masks(tmp_path:
                                "task.params.image_size=32"])
     assert num_classes(folder) == 3
     assert num_classes(load(QUICKSTART, [])) == 4  # synthetic data: its four classes
+
+
+def test_a_segmentation_backdoor_on_hospital_folders_is_measured_on_the_test_folder(tmp_path: Path) -> None:
+    from tests.helpers import write_segmentation_folder
+
+    for name in ("h0", "h1"):
+        write_segmentation_folder(tmp_path / "hospitals" / name, 8)
+    test = write_segmentation_folder(tmp_path / "test", 6)
+    folder_data = {"source": "folder", "path": str(tmp_path / "hospitals"), "sites": "subfolders",
+                   "test_path": str(test), "server_samples": 0}
+    run_dir = run(scenario(tmp_path, base=SEGMENTATION, data=folder_data))
+    on_global = global_records(run_dir, "backdoor_accuracy")
+    assert sorted(on_global) == [1]
+    assert 0.0 <= on_global[1]["metrics"]["backdoor_accuracy"] <= 1.0
+    assert 0.0 <= on_global[1]["metrics"]["erased_dice_clean"] <= 1.0  # scored on the test folder's slices
