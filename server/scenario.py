@@ -19,6 +19,7 @@ Every problem is raised as :class:`ScenarioError` whose message is one line:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 import privacy
 from medtasks import sites
+from medtasks.base import DataError
 from medtasks.partition import PARAMS_MODELS as PARTITION_PARAMS
 from medtasks.registry import UnknownTaskError, get_task_class
 from medtasks.scenario import (
@@ -49,6 +51,9 @@ __all__ = [
     "AttackSection", "DataSection", "DefenseSection", "EngineSection", "LocalSection", "OutputSection", "PartitionSection",
     "PrivacySection", "Scenario", "ScenarioError", "StrategySection", "TaskSection", "load", "validate",
 ]
+
+KEY_PREFIX = re.compile(r"^[A-Za-z_]+(\.[A-Za-z_0-9\[\]]+)*: ")
+"""A refusal that already starts with the scenario key it names (``data.sites: ...``)."""
 
 
 class ScenarioError(ValueError):
@@ -92,11 +97,25 @@ def validate(raw: Mapping[str, Any], *, source: str = "<scenario>", base_dir: Pa
     _resolve_named_params(scenario, source)
     if scenario.data.source == "folder":
         _resolve_data_paths(scenario, source, base_dir or Path.cwd())
+    _build_task(scenario, source)
     try:
         checks.check(scenario)  # this machine's modules, and budgets that the data's sizes already rule out
     except ValueError as error:
         raise ScenarioError(f"{source}: {error}") from None
     return scenario
+
+
+def _build_task(scenario: Scenario, source: str) -> None:
+    """Build the task once, as every node will (its data stays unread until asked for): what its constructor
+    refuses, such as a class count the synthetic data cannot have, is refused here, in one line."""
+    try:
+        get_task_class(scenario.task.name)(scenario.task_context())
+    except ValueError as error:  # DataError included: a folder the task cannot use
+        default_key = "data" if isinstance(error, DataError) else "task"
+        message = str(error)
+        if not KEY_PREFIX.match(message):
+            message = f"{default_key}: {message}"
+        raise ScenarioError(f"{source}: {message}") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

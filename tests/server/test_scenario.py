@@ -227,3 +227,17 @@ def test_unwritable_output_dir_gives_one_line(tmp_path: Path, capsys) -> None:
     assert main(["run", str(path)]) == EXIT_INVALID
     err = capsys.readouterr().err.strip()
     assert "output.dir: cannot create a run directory" in err and len(err.splitlines()) == 1, err
+
+
+def test_what_a_task_refuses_when_built_is_refused_by_validate_in_one_line(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    quickstart = yaml.safe_load((Path(__file__).parents[2] / "scenarios" / "quickstart.yaml").read_text())
+    quickstart["task"]["params"]["num_classes"] = 3  # synthetic segmentation data has exactly four
+    quickstart["output"] = {"dir": str(tmp_path / "runs")}
+    path = tmp_path / "three-classes.yaml"
+    path.write_text(yaml.safe_dump(quickstart))
+    for command in (["validate", str(path)], ["run", str(path), "--engine", "inprocess"]):
+        assert main(command) == EXIT_INVALID
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "task: synthetic segmentation data has 4 classes" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
