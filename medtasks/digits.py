@@ -47,7 +47,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.classification import classification_metrics, predict_logits
 from medtasks.partition import ParamRange, draw_site_profiles, label_histogram, neutral_values, split_indices
-from medtasks.seeding import derive_seed, numpy_rng
+from medtasks.seeding import derive_seed, numpy_rng, seed_torch
 from medtasks.tabular import ANNOTATOR_SPACE
 
 NUM_CLASSES = 10
@@ -294,7 +294,7 @@ class DigitsTask:
         """
         p = self.params
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.ctx.seed, "digits", "model-init"))
+            seed_torch(derive_seed(self.ctx.seed, "digits", "model-init"))
             if self.model_name == "lenet":
                 return lenet(p.image_size, p.channels)
             if self.model_name == "mlp":

@@ -47,7 +47,7 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
 )
-from medtasks.seeding import derive_seed, numpy_rng
+from medtasks.seeding import derive_seed, numpy_rng, seed_torch
 
 __all__ = [
     "ACQUISITION_SPACE", "ANNOTATOR_SPACE", "EVAL_BATCH_SIZE", "TabularParams", "TabularTask", "confusion_matrix",
@@ -209,7 +209,7 @@ class TabularTask:
         """
         p = self.params
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.ctx.seed, "tabular", "model-init"))
+            seed_torch(derive_seed(self.ctx.seed, "tabular", "model-init"))
             if self.model_name == "logistic":
                 return nn.Linear(p.num_features, p.num_classes)
             return nn.Sequential(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medtasks.ct.operator import RadonOperator
-from medtasks.seeding import derive_seed
+from medtasks.seeding import derive_seed, seed_torch
 from medtasks.segmentation.model import NormName, build_unet
 
 __all__ = ["FBPConvNet", "ProximalCNN", "UnrolledProximalGradient"]
@@ -151,7 +151,7 @@ class UnrolledProximalGradient(nn.Module):
         self.iterations = iterations
         self.shared_weights = shared_weights
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, "model-init"))
+            seed_torch(derive_seed(seed, "model-init"))
             self.prox = nn.ModuleList(ProximalCNN(width) for _ in range(1 if shared_weights else iterations))
         self.step_raw = nn.Parameter(torch.full((iterations,), _SOFTPLUS_INV_ONE))
 

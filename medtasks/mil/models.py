@@ -33,7 +33,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from medtasks.seeding import derive_seed
+from medtasks.seeding import derive_seed, seed_torch
 
 PoolingName = Literal["max", "mean", "attention", "gated_attention"]
 Mode = Literal["embedding", "instance"]
@@ -522,7 +522,7 @@ def build_mil_model(
     if pooling not in POOLING_NAMES:
         raise ValueError(f"unknown MIL pooling {pooling!r}; choose one of {', '.join(POOLING_NAMES)}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "model-init"))
+        seed_torch(derive_seed(seed, "model-init"))
         builders: dict[str, Callable[[], nn.Module]] = {
             "max": MaxPooling,
             "mean": MeanPooling,

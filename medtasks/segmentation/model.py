@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medtasks.seeding import derive_seed
+from medtasks.seeding import derive_seed, seed_torch
 
 NormName = Literal["batch", "instance", "group"]
 
@@ -93,7 +93,7 @@ def build_unet(
     if norm == "group":
         check_group_norm(channels, num_classes, num_groups)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "model-init"))
+        seed_torch(derive_seed(seed, "model-init"))
         return UNet(
             spatial_dims=2,
             in_channels=1,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medtasks.seeding import derive_seed, torch_generator
+from medtasks.seeding import derive_seed, seed_torch, torch_generator
 
 UPSAMPLINGS = 2
 """Stride-2 transposed convolutions: the projection's side is ``S / 2**UPSAMPLINGS``."""
@@ -57,7 +57,7 @@ def build_generator(latent: int, image_shape: tuple[int, int, int], width: int, 
     """A :class:`Generator` whose initial weights come from the stream ``(seed, *keys)`` (PyTorch's default
     initialisation drawn from it); torch's global RNG is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, *keys))
+        seed_torch(derive_seed(seed, *keys))
         return Generator(latent, image_shape, width)
 
 
