@@ -374,7 +374,11 @@ class RunDirectory:
 
         Writes ``model_best.pt`` first when ``primary_value`` improves on
         ``checkpoint.best_value`` (NaN/None never improve), then
-        ``model_last.pt``, then ``state.pt``, each atomically.
+        ``model_last.pt``, then ``state.pt``, each atomically (temporary file and
+        rename). One fsync of ``state.pt``, what ``--resume`` reads, and one of the
+        folder make the round durable; the two model files, which only repeat
+        ``state.pt``'s arrays for users, are left to the operating system to flush
+        (a crash may leave their previous version, never a partial file).
 
         Parameters
         ----------
@@ -403,8 +407,8 @@ class RunDirectory:
             checkpoint = replace(
                 checkpoint, best_value=float(primary_value), best_round=checkpoint.round
             )
-            self._torch_save(MODEL_BEST_FILE, checkpoint.arrays)
-        self._torch_save(MODEL_LAST_FILE, checkpoint.arrays)
+            self._torch_save(MODEL_BEST_FILE, checkpoint.arrays, durable=False)
+        self._torch_save(MODEL_LAST_FILE, checkpoint.arrays, durable=False)
         self._torch_save(
             STATE_FILE,
             {
@@ -447,8 +451,8 @@ class RunDirectory:
             seconds=float(state.get("seconds", 0.0)),
         )
 
-    def _torch_save(self, name: str, obj: Any) -> None:
-        _atomic_write(self.checkpoints / name, lambda f: torch.save(obj, f))
+    def _torch_save(self, name: str, obj: Any, *, durable: bool = True) -> None:
+        _atomic_write(self.checkpoints / name, lambda f: torch.save(obj, f), durable=durable)
 
 
 def build_summary(
@@ -587,19 +591,22 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda f: f.write(payload))
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Writes ``path`` via a temporary sibling, fsync and ``os.replace``."""
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, durable: bool = True) -> None:
+    """Writes ``path`` via a temporary sibling and ``os.replace``; ``durable``: fsync the file before the rename
+    and the folder after it (a later durable write to the same folder makes this rename durable too)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -275,3 +275,18 @@ def test_plot_metric_curves_writes_valid_pngs(tmp_path: Path) -> None:
 def test_plot_metric_curves_without_data_writes_nothing(tmp_path: Path) -> None:
     records = [{"round": 1, "phase": "evaluate", "clients": {}, "aggregate": {"dice": math.nan}}]
     assert plot_metric_curves(records, tmp_path, primary_metric="dice") == []
+
+
+def test_a_checkpoint_is_made_durable_by_two_fsyncs_whatever_it_writes(run: RunDirectory,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    arrays = {"w": torch.ones(3)}
+    checkpoint = run.save_checkpoint(Checkpoint(round=1, arrays=arrays), primary_value=0.5, higher_is_better=True)
+    assert checkpoint.best_round == 1 and len(synced) == 2  # state.pt and the folder, not each of the three files
+    assert {path.name for path in run.checkpoints.iterdir()} == {"model_best.pt", "model_last.pt", "state.pt"}
+    assert torch.equal(torch.load(run.checkpoints / "model_last.pt", weights_only=True)["w"], arrays["w"])
+    assert run.load_checkpoint().round == 1
