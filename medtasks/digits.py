@@ -47,7 +47,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.classification import classification_metrics, predict_logits
 from medtasks.partition import ParamRange, draw_site_profiles, label_histogram, neutral_values, split_indices
-from medtasks.seeding import derive_seed, numpy_rng, seed_torch
+from medtasks.seeding import derive_seed, drawing_from, numpy_rng
 from medtasks.tabular import ANNOTATOR_SPACE
 
 NUM_CLASSES = 10
@@ -293,8 +293,7 @@ class DigitsTask:
         Weights come from the stream ``(seed, "digits", "model-init")``; torch's global RNG is left as it was.
         """
         p = self.params
-        with torch.random.fork_rng(devices=[]):
-            seed_torch(derive_seed(self.ctx.seed, "digits", "model-init"))
+        with drawing_from(derive_seed(self.ctx.seed, "digits", "model-init")):
             if self.model_name == "lenet":
                 return lenet(p.image_size, p.channels)
             if self.model_name == "mlp":

@@ -8,8 +8,10 @@ same numbers, whichever process or engine draws them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,3 +80,17 @@ def seed_torch(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+@contextlib.contextmanager
+def drawing_from(seed: int) -> Iterator[None]:
+    """Inside the block torch's CPU generator is seeded with ``seed``; after it, torch's global RNG is as before.
+
+    For code that draws from the global generator without taking one, such as the default initialisers of
+    ``torch.nn`` layers: ``with drawing_from(derive_seed(seed, "model-init")): model = build()``.
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

@@ -47,7 +47,7 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
 )
-from medtasks.seeding import derive_seed, numpy_rng, seed_torch
+from medtasks.seeding import derive_seed, drawing_from, numpy_rng
 
 __all__ = [
     "ACQUISITION_SPACE", "ANNOTATOR_SPACE", "EVAL_BATCH_SIZE", "TabularParams", "TabularTask", "confusion_matrix",
@@ -208,8 +208,7 @@ class TabularTask:
         Weights come from the stream ``(seed, "tabular", "model-init")``; torch's global RNG is left as it was.
         """
         p = self.params
-        with torch.random.fork_rng(devices=[]):
-            seed_torch(derive_seed(self.ctx.seed, "tabular", "model-init"))
+        with drawing_from(derive_seed(self.ctx.seed, "tabular", "model-init")):
             if self.model_name == "logistic":
                 return nn.Linear(p.num_features, p.num_classes)
             return nn.Sequential(

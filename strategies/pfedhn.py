@@ -66,7 +66,7 @@ from flwr.serverapp import Grid
 from pydantic import Field
 from torch import Tensor, nn
 
-from medtasks.seeding import derive_seed, seed_torch
+from medtasks.seeding import derive_seed, drawing_from
 from strategies.base import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -148,8 +148,7 @@ class HyperNetwork(nn.Module):
         super().__init__()
         self.names = list(targets)
         self.shapes = [tuple(value.shape) for value in targets.values()]
-        with torch.random.fork_rng(devices=[]):  # default initialisers draw from the global stream
-            seed_torch(seed)
+        with drawing_from(seed):  # default initialisers draw from the global stream
             self.embeddings = nn.Parameter(torch.randn(sites, embedding_dim, dtype=torch.float64))
             layers: list[nn.Module] = [nn.Linear(embedding_dim, hidden_dim, dtype=torch.float64)]
             for _ in range(hidden_layers):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medtasks.seeding import derive_seed, seed_torch, torch_generator
+from medtasks.seeding import derive_seed, drawing_from, torch_generator
 
 UPSAMPLINGS = 2
 """Stride-2 transposed convolutions: the projection's side is ``S / 2**UPSAMPLINGS``."""
@@ -56,8 +56,7 @@ def build_generator(latent: int, image_shape: tuple[int, int, int], width: int, 
                     *keys: str | int) -> Generator:
     """A :class:`Generator` whose initial weights come from the stream ``(seed, *keys)`` (PyTorch's default
     initialisation drawn from it); torch's global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
-        seed_torch(derive_seed(seed, *keys))
+    with drawing_from(derive_seed(seed, *keys)):
         return Generator(latent, image_shape, width)
 
 

@@ -27,3 +27,16 @@ def test_seeding_queues_no_lazy_accelerator_call(monkeypatch: pytest.MonkeyPatch
     seed_everything(7, "train", 3, 1)
     with pytest.raises(AssertionError, match="stack trace"):  # what torch.manual_seed does on such a machine
         torch.manual_seed(7)
+
+
+def test_drawing_from_a_seed_leaves_the_global_stream_where_it_was() -> None:
+    from medtasks.seeding import drawing_from
+
+    torch.manual_seed(5)
+    untouched = torch.rand(4)
+    torch.manual_seed(5)
+    with drawing_from(99):
+        inside = torch.rand(4)
+    assert torch.equal(torch.rand(4), untouched)  # the block drew from its own seed, not the global stream
+    torch.manual_seed(99)
+    assert torch.equal(inside, torch.rand(4))
