@@ -14,6 +14,7 @@ every package can depend on it.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 import yaml
@@ -31,6 +32,10 @@ AggregationName = Literal["mean", "median", "trimmed_mean", "krum", "multikrum",
 
 AttackName = Literal["dlg", "idlg", "inverting_gradients", "loss_threshold", "lira", "backdoor", "label_flip", "gan"]
 """Allowed values of ``attack.kind`` (each one's module is registered in :mod:`privacy.attacks`)."""
+
+
+CLUSTER_ADDRESS = re.compile(r"^(?:[^\s/:\[\]]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})$")
+"""``HOST:PORT`` of a Ray cluster's GCS (``engine.address``): a host name, IPv4 or bracketed IPv6 address."""
 
 
 class _Section(BaseModel):
@@ -201,6 +206,11 @@ class EngineSection(_Section):
     simulation a client gets a GPU only through its Ray share ``gpus_per_client``: a share below 1 packs
     several clients on one GPU (0.5: two), a share above 1 is a whole number of GPUs, 0 gives none, so an ``auto`` client then trains on the CPU and
     ``cuda`` is refused. The server's own models (central evaluation, pFedHN's hypernetwork) stay on the CPU.
+
+    ``address`` runs the simulation on an existing Ray cluster instead of a private Ray instance: ``auto`` is the
+    cluster this machine belongs to (Ray's meaning: ``RAY_ADDRESS``, else the address ``ray start`` recorded),
+    ``HOST:PORT`` that cluster's GCS. The cluster's resources then decide how many clients train at once
+    (``workers`` is unused); each client still asks for ``cpus_per_client`` CPUs and ``gpus_per_client`` GPUs.
     """
 
     backend: Literal["simulation", "inprocess", "deployment"] = Field(
@@ -214,6 +224,9 @@ class EngineSection(_Section):
     gpus_per_client: float = Field(
         0.0, ge=0, le=8, description="Ray GPU share per client (simulation; 0.5 packs two clients on one GPU)"
     )
+    address: str | None = Field(
+        None, description="Ray cluster to run the simulation on: auto or HOST:PORT (null = a private Ray instance)"
+    )
 
     @field_validator("gpus_per_client")
     @classmethod
@@ -221,6 +234,20 @@ class EngineSection(_Section):
         if share > 1 and not share.is_integer():
             raise ValueError(f"a share above 1 is a whole number of GPUs (Ray's rule), got {share:g}")
         return share
+
+    @field_validator("address")
+    @classmethod
+    def _cluster_address(cls, address: str | None, info: ValidationInfo) -> str | None:
+        if address is None:
+            return None
+        if info.data.get("backend", "simulation") != "simulation":
+            raise ValueError(f"a Ray cluster runs the simulation engine only, not backend '{info.data['backend']}' "
+                             "(set engine.backend: simulation, or engine.address: null)")
+        match = CLUSTER_ADDRESS.match(address)
+        if address != "auto" and not (match and 0 < int(match["port"]) < 65536):
+            raise ValueError(f"'{address}' is no Ray cluster address (allowed: auto, or HOST:PORT of the cluster's "
+                             "head, e.g. 10.0.0.5:6379)")
+        return address
 
     @model_validator(mode="after")
     def _gpu_share_needs_a_gpu_device(self) -> EngineSection:
@@ -323,7 +350,7 @@ class Scenario(_Section):
 
 LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("defense", None), ("strategy", "example_counts"), ("engine", "device"), ("engine", "gpus_per_client"),
-    ("data", "sites"), ("data", "test_path"),
+    ("data", "sites"), ("data", "test_path"), ("engine", "address"),
 )
 """(section, key) of the settings :meth:`Scenario.to_json` leaves out at their default (``None``: the whole
 section)."""

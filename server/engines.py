@@ -2,7 +2,8 @@
 
 * ``simulation`` — Flower's Simulation Engine (Ray): each client is a Ray actor;
   ``engine.workers`` of them train in parallel with ``engine.cpus_per_client``
-  CPUs (and torch threads) each.
+  CPUs (and torch threads) each; with ``engine.address``, on an existing Ray cluster, as many at once as
+  its nodes hold.
 * ``inprocess`` — :class:`InProcessGrid`: a Flower ``Grid`` that calls the
   ClientApp directly, one message at a time, in this process. No Ray start-up
   (about 25 s here), so tests and small runs use it. Each node keeps its own
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
 import threading
 import uuid
@@ -42,6 +44,9 @@ from server.results import RunDirectory
 from server.scenario import EngineSection, Scenario
 
 log = logging.getLogger("medfed")
+
+CLUSTER_CONNECT_TIMEOUT = 5.0
+"""Seconds a Ray cluster's GCS (``engine.address``) has to accept a connection before the run stops."""
 
 QUIET_ENVIRONMENT = {
     **FLOWER_ENVIRONMENT,
@@ -200,7 +205,11 @@ class _QuietAfterStop(logging.Filter):
 
 
 def shutdown_ray() -> None:
-    """Stop the Ray instance this process started, if any: its raylet, GCS and agents end with it."""
+    """Stop the Ray instance this process started, if any: its raylet, GCS and agents end with it.
+
+    On a cluster that ``engine.address`` joined, this process only disconnects: the cluster runs on, and
+    the run's actors end with it.
+    """
     ray = sys.modules.get("ray")  # never import Ray only to find that it is not running
     if ray is not None and ray.is_initialized():
         ray.shutdown()
@@ -215,28 +224,82 @@ def _first_cause(error: BaseException) -> str:
 
 
 def simulation_backend_config(engine: EngineSection) -> dict[str, dict[str, Any]]:
-    """Flower's Ray backend config for ``engine``: resources per client, and a private Ray instance.
+    """Flower's Ray backend config for ``engine``: resources per client, and the Ray instance to run on.
 
-    ``address: local`` makes ``ray.init`` start a new Ray instance for this run even when a Ray
-    cluster already runs on the machine (``ray start``, ``RAY_ADDRESS``), which it would otherwise
-    join, and which refuses the CPU count this run asks for.
+    Without ``engine.address``, ``address: local`` makes ``ray.init`` start a new Ray instance for this run
+    even when a Ray cluster already runs on the machine (``ray start``, ``RAY_ADDRESS``), which it would
+    otherwise join, and which refuses the CPU count this run asks for. That instance gets the CPUs and GPUs
+    of ``engine.workers`` clients (:func:`private_instance_resources`).
+
+    With ``engine.address`` (``auto`` or ``HOST:PORT``), ``ray.init`` joins that cluster and is given no CPU
+    or GPU count (Ray refuses them when connecting): Flower sizes its actor pool from each node's resources
+    (``ray.nodes()``), so every client that fits the cluster trains at once and ``engine.workers`` is unused.
+
+    Either way each client asks for ``engine.cpus_per_client`` CPUs and ``engine.gpus_per_client`` GPUs:
+    Ray places each client's actor where those are free.
+    """
+    if engine.address:
+        instance: dict[str, Any] = {"address": engine.address}
+    else:
+        instance = {"address": "local", **private_instance_resources(engine)}
+    return {
+        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": engine.gpus_per_client},
+        "init_args": {**instance, "include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False},
+    }
+
+
+def private_instance_resources(engine: EngineSection) -> dict[str, int]:
+    """``num_cpus`` and ``num_gpus`` of a private Ray instance: what ``engine.workers`` clients training at once need.
 
     Each client asks for ``engine.gpus_per_client`` GPUs (0 unless the scenario shares GPUs; ``device: cpu``
     with a share is refused when the scenario is loaded), and Ray gets the ``⌈workers · share⌉`` GPUs that
     ``workers`` clients training at once need; a share below 1 packs several clients on one GPU.
     """
     gpus = math.ceil(round(engine.workers * engine.gpus_per_client, 6))  # 30 × 0.1 is 3.0000000000000004
-    return {
-        "client_resources": {"num_cpus": engine.cpus_per_client, "num_gpus": engine.gpus_per_client},
-        "init_args": {
-            "address": "local",
-            "num_cpus": engine.workers * engine.cpus_per_client,
-            "num_gpus": gpus,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            "log_to_driver": False,
-        },
-    }
+    return {"num_cpus": engine.workers * engine.cpus_per_client, "num_gpus": gpus}
+
+
+def reach_cluster(address: str, timeout: float = CLUSTER_CONNECT_TIMEOUT) -> str:
+    """The GCS address ``HOST:PORT`` that ``engine.address`` names, once it accepts a connection.
+
+    ``ray.init`` retries an address where nothing answers for about twelve minutes (20 tries of 36 s) before
+    it gives up; this check turns that wait into one line within ``timeout`` seconds.
+
+    Raises
+    ------
+    EngineError
+        No cluster found for ``auto``, or nothing accepts a TCP connection at the address within ``timeout``.
+    """
+    gcs = cluster_gcs_address(address)
+    host, _, port = gcs.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return gcs
+    except OSError as error:
+        raise EngineError(f"the simulation engine failed: no Ray cluster answers at {gcs} (engine.address "
+                          f"{address}; {_first_cause(error)})") from error
+
+
+def cluster_gcs_address(address: str) -> str:
+    """``HOST:PORT`` of the cluster ``address`` names, read as ``ray.init`` reads it.
+
+    ``auto`` is ``RAY_ADDRESS``, else the address ``ray start`` wrote in Ray's temporary directory
+    (``RAY_TMPDIR``); a ``localhost`` host becomes this machine's IP address.
+
+    Raises
+    ------
+    EngineError
+        ``auto`` without a cluster on this machine, or a ``RAY_ADDRESS`` that is no address.
+    """
+    from ray._private.services import canonicalize_bootstrap_address  # private: Ray's own reading of addresses
+
+    try:
+        return str(canonicalize_bootstrap_address(address))
+    except ConnectionError:
+        raise EngineError("the simulation engine failed: engine.address auto found no Ray cluster (start one with "
+                          "`ray start --head`, or give its HOST:PORT)") from None
+    except ValueError as error:
+        raise EngineError(f"the simulation engine failed: engine.address {address}: {_first_cause(error)}") from None
 
 
 def _run_simulation(federation: Federation) -> dict[str, Any]:
@@ -252,6 +315,9 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
 
     from client.app import app as client_app
 
+    address = federation.scenario.engine.address
+    if address:
+        log.info("Ray cluster: %s (engine.address %s)", reach_cluster(address), address)
     results: list[dict[str, Any]] = []
     raised: list[BaseException] = []  # by the federation loop: passed on as they are
     server_app = ServerApp()
