@@ -15,7 +15,9 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +70,14 @@ __all__ = ["BudgetSpent", "Federation", "FederationError", "InputError", "RunInt
 log = logging.getLogger("medfed")
 
 DISCOVERY_TIMEOUT = 600.0
+
+
+class Central(NamedTuple):
+    """The server's evaluation on its held-out set, as the ``central`` record holds it."""
+
+    clients: dict[str, dict[str, float]]  # each site's own model (Personalized strategies), else empty
+    metrics: dict[str, float]
+    seconds: float
 
 
 class InputError(FederationError):
@@ -157,6 +167,7 @@ class Federation:
         self._central_model: torch.nn.Module | None = None
         self._global_model_complete = True  # False for strategies whose global model lacks the sites' own layers
         self._site_lines = scenario.engine.backend == "deployment"  # one log line per site and round (operators)
+        self.overlap_central_evaluation = False  # the engine's clients run elsewhere: evaluate centrally meanwhile
         self.privacy: PrivacyRound | None = None
         self.attack: AttackRound | None = None
         self.plugins = Plugins([])
@@ -271,17 +282,25 @@ class Federation:
         )
 
     def _evaluate(self, round_: Round, strategy: Any) -> None:
-        """Federated evaluation on the sites' validation splits, then the server's own test set."""
+        """Federated evaluation on the sites' validation splits, then the server's own test set.
+
+        With :attr:`overlap_central_evaluation` the server evaluates its test set while the sites evaluate
+        theirs; the records and their numbers are the same either way (the central evaluation is deterministic
+        given the model, and draws nothing from the run's random streams).
+        """
         t, primary = round_.number, self.task.primary_metric
         messages = list(strategy.configure_evaluate(t, round_.arrays, ConfigRecord(dict(round_.config)), round_.grid))
+        central = self._central_evaluation(round_.arrays, strategy, alongside=self.overlap_central_evaluation)
         if messages:
             done = self._phase(round_, "evaluate", messages)
             metrics = strategy.aggregate_evaluate(t, done.replies)
             self._record(t, "evaluate", round_.cohort, done, metrics)
             round_.headline[primary] = _metric(metrics, primary)
-        central = self._central_evaluation(t, round_.cohort, round_.arrays, strategy)
-        if central is not None:
-            round_.headline[f"central {primary}"] = central.get(primary)
+        result = central()
+        if result is not None:
+            self._record(t, "central", round_.cohort, Exchange(seconds=result.seconds),
+                         MetricRecord(dict(result.metrics.items())), clients=result.clients)
+            round_.headline[f"central {primary}"] = result.metrics.get(primary)
 
     def _phase(self, round_: Round, phase: str, messages: list[Message]) -> Exchange:
         """Send a phase's messages, collect one reply per message, and let the plug-ins inspect them."""
@@ -335,9 +354,22 @@ class Federation:
             partitions["server"] = described
         return partitions
 
-    def _central_evaluation(self, server_round: int, cohort: Cohort, arrays: ArrayRecord,
-                            strategy: Any) -> dict[str, float] | None:
-        """Metrics on the server's held-out set (none: no set, or no model to evaluate).
+    def _central_evaluation(self, arrays: ArrayRecord, strategy: Any, *, alongside: bool) -> Callable[[], Central | None]:
+        """The server's evaluation on its held-out set: a call that returns it (None: no set, or no model).
+
+        ``alongside``: the models are read from the strategy now, in this thread, and evaluated in a thread of
+        their own; the call waits for the result. Otherwise the call does it all.
+        """
+        if not alongside:
+            return lambda: self._evaluate_centrally(self._central_models(arrays, strategy))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfed-central")
+        future = pool.submit(self._evaluate_centrally, self._central_models(arrays, strategy))
+        pool.shutdown(wait=False)  # its thread ends with this one evaluation
+        return future.result
+
+    def _central_models(self, arrays: ArrayRecord, strategy: Any) -> ArrayRecord | dict[str, ArrayRecord] | None:
+        """What the server's held-out set judges: the global model, or partition id → that site's own model
+        (none: no set, or no model to evaluate).
 
         A :class:`~strategies.base.Personalized` strategy is judged by its sites' own
         models: each is evaluated, recorded per client, and the phase's aggregate is
@@ -346,23 +378,23 @@ class Federation:
         ``central_evaluation=False`` in its :class:`~strategies.base.Algorithm` and is judged by
         federated evaluation only.
         """
-        dataset = self.task.server_data()
-        if dataset is None or not self._global_model_complete:
+        if self.task.server_data() is None or not self._global_model_complete:
             return None
-        started = time.perf_counter()
         if isinstance(strategy, Personalized):
-            personal = dict(sorted(strategy.personal_arrays().items()))
-            if not personal:
-                return None
-            clients = {str(pid): self._evaluate_central(model_arrays, dataset) for pid, model_arrays in personal.items()}
-            metrics = {key: float(np.nanmean([c[key] for c in clients.values()])) for key in next(iter(clients.values()))}
-        elif len(arrays) == 0:
+            return {str(pid): model_arrays for pid, model_arrays in sorted(strategy.personal_arrays().items())} or None
+        return arrays if len(arrays) else None
+
+    def _evaluate_centrally(self, models: ArrayRecord | dict[str, ArrayRecord] | None) -> Central | None:
+        """:meth:`_central_models`'s ``models`` evaluated on the server's held-out set."""
+        if models is None:
             return None
+        started, dataset = time.perf_counter(), self.task.server_data()
+        if isinstance(models, ArrayRecord):
+            clients, metrics = {}, self._evaluate_central(models, dataset)
         else:
-            clients, metrics = {}, self._evaluate_central(arrays, dataset)
-        done = Exchange(seconds=time.perf_counter() - started)
-        self._record(server_round, "central", cohort, done, MetricRecord(dict(metrics.items())), clients=clients)
-        return metrics
+            clients = {pid: self._evaluate_central(model_arrays, dataset) for pid, model_arrays in models.items()}
+            metrics = {key: float(np.nanmean([c[key] for c in clients.values()])) for key in next(iter(clients.values()))}
+        return Central(clients, metrics, time.perf_counter() - started)
 
     def _evaluate_central(self, arrays: ArrayRecord, dataset: Any) -> dict[str, float]:
         return {key: float(value) for key, value in self.task.evaluate(self._model_with(arrays), dataset).items()}
