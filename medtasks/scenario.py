@@ -213,8 +213,9 @@ class EngineSection(_Section):
     (``workers`` is unused); each client still asks for ``cpus_per_client`` CPUs and ``gpus_per_client`` GPUs.
     """
 
-    backend: Literal["simulation", "inprocess", "deployment"] = Field(
-        "simulation", description="simulation (Ray), inprocess, or deployment (SuperNodes, needs --federation)"
+    backend: Literal["simulation", "inprocess", "processes", "deployment"] = Field(
+        "simulation", description="simulation (Ray), inprocess, processes (worker processes on this machine, no Ray), "
+        "or deployment (SuperNodes, needs --federation)"
     )
     workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
     cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")

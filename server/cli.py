@@ -1,6 +1,6 @@
 """The ``medfed`` command.
 
-    medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|simulation]
+    medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|processes|simulation]
     medfed run SCENARIO.yaml [--set key.path=value ...] --engine deployment --federation NAME
     medfed run --resume RUN_DIR [--set strategy.rounds=N] [--engine deployment --federation NAME]
     medfed validate FILE ...
@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", nargs="?", help="scenario YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key, e.g. --set strategy.rounds=5 (repeatable)")
-    run.add_argument("--engine", choices=["simulation", "inprocess", "deployment"], help="override engine.backend")
+    run.add_argument("--engine", choices=["simulation", "inprocess", "processes", "deployment"],
+                     help="override engine.backend")
     run.add_argument("--federation", metavar="NAME",
                      help="with --engine deployment: the federation (medfed deploy init) to run on")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -144,7 +145,8 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                             "--grid per key)")
     sweep.add_argument("--seeds", metavar="S1,S2", help="run every cell with each of these seeds "
                                                         "(default: the scenario's seed)")
-    sweep.add_argument("--engine", choices=["simulation", "inprocess"], help="override engine.backend of every cell")
+    sweep.add_argument("--engine", choices=["simulation", "inprocess", "processes"],
+                       help="override engine.backend of every cell")
     sweep.add_argument("--out", metavar="DIR", help="the sweep folder, new or empty "
                                                     "(default: <output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>)")
     sweep.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
@@ -260,14 +262,15 @@ def _engine_override(engine: str | None) -> list[str]:
     return [f"engine.backend={engine}"] if engine else []
 
 
-def _check_before_running(scenario: Scenario, engine: Literal["simulation", "inprocess", "deployment"] | None,
+def _check_before_running(scenario: Scenario,
+                          engine: Literal["simulation", "inprocess", "processes", "deployment"] | None,
                           where: str) -> int | None:
     """Apply ``--engine`` and check what must hold before a run starts; the exit code of a refusal, else None."""
     if engine:
         scenario.engine.backend = engine
     if scenario.engine.backend == "deployment":
         return _fail("engine.backend 'deployment' runs with --engine deployment --federation NAME "
-                     "(or choose --engine simulation|inprocess)", EXIT_INVALID)
+                     "(or choose --engine simulation|inprocess|processes)", EXIT_INVALID)
     from client.cache import task_for
     from medtasks.base import DataError
 

@@ -8,11 +8,13 @@
   ClientApp directly, one message at a time, in this process. No Ray start-up
   (about 25 s here), so tests and small runs use it. Each node keeps its own
   ``Context`` (and so its ``context.state``) for the whole run, as in simulation.
+* ``processes`` — :class:`~server.process_engine.ProcessGrid`: ``engine.workers`` persistent worker
+  processes on this machine, no Ray (:mod:`server.process_engine`).
 * ``flwr run .`` — the same ServerApp/ClientApp through a SuperLink
   (:mod:`server.app`); see the README.
 
-Both engines here run the same :class:`~server.federation.Federation` loop, so a
-scenario and seed give the same metrics on either (all randomness is keyed by
+The engines here run the same :class:`~server.federation.Federation` loop, so a
+scenario and seed give the same metrics on each (all randomness is keyed by
 partition id and round, never by node id or arrival order).
 """
 
@@ -39,6 +41,7 @@ from flwr.supercore.run import Run
 
 from server.federation import Federation, FederationError, RunInterrupted
 from server.flower_cli import FLOWER_ENVIRONMENT
+from server.process_engine import run_processes
 from server.progress import Progress
 from server.results import RunDirectory
 from server.scenario import EngineSection, Scenario
@@ -158,7 +161,9 @@ def run_scenario(scenario: Scenario, run_dir: RunDirectory, progress: Progress, 
         return _run_inprocess(federation)
     if backend == "simulation":
         return _run_simulation(federation)
-    raise ValueError(f"unknown engine '{backend}' (allowed: simulation, inprocess)")
+    if backend == "processes":
+        return run_processes(federation)
+    raise ValueError(f"unknown engine '{backend}' (allowed: simulation, inprocess, processes)")
 
 
 def _run_inprocess(federation: Federation) -> dict[str, Any]:

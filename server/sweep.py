@@ -51,7 +51,7 @@ log = logging.getLogger("medfed")
 
 VALUE_SEPARATOR = ","
 SEED_KEY = "seed"
-RUNNABLE_ENGINES = ("simulation", "inprocess")
+RUNNABLE_ENGINES = ("simulation", "inprocess", "processes")
 _TIMESTAMP = "%Y%m%d-%H%M%S"
 _MAX_NAME = 100  # the scenario name's limit (medtasks.scenario.Scenario.name)
 _MAX_FOLDER = 150
