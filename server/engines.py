@@ -25,7 +25,6 @@ import copy
 import logging
 import math
 import os
-import random
 import socket
 import sys
 import threading
@@ -37,10 +36,10 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from server.federation import Federation, FederationError, RunInterrupted
 from server.flower_cli import FLOWER_ENVIRONMENT
+from server.local_grid import LocalGrid
 from server.process_engine import run_processes
 from server.progress import Progress
 from server.results import RunDirectory
@@ -65,7 +64,7 @@ def quiet_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(LocalGrid):
     """A Flower ``Grid`` whose nodes are ClientApp calls in this process.
 
     Messages are deep-copied on the way in and out (as serialisation would), each
@@ -81,14 +80,8 @@ class InProcessGrid(Grid):
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        from flwr.supercore.task_identity import (
-            TaskIdentity,  # private: Message() needs it outside a runtime
-        )
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
+        super().__init__(num_nodes, run_id)
         self._client_app = client_app
-        self._run = Run.create_empty(run_id)
-        node_ids = random.Random(uuid.uuid4().int).sample(range(1, 2**53), num_nodes)  # random, like real node ids
         self.contexts = {
             node_id: Context(
                 run_id=run_id,
@@ -97,20 +90,9 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for pid, node_id in enumerate(node_ids)
+            for pid, node_id in enumerate(self.node_ids)
         }
         self._pending: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -140,15 +122,6 @@ class InProcessGrid(Grid):
         reply = copy.deepcopy(reply)
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return [reply]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = list(self.push_messages(messages))
-        replies = []
-        while pending:
-            for reply in self.pull_messages(pending):
-                pending.remove(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-        return replies
 
 
 def run_scenario(scenario: Scenario, run_dir: RunDirectory, progress: Progress, *, resume: bool = False,

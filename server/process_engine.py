@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import random
 import signal
 import threading
 import time
@@ -43,8 +42,8 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from server.local_grid import LocalGrid
 
 if TYPE_CHECKING:  # pragma: no cover - a worker imports this module and needs none of the server
     from multiprocessing.process import BaseProcess
@@ -219,7 +218,7 @@ def _how_it_ended(exitcode: int | None) -> str:
     return f"ended with exit code {exitcode}"
 
 
-class ProcessGrid(Grid):
+class ProcessGrid(LocalGrid):
     """A Flower ``Grid`` whose nodes live in ``workers`` persistent worker processes on this machine.
 
     Parameters
@@ -237,14 +236,8 @@ class ProcessGrid(Grid):
     """
 
     def __init__(self, num_nodes: int, workers: int, client_app: str = CLIENT_APP, run_id: int = 1) -> None:
-        from flwr.supercore.task_identity import (
-            TaskIdentity,  # private: Message() needs it outside a runtime
-        )
-
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
-        self._run = Run.create_empty(run_id)
-        node_ids = random.Random(uuid.uuid4().int).sample(range(1, 2**53), num_nodes)  # random, like real node ids
-        self.partitions = {node: pid for pid, node in enumerate(node_ids)}  # node id → partition id
+        super().__init__(num_nodes, run_id)
+        self.partitions = {node: pid for pid, node in enumerate(self.node_ids)}  # node id → partition id
         self._replies: dict[str, Message] = {}
         self._arrived = threading.Condition()
         self._workers: list[_Worker] = []
@@ -272,17 +265,6 @@ class ProcessGrid(Grid):
         return _Worker(index, process, ours, sorted(hosted.values()), self._deliver)
 
     # --- Grid ---------------------------------------------------------------------------------
-    def set_run(self, run: Run) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
     def get_node_ids(self) -> Iterable[int]:
         """The nodes of the workers still running (a lost node is no longer listed, as in Flower)."""
         return [node for node, worker in self._worker_of.items() if worker.lost is None]
@@ -305,16 +287,6 @@ class ProcessGrid(Grid):
         with self._arrived:
             self._arrived.wait_for(lambda: not wanted.isdisjoint(self._replies), timeout=PULL_WAIT)
             return [self._replies.pop(mid) for mid in wanted & self._replies.keys()]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            for reply in self.pull_messages(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-        return replies
 
     def _deliver(self, reply: Message) -> None:
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
