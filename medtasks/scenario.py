@@ -217,7 +217,7 @@ class EngineSection(_Section):
         "simulation", description="simulation (Ray), inprocess, processes (worker processes on this machine, no Ray), "
         "or deployment (SuperNodes, needs --federation)"
     )
-    workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation)")
+    workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation, processes; a Ray cluster sizes itself)")
     cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where clients train: auto (CUDA if the machine has it), cpu or cuda"
