@@ -33,13 +33,13 @@ import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation, FederationError, RunInterrupted
 from server.flower_cli import FLOWER_ENVIRONMENT
-from server.local_grid import LocalGrid
+from server.local_grid import LocalGrid, handle
 from server.process_engine import run_processes
 from server.progress import Progress
 from server.results import RunDirectory
@@ -113,13 +113,7 @@ class InProcessGrid(LocalGrid):
         if not wanted:
             return []
         message = self._pending.pop(wanted[0])
-        context = self.contexts[message.metadata.dst_node_id]
-        try:
-            reply = self._client_app(message, context)
-        except Exception as error:
-            log.debug("ClientApp raised", exc_info=True)
-            reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-        reply = copy.deepcopy(reply)
+        reply = copy.deepcopy(handle(self._client_app, message, self.contexts[message.metadata.dst_node_id]))
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return [reply]
 

@@ -1,16 +1,32 @@
 """What the Flower ``Grid``\\s whose nodes run on this machine share (:class:`~server.engines.InProcessGrid`,
-:class:`~server.process_engine.ProcessGrid`): a run, random node ids, messages, and the blocking exchange."""
+:class:`~server.process_engine.ProcessGrid`): a run, random node ids, messages, the blocking exchange, and a
+ClientApp's exception turned into an error reply (:func:`handle`)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+log = logging.getLogger("medfed")
+
+
+def handle(client_app: Callable[[Message, Context], Message], message: Message, context: Context) -> Message:
+    """``client_app``'s reply to ``message``; an exception escaping it becomes an error reply, as in Flower's
+    runtimes (``-v`` logs its traceback)."""
+    try:
+        return client_app(message, context)
+    except Exception as error:
+        log.debug("ClientApp raised", exc_info=True)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
+                       reply_to=message)
 
 
 class LocalGrid(Grid):

@@ -43,7 +43,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from server.local_grid import LocalGrid
+from server.local_grid import LocalGrid, handle
 
 if TYPE_CHECKING:  # pragma: no cover - a worker imports this module and needs none of the server
     from multiprocessing.process import BaseProcess
@@ -75,16 +75,6 @@ def load_client_app(path: str) -> ClientApp:
     """The ClientApp at ``module:attribute`` (e.g. ``client.app:app``)."""
     module, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module), attribute)
-
-
-def handle(client_app: ClientAppCallable, message: Message, context: Context) -> Message:
-    """``client_app``'s reply to ``message``; an exception escaping it becomes an error reply."""
-    try:
-        return client_app(message, context)
-    except Exception as error:
-        log.debug("ClientApp raised", exc_info=True)
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
-                       reply_to=message)
 
 
 # --- the worker side --------------------------------------------------------------------------------
