@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -55,8 +56,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> NoReturn:
-    """The ``medfed`` console script: :func:`main`, then :func:`leave` with its exit code."""
-    leave(main())
+    """The ``medfed`` console script: :func:`main`, then :func:`leave` with its exit code.
+
+    A Ctrl-C that reaches past :func:`main` (a library re-raising one it deferred) still ends with one line.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("medfed: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    leave(code)
 
 
 def leave(code: int, grace: float = THREAD_GRACE_SECONDS) -> NoReturn:
@@ -67,6 +76,7 @@ def leave(code: int, grace: float = THREAD_GRACE_SECONDS) -> NoReturn:
     the run directory is complete (its files are written atomically) and the one-line report printed, so
     after ``grace`` seconds the process ends without them (``os._exit``, output flushed first).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the last line is printed: a further Ctrl-C changes nothing
     deadline = time.monotonic() + grace
     for thread in _waited_threads():
         thread.join(max(0.0, deadline - time.monotonic()))

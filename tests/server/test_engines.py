@@ -163,14 +163,12 @@ def first_file(folder: Path, pattern: str, seconds: float) -> Path | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="process groups are read from /proc")
-@pytest.mark.parametrize("moment", ["ray start-up", "round 1"])
-def test_ctrl_c_on_the_simulation_engine_is_one_line_and_ends_every_process(tmp_path: Path, moment: str) -> None:
+def test_ctrl_c_on_the_simulation_engine_is_one_line_and_ends_every_process(tmp_path: Path) -> None:
     command = medfed_command(tmp_path, "strategy.rounds=50")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)  # its own process group, as a terminal's foreground job
-    try:
-        waited_for = "*/*/scenario.yaml" if moment == "ray start-up" else "*/*/partitions.json"  # after discovery
-        assert first_file(tmp_path, waited_for, 120) is not None, f"the run did not reach {moment}"
+    try:  # in round 1: Ray, its actors and Flower's worker threads all running
+        assert first_file(tmp_path, "*/*/partitions.json", 120) is not None, "the run did not reach round 1"
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
         _, stderr = process.communicate(timeout=30)  # never the hang at exit of Flower's blocked threads
         assert process.returncode == 130

@@ -3,6 +3,7 @@ keep each node's state, answer for a dead worker at once, and never outlive the 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -144,7 +145,10 @@ def test_workers_ignore_ctrl_c(grids: list[ProcessGrid]) -> None:
 
 # --- a worker dies: its sites are lost, at once --------------------------------------------------------
 def test_a_killed_worker_answers_node_unavailable_now_and_later(grids: list[ProcessGrid], tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+                                                                caplog: pytest.LogCaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logging.getLogger("medfed"), "propagate", True)  # `medfed` (an earlier test) turns it off
+    caplog.set_level(logging.WARNING, logger="medfed")
     with ProcessGrid(2, workers=2, client_app=TEST_APP) as grid:
         lost, kept = node_of(grid, 1), node_of(grid, 0)
         held = tmp_path / "held"
