@@ -161,19 +161,22 @@ def _flower_quiet() -> Iterator[None]:
 
 
 class _QuietAfterStop(logging.Filter):
-    """Drops medfed's log records from other threads once ``stop`` is set.
+    """Drops the log records of a run's ServerApp thread once the run is stopped, while that thread lives.
 
-    After Ctrl-C the ServerApp thread goes on until it next checks ``stop``; what it would log then
-    (a strategy's summary line, say) would follow the command's last line.
+    After Ctrl-C (or an engine failure) the ServerApp thread goes on until it next checks ``stop``; what it
+    would log then (a strategy's summary line, say) would follow the command's last line. Other threads, and
+    later runs in the same process, log as usual.
     """
 
     def __init__(self, stop: threading.Event) -> None:
         super().__init__()
         self.stop = stop
-        self.thread = threading.get_ident()
+        self.server_threads: list[threading.Thread] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.stop.is_set() and record.thread != self.thread)
+        if not self.stop.is_set():
+            return True
+        return not any(thread.ident == record.thread and thread.is_alive() for thread in self.server_threads)
 
 
 def shutdown_ray() -> None:
@@ -296,6 +299,7 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        quiet_after_stop.server_threads.append(threading.current_thread())
         try:
             results.append(federation.run(grid))
         except RunInterrupted:  # Ctrl-C in the main thread or an engine failure; the main thread reports it
