@@ -186,7 +186,12 @@ def shutdown_ray() -> None:
     the run's actors end with it.
     """
     ray = sys.modules.get("ray")  # never import Ray only to find that it is not running
-    if ray is not None and ray.is_initialized():
+    if ray is None:
+        return
+    auto_init = sys.modules.get("ray._private.auto_init_hook")
+    if auto_init is not None:  # a thread still calling ray.get would otherwise start a new Ray instance, orphaned
+        setattr(auto_init, "enable_auto_connect", False)  # noqa: B010 (a module attribute Ray reads at each call)
+    if ray.is_initialized():
         ray.shutdown()
 
 

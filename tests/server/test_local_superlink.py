@@ -127,7 +127,8 @@ def test_flwr_stop_ends_the_run_with_its_ray_instance_and_superlink_stop_ends_th
         while not list(out.glob("*/*/checkpoints/*")) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert list(out.glob("*/*/checkpoints/*")), "the run did not reach its first checkpoint"
-        before = {pid for pid, _ in session_processes(_superexec_session(links[0].pid))}
+        session = _superexec_session(links[0].pid)
+        before = {pid for pid, _ in session_processes(session)}
         assert len(before) > 3  # SuperExec, flwr-simulation and Ray's processes
 
         stopped = subprocess.run([str(flwr), "stop", run_id], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -137,6 +138,9 @@ def test_flwr_stop_ends_the_run_with_its_ray_instance_and_superlink_stop_ends_th
         while time.monotonic() < deadline and _run_processes(before, links[0].pid):
             time.sleep(0.5)
         assert _run_processes(before, links[0].pid) == []  # flwr-simulation and every Ray process ended
+        time.sleep(5)  # and no new Ray instance comes up after them (a thread's ray.get would auto-start one)
+        later = {pid for pid, _ in session_processes(session)}
+        assert _run_processes(later, links[0].pid) == []
     finally:
         for link in local_superlink.find(tmp_path / "flwr-home"):
             local_superlink.stop(link)
