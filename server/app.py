@@ -78,11 +78,13 @@ def stop_ray_on_exit() -> None:
 
     ``flwr stop`` (or Ctrl-C) makes the ``flwr-simulation`` process leave through Flower's exit handlers
     without stopping Ray, whose agents then outlive the run, orphaned. Registered here, the ServerApp's
-    process shuts Ray down on its way out (within Flower's 5 s grace before a forced exit).
+    process shuts Ray down on its way out, and ends Ray processes that outlive the shutdown. It runs before
+    Flower starts counting the 5 s after which it forces the process out: on a loaded machine, ending
+    Ray's processes takes longer.
     """
     from flwr.supercore.exit import add_exit_handler
 
-    add_exit_handler(shutdown_ray)
+    add_exit_handler(shutdown_ray, run_before_force_exit=True)
 
 
 def scenario_from_run_config(run_config: dict) -> scenario_module.Scenario:

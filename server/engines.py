@@ -37,6 +37,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from server import processes
 from server.federation import Federation, FederationError, RunInterrupted
 from server.flower_cli import FLOWER_ENVIRONMENT
 from server.local_grid import LocalGrid, handle
@@ -179,11 +180,20 @@ class _QuietAfterStop(logging.Filter):
         return not any(thread.ident == record.thread and thread.is_alive() for thread in self.server_threads)
 
 
-def shutdown_ray() -> None:
-    """Stop the Ray instance this process started, if any: its raylet, GCS and agents end with it.
+RAY_STOP_TIMEOUT_S = 5.0
+"""Seconds the processes of this process's Ray instance get to end after ``ray.shutdown`` before SIGTERM/SIGKILL."""
 
-    On a cluster that ``engine.address`` joined, this process only disconnects: the cluster runs on, and
-    the run's actors end with it.
+
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started, if any: its raylet, GCS, dashboard, agents and workers.
+
+    ``ray.shutdown`` gives the raylet one second to end gracefully, then kills it; on a loaded machine that
+    second passes, and the raylet's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive it,
+    orphaned. So the Ray processes this process started (its descendants, :func:`ray_processes`) are noted
+    first and any still running ``RAY_STOP_TIMEOUT_S`` s after the shutdown are ended, by pid.
+
+    On a cluster that ``engine.address`` joined, this process only disconnects: the cluster runs on (its
+    processes are not this process's descendants), and the run's actors end with it.
     """
     ray = sys.modules.get("ray")  # never import Ray only to find that it is not running
     if ray is None:
@@ -191,8 +201,33 @@ def shutdown_ray() -> None:
     auto_init = sys.modules.get("ray._private.auto_init_hook")
     if auto_init is not None:  # a thread still calling ray.get would otherwise start a new Ray instance, orphaned
         setattr(auto_init, "enable_auto_connect", False)  # noqa: B010 (a module attribute Ray reads at each call)
+    started = ray_processes()
     if ray.is_initialized():
         ray.shutdown()
+    end_ray_processes(started)
+
+
+def end_ray_processes(started: list[int]) -> None:
+    """Give the Ray processes ``started`` ``RAY_STOP_TIMEOUT_S`` s to end after ``ray.shutdown``, then end them."""
+    processes.wait(started, RAY_STOP_TIMEOUT_S)
+    processes.end(started, timeout=RAY_STOP_TIMEOUT_S)
+
+
+def ray_processes() -> list[int]:
+    """The Ray processes this process started: descendants run from Ray's package or titled ``ray::...``.
+
+    Empty where processes cannot be read (no ``/proc``).
+    """
+    if not processes.PROC.is_dir():
+        return []
+    return [pid for pid in processes.descendants(os.getpid()) if _is_ray(processes.command_line(pid))]
+
+
+def _is_ray(argv: list[str]) -> bool:
+    """Whether ``argv`` is a Ray process: a worker or agent (``ray::NAME``), or a program in Ray's package."""
+    if not argv:
+        return False
+    return argv[0].startswith("ray::") or any(f"{os.sep}ray{os.sep}" in arg for arg in argv[:2])
 
 
 def _first_cause(error: BaseException) -> str:
@@ -300,6 +335,7 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
         log.info("Ray cluster: %s (engine.address %s)", reach_cluster(address), address)
     results: list[dict[str, Any]] = []
     raised: list[BaseException] = []  # by the federation loop: passed on as they are
+    started_ray: list[int] = []  # noted while Ray still runs; Flower shuts Ray down after the ServerApp
     server_app = ServerApp()
 
     @server_app.main()
@@ -312,6 +348,8 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
         except BaseException as error:
             raised.append(error)
             raise
+        finally:
+            started_ray.extend(ray_processes())
 
     quiet_after_stop = _QuietAfterStop(federation.stop)
     log.addFilter(quiet_after_stop)
@@ -333,6 +371,8 @@ def _run_simulation(federation: Federation) -> dict[str, Any]:
                 raise
             federation.stop.set()  # the engine is gone: the ServerApp must not wait for its replies
             raise EngineError(f"the simulation engine failed: {_first_cause(error)}") from error
+        finally:
+            end_ray_processes(started_ray)  # ray.shutdown gave its raylet 1 s: agents may outlive it
     log.removeFilter(quiet_after_stop)  # only a run that ended normally: the ServerApp thread is done
     if not results:
         raise EngineError("the simulation engine failed: it ended before the run finished")

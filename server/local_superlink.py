@@ -13,12 +13,10 @@ Processes are read from ``/proc`` (Linux).
 
 from __future__ import annotations
 
-import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import processes
 from server.flower_cli import flower_home
 
 DATABASE = Path("local-superlink") / "state.db"
@@ -73,19 +71,7 @@ def find(flwr_home: Path | None = None, proc: Path = Path("/proc")) -> list[Loca
 
 def stop(link: LocalSuperLink, timeout: float = STOP_TIMEOUT_S) -> bool:
     """SIGTERM ``link``, SIGKILL after ``timeout`` s; returns whether it was still running when asked to stop."""
-    try:
-        os.kill(link.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return False
-    deadline = time.monotonic() + timeout
-    while _alive(link.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if _alive(link.pid):
-        try:
-            os.kill(link.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return True
+    return bool(processes.end([link.pid], timeout))
 
 
 def _is_superlink(argv: list[str]) -> bool:
@@ -101,12 +87,3 @@ def _option(argv: list[str], name: str) -> str | None:
         if arg.startswith(f"{name}="):
             return arg.split("=", 1)[1]
     return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, ended but not yet reaped by its parent, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
