@@ -69,6 +69,8 @@ PARTITION_ID_KEY = "partition-id"
 DATA_PATH_KEY = "data-path"  # node_config: the hospital's own data folder (deployment)
 PARTICIPATION_KEY = "medfed-participation"
 INFO_KEY = "info"
+WANT_KEY = "want"  # a query's config: what the server asks for (absent: partition id and statistics)
+WANT_PARTITION_ID = "partition-id"  # the partition id alone (discovery of a large federation)
 CLIENT_ERROR_CODE = 1
 
 app = ClientApp()
@@ -161,7 +163,11 @@ def _count_participation(context: Context) -> int:
 @app.query()
 @_replying_errors
 def query(message: Message, context: Context) -> Message:
-    """Reply with this node's partition id and its data statistics."""
+    """Reply with this node's partition id and its data statistics (the partition id only, without building
+    any data, when the query's config asks for just that: :data:`WANT_KEY`)."""
+    if message.content.config_records[CONFIG_KEY].get(WANT_KEY) == WANT_PARTITION_ID:
+        return Message(RecordDict({INFO_KEY: ConfigRecord({PARTITION_ID_KEY: partition_id(context)})}),
+                       reply_to=message)
     scenario, pid, _ = _prepare(message, context, "query")
     task, index, _ = site_data(scenario, context, pid)
     stats = task.client_data(index).stats

@@ -101,7 +101,7 @@ class DataSection(_Section):
 class PartitionSection(_Section):
     """``partition``: how many sites and which non-IID kind (:mod:`medtasks.partition`)."""
 
-    clients: int = Field(ge=1, le=1000)
+    clients: int = Field(ge=1, le=100_000)
     kind: Literal[KINDS] = "iid"  # type: ignore[valid-type]
     params: dict[str, Any] = Field(default_factory=dict)
 

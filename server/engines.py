@@ -110,10 +110,10 @@ class InProcessGrid(LocalGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Handle the next pending message among ``message_ids`` and return its reply."""
-        wanted = [mid for mid in message_ids if mid in self._pending]
-        if not wanted:
+        wanted = next((mid for mid in message_ids if mid in self._pending), None)
+        if wanted is None:
             return []
-        message = self._pending.pop(wanted[0])
+        message = self._pending.pop(wanted)
         reply = copy.deepcopy(handle(self._client_app, message, self.contexts[message.metadata.dst_node_id]))
         reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         return [reply]

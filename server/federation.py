@@ -11,7 +11,6 @@ only sees a ``Grid``.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,22 +24,19 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 
-from client.app import INFO_KEY, PARTITION_ID_KEY
 from client.cache import task_for
 from medtasks.base import Task
 from medtasks.seeding import seed_everything
 from server.attack_round import AttackRound, attack_plugin
+from server.discovery import DISCOVERY_TIMEOUT, InputError, SiteStats, describes_every_site, discover
 from server.example_plots import ExamplePlots
 from server.exchange import (
     Exchange,
     RunInterrupted,
-    check_stop,
     exchange,
     record_nbytes,
 )
@@ -53,7 +49,6 @@ from server.results import Checkpoint, RunDirectory, build_summary
 from server.scenario import Scenario
 from strategies import get_algorithm
 from strategies.base import (
-    CONFIG_KEY,
     METRICS_KEY,
     ROUND_KEY,
     SCENARIO_KEY,
@@ -64,13 +59,10 @@ from strategies.base import (
     load_into,
 )
 
-__all__ = ["BudgetSpent", "Federation", "FederationError", "InputError", "RunInterrupted", "discover", "per_client",
-           "record_nbytes"]
+__all__ = ["DISCOVERY_TIMEOUT", "BudgetSpent", "Federation", "FederationError", "InputError", "RunInterrupted", "discover",
+           "per_client", "record_nbytes"]
 
 log = logging.getLogger("medfed")
-
-DISCOVERY_TIMEOUT = 600.0
-
 
 class Central(NamedTuple):
     """The server's evaluation on its held-out set, as the ``central`` record holds it."""
@@ -78,45 +70,6 @@ class Central(NamedTuple):
     clients: dict[str, dict[str, float]]  # each site's own model (Personalized strategies), else empty
     metrics: dict[str, float]
     seconds: float
-
-
-class InputError(FederationError):
-    """The run cannot start from its input: a site could not prepare its data, or no site holds a partition.
-
-    Neither running it again nor resuming it helps until the data or the sites' settings are fixed.
-    """
-
-
-def discover(grid: Grid, scenario: Scenario, timeout: float = DISCOVERY_TIMEOUT,
-             stop: threading.Event | None = None) -> tuple[Cohort, dict[int, Any]]:
-    """Query round: wait for ``partition.clients`` nodes, learn node id → partition id and each site's statistics."""
-    expected = scenario.partition.clients
-    deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < expected:
-        check_stop(stop)
-        if time.monotonic() > deadline:
-            raise FederationError(f"only {len(list(grid.get_node_ids()))} of {expected} clients connected within {timeout:.0f} s")
-        time.sleep(0.5)
-    config = ConfigRecord({SCENARIO_KEY: scenario.to_json()})
-    messages = [
-        Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
-        for node in sorted(grid.get_node_ids())
-    ]
-    replies = exchange(grid, messages, timeout, stop=stop).replies
-    failed = [reply.error.reason for reply in replies if reply.has_error()]
-    if failed:
-        raise InputError(f"a client could not prepare its data: {failed[0]}")
-    node_to_partition: dict[int, int] = {}
-    stats: dict[int, Any] = {}
-    for reply in replies:
-        info = reply.content.config_records[INFO_KEY]
-        pid = int(str(info[PARTITION_ID_KEY]))
-        node_to_partition[reply.metadata.src_node_id] = pid
-        stats[pid] = json.loads(str(info["stats"]))
-    missing = sorted(set(range(expected)) - set(stats))
-    if missing:
-        raise InputError(f"no client holds partition(s) {missing} (got {sorted(stats)})")
-    return Cohort(node_to_partition=node_to_partition, seed=scenario.seed), dict(sorted(stats.items()))
 
 
 def _site_summary(metrics: dict[str, Any]) -> str:
@@ -169,6 +122,7 @@ class Federation:
         self._site_lines = scenario.engine.backend == "deployment"  # one log line per site and round (operators)
         self.overlap_central_evaluation = False  # the engine's clients run elsewhere: evaluate centrally meanwhile
         self.privacy: PrivacyRound | None = None
+        self.sites = SiteStats(scenario)  # each site's statistics, from discovery (:mod:`server.discovery`)
         self.attack: AttackRound | None = None
         self.plugins = Plugins([])
         self._started = time.perf_counter()
@@ -180,9 +134,12 @@ class Federation:
         scenario = self.scenario
         self._started = time.perf_counter()
         seed_everything(scenario.seed, "server")
-        cohort, stats = discover(grid, scenario, stop=self.stop)
+        cohort, self.sites = discover(grid, scenario, stop=self.stop)
+        if self.resume and not describes_every_site(scenario):  # the sites an earlier part described
+            self.sites.known.update({int(pid): site for pid, site in self.run_dir.read_partitions().get("clients", {}).items()})
         if not self.resume:
-            self.run_dir.write_partitions(self._partitions(stats))
+            self.run_dir.write_partitions(self._partitions(self.sites.known))
+        stats = self.sites.known  # filled in as sites are first sampled, in a large federation
         self.privacy = PrivacyRound(scenario, stats)
 
         algorithm = get_algorithm(scenario.strategy.name)
@@ -306,6 +263,8 @@ class Federation:
         """Send a phase's messages, collect one reply per message, and let the plug-ins inspect them."""
         t, cohort = round_.number, round_.cohort
         self.progress.phase(t, phase, len(messages))
+        if self.sites.describe(round_.grid, cohort, [message.metadata.dst_node_id for message in messages]):
+            self.run_dir.write_partitions(self._partitions(self.sites.known))  # the sites described so far
         done = exchange(
             round_.grid,
             messages,
@@ -347,7 +306,8 @@ class Federation:
     def _partitions(self, stats: dict[int, Any]) -> dict[str, Any]:
         """What ``partitions.json`` holds: the partition kind, each site's statistics and, when the task
         describes its central test set (an optional ``server_stats()``, e.g. a test folder), ``"server"``."""
-        partitions: dict[str, Any] = {"kind": self.scenario.partition.kind, "clients": {str(k): v for k, v in stats.items()}}
+        partitions: dict[str, Any] = {"kind": self.scenario.partition.kind,
+                                      "clients": {str(k): stats[k] for k in sorted(stats)}}
         server_stats = getattr(self.task, "server_stats", None)
         described = server_stats() if server_stats is not None else None
         if described is not None:

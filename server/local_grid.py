@@ -30,7 +30,8 @@ def handle(client_app: Callable[[Message, Context], Message], message: Message, 
 
 
 class LocalGrid(Grid):
-    """A ``Grid`` of ``num_nodes`` nodes on this machine; node k (partition id k) has ``node_ids[k]``.
+    """A ``Grid`` of ``num_nodes`` nodes on this machine; node k (partition id k) has ``node_ids[k]``, and
+    :attr:`partitions` maps node id → partition id (discovery reads it rather than asking every node).
 
     Node ids are random, as Flower's are, so nothing may depend on them. Subclasses deliver the messages
     (``push_messages``, ``pull_messages``, ``get_node_ids``).
@@ -44,6 +45,7 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 1
         self._run = Run.create_empty(run_id)
         self.node_ids: list[int] = random.Random(uuid.uuid4().int).sample(range(1, 2**53), num_nodes)
+        self.partitions: dict[int, int] = {node: pid for pid, node in enumerate(self.node_ids)}  # node → partition
 
     def set_run(self, run: Run) -> None:
         self._run = run

@@ -227,7 +227,6 @@ class ProcessGrid(LocalGrid):
 
     def __init__(self, num_nodes: int, workers: int, client_app: str = CLIENT_APP, run_id: int = 1) -> None:
         super().__init__(num_nodes, run_id)
-        self.partitions = {node: pid for pid, node in enumerate(self.node_ids)}  # node id → partition id
         self._replies: dict[str, Message] = {}
         self._arrived = threading.Condition()
         self._workers: list[_Worker] = []

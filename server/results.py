@@ -293,13 +293,17 @@ class RunDirectory:
         RunDirectoryError
             If it exists but cannot be read as JSON.
         """
-        path = self._path / SUMMARY_FILE
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunDirectoryError(f"cannot read {path}: {exc}") from exc
+        return _read_json(self._path / SUMMARY_FILE)
+
+    def read_partitions(self) -> dict:
+        """Returns ``partitions.json`` (the sites described so far), or ``{}`` if there is none.
+
+        Raises
+        ------
+        RunDirectoryError
+            If it exists but cannot be read as JSON.
+        """
+        return _read_json(self._path / PARTITIONS_FILE) or {}
 
     def discard_summary(self) -> None:
         """Removes ``summary.json``: the run goes on (more rounds), so it no longer describes the run."""
@@ -584,6 +588,16 @@ def _jsonable(obj: Any) -> Any:
 
 def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(_jsonable(obj), allow_nan=False, indent=indent, ensure_ascii=False)
+
+
+def _read_json(path: Path) -> Any:
+    """``path`` read as JSON, ``None`` if it does not exist; a :class:`RunDirectoryError` if it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirectoryError(f"cannot read {path}: {exc}") from exc
 
 
 def _write_json(path: Path, obj: Any) -> None:
