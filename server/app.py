@@ -24,6 +24,7 @@ from its last checkpoint.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server import scenario as scenario_module
-from server.engines import shutdown_ray
+from server.engines import end_ray_instance
 from server.federation import Federation, FederationError
 from server.launch import RESUME_KEY, RUN_DIRECTORY_PREFIX, SCENARIO_JSON_KEY
 from server.progress import make_progress
@@ -78,13 +79,27 @@ def stop_ray_on_exit() -> None:
 
     ``flwr stop`` (or Ctrl-C) makes the ``flwr-simulation`` process leave through Flower's exit handlers
     without stopping Ray, whose agents then outlive the run, orphaned. Registered here, the ServerApp's
-    process shuts Ray down on its way out, and ends Ray processes that outlive the shutdown. It runs before
-    Flower starts counting the 5 s after which it forces the process out: on a loaded machine, ending
-    Ray's processes takes longer.
+    process ends its Ray instance's processes on its way out (:func:`~server.engines.end_ray_instance`),
+    before Flower starts counting the 5 s after which it forces the process out.
     """
     from flwr.supercore.exit import add_exit_handler
 
-    add_exit_handler(shutdown_ray, run_before_force_exit=True)
+    add_exit_handler(_end_ray_undisturbed, run_before_force_exit=True)
+
+
+def _end_ray_undisturbed() -> None:
+    """:func:`~server.engines.end_ray_instance` with SIGINT and SIGTERM ignored meanwhile (it takes 2 s at most).
+
+    ``flwr stop`` cuts each of the process's connections to the SuperLink, and Flower answers each cut with a
+    SIGINT to the process. The first starts the exit; by then Flower has put the default handlers back, so a
+    second would raise KeyboardInterrupt inside this handler and leave Ray's processes running.
+    """
+    ignored = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        end_ray_instance()
+    finally:
+        for number, handler in ignored.items():
+            signal.signal(number, handler)
 
 
 def scenario_from_run_config(run_config: dict) -> scenario_module.Scenario:

@@ -31,6 +31,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -180,6 +181,8 @@ class _QuietAfterStop(logging.Filter):
         return not any(thread.ident == record.thread and thread.is_alive() for thread in self.server_threads)
 
 
+RAY_CORE_PROGRAMS = ("raylet", "gcs_server")
+"""Ray's own programs (not Python): the node's raylet and the head's GCS."""
 RAY_STOP_TIMEOUT_S = 5.0
 """Seconds the processes of this process's Ray instance get to end after ``ray.shutdown`` before SIGTERM/SIGKILL."""
 
@@ -189,8 +192,9 @@ def shutdown_ray() -> None:
 
     ``ray.shutdown`` gives the raylet one second to end gracefully, then kills it; on a loaded machine that
     second passes, and the raylet's agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) outlive it,
-    orphaned. So the Ray processes this process started (its descendants, :func:`ray_processes`) are noted
-    first and any still running ``RAY_STOP_TIMEOUT_S`` s after the shutdown are ended, by pid.
+    orphaned. And it can hang (a thread still waiting in ``ray.get``). So the Ray processes this process
+    started (its descendants, :func:`ray_processes`) are noted first, ``ray.shutdown`` gets
+    ``RAY_STOP_TIMEOUT_S`` s in a thread of its own, and those still running then are ended, by pid.
 
     On a cluster that ``engine.address`` joined, this process only disconnects: the cluster runs on (its
     processes are not this process's descendants), and the run's actors end with it.
@@ -198,19 +202,45 @@ def shutdown_ray() -> None:
     ray = sys.modules.get("ray")  # never import Ray only to find that it is not running
     if ray is None:
         return
-    auto_init = sys.modules.get("ray._private.auto_init_hook")
-    if auto_init is not None:  # a thread still calling ray.get would otherwise start a new Ray instance, orphaned
-        setattr(auto_init, "enable_auto_connect", False)  # noqa: B010 (a module attribute Ray reads at each call)
+    _no_auto_connect()
     started = ray_processes()
     if ray.is_initialized():
-        ray.shutdown()
+        stopping = threading.Thread(target=ray.shutdown, name="medfed-ray-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(RAY_STOP_TIMEOUT_S)  # it can hang (a Flower thread still in ray.get): its processes end below
     end_ray_processes(started)
 
 
+def end_ray_instance() -> None:
+    """End the Ray instance this process started by pid, its raylet and GCS last, without ``ray.shutdown``.
+
+    For a process on its way out (Flower's exit handlers): there ``ray.shutdown`` begins by stopping the raylet,
+    whereupon Ray's core worker ends this whole process at once, before the raylet's agents are stopped, which
+    then run on, orphaned. Ending the agents, workers and Ray's other helpers first leaves nothing behind
+    whenever the process goes.
+    """
+    if sys.modules.get("ray") is None:
+        return
+    _no_auto_connect()
+    started = ray_processes()
+    core = [pid for pid in started if Path(next(iter(processes.command_line(pid)), "")).name in RAY_CORE_PROGRAMS]
+    processes.end([pid for pid in started if pid not in core], timeout=1.0)
+    processes.end(core, timeout=1.0)
+
+
 def end_ray_processes(started: list[int]) -> None:
-    """Give the Ray processes ``started`` ``RAY_STOP_TIMEOUT_S`` s to end after ``ray.shutdown``, then end them."""
+    """Give the Ray processes ``started`` ``RAY_STOP_TIMEOUT_S`` s to end after ``ray.shutdown``, then end them
+    (SIGTERM, and SIGKILL a second later)."""
     processes.wait(started, RAY_STOP_TIMEOUT_S)
-    processes.end(started, timeout=RAY_STOP_TIMEOUT_S)
+    processes.end(started, timeout=1.0)
+
+
+def _no_auto_connect() -> None:
+    """Stop Ray from starting a new instance on its own: a thread still calling ``ray.get`` after the shutdown
+    would otherwise start one, orphaned."""
+    auto_init = sys.modules.get("ray._private.auto_init_hook")
+    if auto_init is not None:
+        setattr(auto_init, "enable_auto_connect", False)  # noqa: B010 (a module attribute Ray reads at each call)
 
 
 def ray_processes() -> list[int]:
