@@ -214,8 +214,8 @@ class EngineSection(_Section):
     """
 
     backend: Literal["simulation", "inprocess", "processes", "deployment"] = Field(
-        "simulation", description="simulation (Ray), inprocess, processes (worker processes on this machine, no Ray), "
-        "or deployment (SuperNodes, needs --federation)"
+        "processes", description="processes (worker processes on this machine, no Ray), simulation (Ray: clusters, "
+        "GPU shares), inprocess, or deployment (SuperNodes, needs --federation)"
     )
     workers: int = Field(2, ge=1, le=256, description="clients trained in parallel (simulation, processes; a Ray cluster sizes itself)")
     cpus_per_client: int = Field(1, ge=1, le=256, description="CPU share and torch threads per client")
@@ -229,6 +229,14 @@ class EngineSection(_Section):
         None, description="Ray cluster to run the simulation on: auto or HOST:PORT (null = a private Ray instance)"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _ray_settings_mean_simulation(cls, data: Any) -> Any:
+        """A Ray cluster or a Ray GPU share without a backend named: the simulation engine, Ray's."""
+        if isinstance(data, dict) and "backend" not in data and (data.get("address") or data.get("gpus_per_client")):
+            return {**data, "backend": "simulation"}
+        return data
+
     @field_validator("gpus_per_client")
     @classmethod
     def _whole_gpus_above_one(cls, share: float) -> float:
@@ -241,7 +249,7 @@ class EngineSection(_Section):
     def _cluster_address(cls, address: str | None, info: ValidationInfo) -> str | None:
         if address is None:
             return None
-        if info.data.get("backend", "simulation") != "simulation":
+        if info.data.get("backend") != "simulation":
             raise ValueError(f"a Ray cluster runs the simulation engine only, not backend '{info.data['backend']}' "
                              "(set engine.backend: simulation, or engine.address: null)")
         match = CLUSTER_ADDRESS.match(address)

@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", nargs="?", help="scenario YAML file")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key, e.g. --set strategy.rounds=5 (repeatable)")
-    run.add_argument("--engine", choices=["simulation", "inprocess", "processes", "deployment"],
+    run.add_argument("--engine", choices=["processes", "simulation", "inprocess", "deployment"],
                      help="override engine.backend")
     run.add_argument("--federation", metavar="NAME",
                      help="with --engine deployment: the federation (medfed deploy init) to run on")
@@ -155,7 +155,7 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                             "--grid per key)")
     sweep.add_argument("--seeds", metavar="S1,S2", help="run every cell with each of these seeds "
                                                         "(default: the scenario's seed)")
-    sweep.add_argument("--engine", choices=["simulation", "inprocess", "processes"],
+    sweep.add_argument("--engine", choices=["processes", "simulation", "inprocess"],
                        help="override engine.backend of every cell")
     sweep.add_argument("--out", metavar="DIR", help="the sweep folder, new or empty "
                                                     "(default: <output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>)")

@@ -62,12 +62,22 @@ def test_every_shipped_scenario_is_valid(path: Path) -> None:
 
 def test_defaults_are_resolved_and_round_trip(tmp_path: Path) -> None:
     scenario = scenario_module.load(_write(tmp_path, VALID))
-    assert scenario.local.batch_size == 16 and scenario.engine.backend == "simulation"
+    assert scenario.local.batch_size == 16 and scenario.engine.backend == "processes"
     assert scenario.task.params["norm"] == "batch"  # the task's own default, filled in
     assert scenario.strategy.params == {"proximal_mu": 0.0, "bn_stats": "average"}
     again = scenario_module.load(_write(tmp_path, scenario.to_yaml(), "resolved.yaml"))
     assert again == scenario
     assert scenario_module.Scenario.from_json(scenario.to_json()) == scenario
+
+
+@pytest.mark.parametrize("engine", [{"address": "auto"}, {"gpus_per_client": 0.5}])
+def test_ray_settings_without_a_backend_mean_the_simulation_engine(tmp_path: Path, engine: dict) -> None:
+    scenario = scenario_module.load(_write(tmp_path, {**VALID, "engine": engine}))
+    assert scenario.engine.backend == "simulation"
+    assert scenario_module.load(_write(tmp_path, {**VALID, "engine": {}}, "plain.yaml")).engine.backend == "processes"
+    with pytest.raises(scenario_module.ScenarioError, match="a Ray cluster runs the simulation engine only, not backend 'processes'"):
+        scenario_module.load(_write(tmp_path, {**VALID, "engine": {"backend": "processes", "address": "auto"}},
+                                    "named.yaml"))
 
 
 def test_dpsgd_params_are_resolved_and_round_trip(tmp_path: Path) -> None:
