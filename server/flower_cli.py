@@ -32,6 +32,7 @@ FLOWER_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # a SuperExec looks for a new message's task every 0.1 s, not 1 s
 }
 CLI_TIMEOUT = 60.0  # seconds for one `flwr ... --format json` call
 

@@ -100,9 +100,9 @@ class NodeStates(RoundPlugin):
     def __init__(self, cohort: Cohort, *, keep_copies: bool, timeout: float,
                  stop: threading.Event | None = None) -> None:
         self.cohort, self.keep_copies, self.timeout, self.stop = cohort, keep_copies, timeout, stop
-        # partition id → the latest state the site exported (every node starts a run with an empty state)
-        self.copies: dict[str, Any] = {str(pid): to_plain(RecordDict())
-                                       for pid in sorted(cohort.node_to_partition.values())} if keep_copies else {}
+        # partition id → the latest state the site exported; a site that has not trained yet has none (every node
+        # starts a run with an empty state), so checkpoints grow with the sites that trained, not the federation
+        self.copies: dict[str, Any] = {}
         self.lost: dict[int, int] = {}  # partition id → round its node was lost in (until it answers again)
 
     def configure(self, round_: Round) -> None:

@@ -105,8 +105,8 @@ def _engine_cells(row: Row) -> list[str]:
 
 def _scale(rows: list[Row]) -> list[str]:
     lines = ["## Scale: tabular, 10 sites sampled per round, in-process", "",
-             "Discovery: building the task and every site's data, and the query round to all sites. Peak RSS: the "
-             "run's process.", ""]
+             "Discovery: up to 1,000 sites, building every site's data and the query round to all of them; above, "
+             "the partition ids only (each site is described when first sampled). Peak RSS: the run's process.", ""]
     body = []
     for row in rows:
         status = _failed(row) or (f"refused: {row['refused']}" if "refused" in row else "ok")

@@ -2,9 +2,10 @@
 
 Each size runs in a child process on the in-process engine (``python -m server.cli run
 scenarios/tabular-dp-none.yaml --set partition.clients=N --set strategy.fraction_train=10/N ...``, federated
-evaluation sampled alike). Measured: discovery (the task, every site's data and the query round to all N sites),
-seconds per round (median over the rounds after the first), the process's peak resident memory. A size the
-scenario schema refuses (``partition.clients`` is capped) is recorded as refused with its reason.
+evaluation sampled alike). Measured: discovery (up to 1,000 sites: the task, every site's data and the query
+round to all N sites; above: the partition ids only, each site being described when first sampled,
+:mod:`server.discovery`), seconds per round (median over the rounds after the first), the process's peak
+resident memory. A size the scenario schema refuses is recorded as refused with its reason.
 """
 
 from __future__ import annotations

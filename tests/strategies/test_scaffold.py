@@ -201,8 +201,8 @@ def test_option_two_with_a_non_plain_sgd_optimiser_is_rejected_in_one_line(tmp_p
 class StateRecorder:
     """A progress display that reads the checkpoint after every round: c on the server, c_k on each node."""
 
-    def __init__(self, run_dir: RunDirectory, inner: Any = None) -> None:
-        self.inner, self.run_dir = inner or make_progress(interactive=False), run_dir
+    def __init__(self, run_dir: RunDirectory, sites: int, inner: Any = None) -> None:
+        self.inner, self.run_dir, self.sites = inner or make_progress(interactive=False), run_dir, sites
         self.rounds: dict[int, tuple[torch.Tensor, dict[int, torch.Tensor | None]]] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -210,15 +210,16 @@ class StateRecorder:
 
     def round_done(self, server_round: int, metrics: dict) -> None:
         checkpoint = self.run_dir.load_checkpoint()
-        local = {int(pid): plain["arrays"].get(LOCAL_VARIATE_KEY, {}).get("weight")
-                 for pid, plain in checkpoint.extra["node_states"].items()}
+        local: dict[int, torch.Tensor | None] = dict.fromkeys(range(self.sites))  # a site yet to train has no state
+        local.update({int(pid): plain["arrays"].get(LOCAL_VARIATE_KEY, {}).get("weight")
+                      for pid, plain in checkpoint.extra["node_states"].items()})
         self.rounds[server_round] = (checkpoint.strategy_state["control"]["weight"], local)
         self.inner.round_done(server_round, metrics)
 
 
 def recorded_run(scenario: Scenario) -> tuple[RunDirectory, StateRecorder]:
     run_dir = new_run_directory(scenario)
-    recorder = StateRecorder(run_dir)
+    recorder = StateRecorder(run_dir, scenario.partition.clients)
     run_scenario(scenario, run_dir, recorder)
     return run_dir, recorder
 
