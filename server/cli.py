@@ -123,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="table and curves of several runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories (e.g. runs/seg-iid/* runs/seg-local-only/*)")
     compare.add_argument("--target", type=float, help="also report rounds and MB until the primary metric reaches this")
-    compare.add_argument("--out", default="compare.png", help="where to draw the curves (default: compare.png)")
+    compare.add_argument("--out", metavar="FILE|DIR",
+                         help="where to draw the curves: a file, or a folder to hold compare.png (created if missing; "
+                              "default: compare.png in the deepest folder that holds every run)")
     compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     compare.set_defaults(handler=_compare)
 
@@ -608,34 +610,32 @@ def _compare(args: argparse.Namespace) -> int:
     from server.compare import (
         CompareError,
         comparison_rows,
+        evaluation_note,
+        figure_path,
         load_runs,
         markdown_table,
         plot_comparison,
+        print_table,
     )
 
     try:
         runs = load_runs(args.runs)
+        figure = figure_path(args.out, [run.path for run in runs])
     except CompareError as error:
         return _fail(str(error), EXIT_INVALID)
     rows = comparison_rows(runs, args.target)
     if args.markdown:
-        print(markdown_table(rows))
+        print(markdown_table(rows) + "\n")
     else:
-        from rich.console import Console
-        from rich.table import Table
-
-        from server.compare import format_cell
-
-        table = Table(title=f"{len(runs)} runs")
-        for column in rows[0]:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(format_cell(value) for value in row.values()))
-        Console(width=max(120, Console().width)).print(table)
+        print_table(rows, title=f"{len(runs)} runs")
+    print(evaluation_note(runs, args.target))
     unfinished = [run.label for run in runs if run.seconds is None]
     if unfinished:
         log.warning("not finished (no summary.json): %s", ", ".join(unfinished))
-    print(f"curves: {plot_comparison(runs, Path(args.out))}")
+    try:
+        print(f"curves: {plot_comparison(runs, figure)}")
+    except OSError as error:
+        return _fail(f"cannot write the figure {figure} ({error.strerror or error}); choose --out FILE|DIR", EXIT_INVALID)
     return EXIT_OK
 
 
