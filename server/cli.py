@@ -3,13 +3,16 @@
     medfed run SCENARIO.yaml [--set key.path=value ...] [--engine inprocess|processes|simulation]
     medfed run SCENARIO.yaml [--set key.path=value ...] --engine deployment --federation NAME
     medfed run --resume RUN_DIR [--set strategy.rounds=N] [--engine deployment --federation NAME]
-    medfed validate FILE ...
-    medfed list [FOLDER]
+    medfed validate|list|show|init ...   (scenario files, not run; see server/scenario_commands.py)
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
                  [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
     medfed superlink stop   (the local SuperLink `flwr run .` left running; see server/local_superlink.py)
+    medfed --version
+
+``-v``/``--verbose`` (debug logging) goes before or after the command: ``medfed -v run s.yaml`` is
+``medfed run s.yaml -v``.
 
 Exit codes: 0 success, 1 a run failed (one line says why; for a sweep: a cell failed), 2 invalid input
 (scenario, option or file), 130 interrupted.
@@ -28,11 +31,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple, NoReturn, TextIO
 
+from server.exits import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_RUN_FAILED
+from server.exits import fail as _fail
+from server.scenario_commands import add_scenario_commands
+
 if TYPE_CHECKING:  # pragma: no cover
     from server.results import RunDirectory
     from server.scenario import Scenario
 
-EXIT_OK, EXIT_RUN_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 THREAD_GRACE_SECONDS = 3.0  # how long the command waits, on its way out, for threads an engine left behind
 ROUNDS_KEY = "strategy.rounds"  # the one key a resumed run may change (more rounds for a finished run)
 DEPLOYED_ROUND_TIMEOUT_HINT = 600  # seconds: above it, a deployed run is told a hung hospital would stall it
@@ -97,7 +103,9 @@ def _waited_threads() -> list[threading.Thread]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfed", description="Federated learning simulations for medical imaging.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (Flower and client details)")
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of medfed, its main libraries "
+                                                                  "and Python, and exit")
+    _add_verbose(parser, default=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a scenario and write a run directory")
@@ -111,14 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     run.set_defaults(handler=_run)
 
-    validate = commands.add_parser("validate", help="check scenario files without running them")
-    validate.add_argument("files", nargs="+", help="scenario YAML files")
-    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    validate.set_defaults(handler=_validate)
-
-    listing = commands.add_parser("list", help="table of the scenarios in a folder")
-    listing.add_argument("folder", nargs="?", default="scenarios", help="folder of scenario files (default: scenarios)")
-    listing.set_defaults(handler=_list)
+    add_scenario_commands(commands)
 
     compare = commands.add_parser("compare", help="table and curves of several runs side by side")
     compare.add_argument("runs", nargs="+", help="run directories (e.g. runs/seg-iid/* runs/seg-local-only/*)")
@@ -131,7 +132,40 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_sweep_parser(commands)
     _add_deploy_parser(commands)
+    _accept_verbose_after_commands(parser)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`server.scaffold.version_line` on stdout and exit 0 (looked up only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from server.scaffold import version_line
+
+        print(version_line())
+        parser.exit(EXIT_OK)
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging (Flower and client details)")
+
+
+def _accept_verbose_after_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every command's parser, nested ones included (``deploy init``), the ``-v`` of the main parser.
+
+    Its default is left out (``SUPPRESS``), so a command's parser sets ``verbose`` only when ``-v`` follows the
+    command and ``medfed -v run s.yaml`` stays verbose.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):  # once each, aliases or not
+                _add_verbose(command, default=argparse.SUPPRESS)
+                _accept_verbose_after_commands(command)
 
 
 def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
@@ -231,11 +265,6 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value: TextIO) -> None:
         pass
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"medfed: error: {message}", file=sys.stderr)
-    return code
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -563,47 +592,6 @@ def _print_summary(summary: dict, path: Path) -> None:
         parts.append(f"privacy: ε {privacy['epsilon']:.3g} (δ {privacy.get('delta', '?')}, {basis})")
     print(f"done in {summary.get('seconds', 0):.1f} s | " + " | ".join(parts))
     print(f"results: {path}")
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from server import scenario as scenario_module
-
-    status = EXIT_OK
-    for file in args.files:
-        try:
-            scenario = scenario_module.load(file, args.overrides)
-        except scenario_module.ScenarioError as error:
-            print(f"medfed: error: {error}", file=sys.stderr)
-            status = EXIT_INVALID
-            continue
-        print(f"ok {file} ({scenario.task.name}, {scenario.partition.kind}, {scenario.strategy.name})")
-    return status
-
-
-def _list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from server import scenario as scenario_module
-
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        return _fail(f"scenario folder not found: {folder}", EXIT_INVALID)
-    table = Table(title=f"scenarios in {folder}")
-    for column in ("file", "task", "partition", "clients", "strategy", "rounds", "engine"):
-        table.add_column(column)
-    status = EXIT_OK
-    for file in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
-        try:
-            s = scenario_module.load(file)
-        except scenario_module.ScenarioError as error:
-            table.add_row(file.name, f"[red]invalid: {error}[/red]", "", "", "", "", "")
-            status = EXIT_INVALID
-            continue
-        table.add_row(file.name, s.task.name, s.partition.kind, str(s.partition.clients), s.strategy.name,
-                      str(s.strategy.rounds), s.engine.backend)
-    Console(width=max(120, Console().width)).print(table)
-    return status
 
 
 def _compare(args: argparse.Namespace) -> int:

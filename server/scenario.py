@@ -8,8 +8,9 @@ partition kind's, ``privacy.params`` against the mechanism's, ``defense.params``
 against the aggregation rule's, ``attack.params`` against the attack's), refuses the
 combinations a strategy, a defense, a privacy mechanism or an attack cannot run, resolves every
 default and makes every data folder absolute (``data.path``, ``data.sites``, ``data.test_path``; relative
-ones are relative to the scenario file), so the resolved scenario written to a run directory says exactly
-what ran, refuses folder settings the task cannot read (:func:`medtasks.sites.check_data`), and finally runs
+ones are relative to the scenario file), writes the folder of a task module that sits beside the scenario
+file into ``task.name`` (:func:`medtasks.registry.locate_task_module`), so the resolved scenario written to a
+run directory says exactly what ran, refuses folder settings the task cannot read (:func:`medtasks.sites.check_data`), and finally runs
 :mod:`server.checks` (the optional modules the task needs; a DP-SGD budget that one round already exceeds).
 
 Every problem is raised as :class:`ScenarioError` whose message is one line:
@@ -31,7 +32,7 @@ import privacy
 from medtasks import sites
 from medtasks.base import DataError
 from medtasks.partition import PARAMS_MODELS as PARTITION_PARAMS
-from medtasks.registry import UnknownTaskError, get_task_class
+from medtasks.registry import UnknownTaskError, get_task_class, locate_task_module
 from medtasks.scenario import (
     AttackSection,
     DataSection,
@@ -94,6 +95,8 @@ def validate(raw: Mapping[str, Any], *, source: str = "<scenario>", base_dir: Pa
         scenario = Scenario.model_validate(raw)
     except ValidationError as error:
         raise ScenarioError(f"{source}: {_describe(error, Scenario)}") from None
+    if base_dir is not None:  # a task module beside the scenario file: its folder goes into task.name
+        scenario.task.name = locate_task_module(scenario.task.name, base_dir)
     _resolve_named_params(scenario, source)
     if scenario.data.source == "folder":
         _resolve_data_paths(scenario, source, base_dir or Path.cwd())
