@@ -4,7 +4,7 @@
     medfed run SCENARIO.yaml [--set key.path=value ...] --engine deployment --federation NAME
     medfed run --resume RUN_DIR [--set strategy.rounds=N] [--engine deployment --federation NAME]
     medfed validate|list|show|init ...   (scenario files, not run; see server/scenario_commands.py)
-    medfed compare RUN_DIR ... [--target VALUE] [--out FILE] [--markdown]
+    medfed compare RUN_DIR ... [--target VALUE] [--out FILE|DIR] [--markdown]
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
                  [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
