@@ -7,6 +7,8 @@
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE|DIR] [--markdown]
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
                  [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
+    medfed evaluate RUN_DIR [--data FOLDER] [--model best|last] [--site K] [--json]
+    medfed predict RUN_DIR INPUT OUTPUT [--model best|last] [--site K]   (see server/use_model.py)
     medfed deploy init|commands|register|status NAME ...   (see server/deploy.py)
     medfed superlink stop   (the local SuperLink `flwr run .` left running; see server/local_superlink.py)
     medfed --version
@@ -131,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_compare)
 
     _add_sweep_parser(commands)
+    _add_model_parsers(commands)
     _add_deploy_parser(commands)
     _accept_verbose_after_commands(parser)
     return parser
@@ -197,6 +200,31 @@ def _add_sweep_parser(commands: argparse._SubParsersAction) -> None:
                                                     "(default: <output.dir>/<name>-sweep-<YYYYmmdd-HHMMSS>)")
     sweep.add_argument("--dry-run", action="store_true", help="validate and list the cells; run nothing")
     sweep.set_defaults(handler=_sweep)
+
+
+def _add_model_parsers(commands: argparse._SubParsersAction) -> None:
+    """``evaluate`` and ``predict``: use a run's trained model (see server/use_model.py)."""
+    evaluate = commands.add_parser("evaluate", help="score a run's trained model on its test set or on a data folder")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    evaluate.add_argument("--data", metavar="FOLDER",
+                          help="evaluate on this folder (the layout of one site's folder) instead of the run's test set")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_model_choice(evaluate)
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="apply a run's trained model to new inputs")
+    predict.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    predict.add_argument("input", metavar="INPUT", help="a file or folder of inputs, as the task reads them")
+    predict.add_argument("output", metavar="OUTPUT", help="folder for the outputs (created if missing)")
+    _add_model_choice(predict)
+    predict.set_defaults(handler=_predict)
+
+
+def _add_model_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", dest="which", choices=["best", "last"], default="best",
+                        help="checkpoints/model_best.pt (default) or model_last.pt")
+    parser.add_argument("--site", type=int, metavar="K",
+                        help="site K's own model (strategies with a model per site: FedBN, FedPer, pFedHN, local)")
 
 
 def _add_deploy_parser(commands: argparse._SubParsersAction) -> None:
@@ -624,6 +652,34 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"curves: {plot_comparison(runs, figure)}")
     except OSError as error:
         return _fail(f"cannot write the figure {figure} ({error.strerror or error}); choose --out FILE|DIR", EXIT_INVALID)
+    return EXIT_OK
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from medtasks.base import DataError
+    from server.use_model import UseError, evaluate_run, metrics_table
+
+    try:
+        evaluation = evaluate_run(args.run_dir, data=args.data, which=args.which, site=args.site)
+    except (UseError, DataError) as error:
+        return _fail(str(error), EXIT_INVALID)
+    print(json.dumps(evaluation.to_json(), indent=2) if args.json else metrics_table(evaluation))
+    if not args.json:
+        print(f"examples: {evaluation.folder}")
+    return EXIT_OK
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from medtasks.base import DataError
+    from server.use_model import UseError, predict_run
+
+    try:
+        written = predict_run(args.run_dir, args.input, args.output, which=args.which, site=args.site)
+    except (UseError, DataError) as error:
+        return _fail(str(error), EXIT_INVALID)
+    print(f"wrote {len(written)} files to {args.output}")
     return EXIT_OK
 
 

@@ -237,11 +237,26 @@ class CTReconstructionTask:
 
     def _test_samples(self) -> Samples:
         """Every slice of ``data.test_path`` measured by the neutral scanner (noise stream ``"server"``)."""
-        test_path = str(Path(self.ctx.data.test_path or "").resolve())
-        labels = self._pool(test_path)[1]
+        return self._neutral_samples(self.ctx.data.test_path or "")
+
+    def _neutral_samples(self, path: str) -> Samples:
+        """Every slice of the folder ``path`` measured by the neutral scanner (noise stream ``"server"``)."""
+        resolved = str(Path(path).resolve())
+        labels = self._pool(resolved)[1]
         neutral = neutral_values(ACQUISITION_SPACE), neutral_values(ANNOTATOR_SPACE)
-        return folder.site_samples(test_path, self.params, np.arange(len(labels)), *neutral, seed=self.ctx.seed,
+        return folder.site_samples(resolved, self.params, np.arange(len(labels)), *neutral, seed=self.ctx.seed,
                                    stream=("server",))
+
+    def folder_dataset(self, path: str) -> Dataset:
+        """Every slice of the folder ``path`` (HU slices, :mod:`medtasks.ct.folder`) measured as the central test
+        set is: how ``data.test_path`` is read, and what ``medfed evaluate --data`` evaluates on."""
+        return self._neutral_samples(path).dataset(slice(None))
+
+    def predict_files(self, model: nn.Module, input_path: str | Path, output_path: str | Path) -> list[Path]:
+        """Reconstruct new sinograms into ``<case>_recon.nii.gz`` files in HU (:mod:`medtasks.ct.predict`)."""
+        from medtasks.ct.predict import predict_reconstructions
+
+        return predict_reconstructions(model, input_path, output_path, self.params)
 
     def _folder_site(self, partition_id: int) -> ClientData:
         """Site ``partition_id``'s slices (its share of the pool, or its hospital folder), measured by its

@@ -264,3 +264,20 @@ def fixed_size_bags(
         tile_labels[row, : len(keep)] = truth[keep]
         padding[row, : len(keep)] = False
     return tiles, tile_labels, padding
+
+
+def slide_tiles(folder: str | Path, tile_size: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """Every tile of one slide folder, without labels (new slides to predict on).
+
+    Returns
+    -------
+    tuple[tuple[str, ...], np.ndarray]
+        ``(tile names, tiles [K, 3, T, T] float32 in [0, 1])``, sorted by file name.
+
+    Raises
+    ------
+    DataError
+        no tile in the folder, or an unreadable tile (:func:`read_tile`).
+    """
+    files = _tile_files(Path(folder))
+    return tuple(files), np.stack([read_tile(path, tile_size) for path in files.values()])

@@ -479,11 +479,13 @@ class MILTask:
         rng: np.random.Generator,
         acquisition: dict[str, float] | None = None,
         threshold: float = 0.0,
+        bag_size: int | None = None,
     ) -> Slides:
-        """Slides ``indices`` of ``folder`` as :class:`Slides`: ``K``-tile bags, re-stained with
-        ``acquisition``, the CSV label dropped where the positive fraction is below ``threshold``."""
+        """Slides ``indices`` of ``folder`` as :class:`Slides`: ``K``-tile bags (``K = bag_size``, default
+        :attr:`_bag_size`), re-stained with ``acquisition``, the CSV label dropped where the positive fraction
+        is below ``threshold``."""
         data = self._folder(folder)
-        tiles, tile_labels, padding = folder_io.fixed_size_bags(data, indices, self._bag_size, rng)
+        tiles, tile_labels, padding = folder_io.fixed_size_bags(data, indices, bag_size or self._bag_size, rng)
         if acquisition is not None:
             tiles = restain(tiles, acquisition)
         slides = labelled_slides(tiles, tile_labels, padding=padding)
@@ -516,6 +518,23 @@ class MILTask:
         if sites.natural_sites(self.ctx.data):
             site.stats["folder"] = folder
         return site
+
+    def folder_dataset(self, folder: str) -> Dataset:
+        """Every slide of ``folder`` (the layout of :mod:`medtasks.mil.folder`, ``labels.csv`` included) as
+        ``K``-tile bags drawn like the central test set's: what ``medfed evaluate --data`` evaluates on. ``K``
+        is the run's bag size for folder data, else ``min(tiles_per_slide, largest slide of folder)``."""
+        data = self._folder(folder)
+        bag_size = None
+        if self.ctx.data.source != "folder":
+            bag_size = min(self.params.tiles_per_slide, max(len(bag) for bag in data.bags))
+        rng = numpy_rng(self.ctx.seed, "mil", "server")
+        return _dataset(self._folder_slides(folder, np.arange(len(data.labels)), rng, bag_size=bag_size))
+
+    def predict_files(self, model: nn.Module, input_path: str | Path, output_path: str | Path) -> list[Path]:
+        """Slide scores (``scores.csv``) and attention maps of new slides (:mod:`medtasks.mil.predict`)."""
+        from medtasks.mil.predict import predict_slides
+
+        return predict_slides(model, input_path, output_path, tile_size=self.params.tile_size)
 
     # ------------------------------------------------------------------ evaluation
 

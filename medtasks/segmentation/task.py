@@ -388,9 +388,31 @@ class SegmentationTask:
     def _test_set(self) -> Dataset:
         """Every slice of ``data.test_path``, neither shifted nor relabelled."""
         assert self.ctx.data.test_path is not None
-        pool = self._folder_pool(self.ctx.data.test_path)
-        self._folder_classes()  # its labels fit the model
+        return self.folder_dataset(self.ctx.data.test_path)
+
+    def folder_dataset(self, folder: str) -> Dataset:
+        """Every slice of ``folder`` (the layout of one site's folder, :mod:`medtasks.io`), neither shifted nor
+        relabelled: how ``data.test_path`` is read, and what ``medfed evaluate --data`` evaluates on.
+
+        Raises
+        ------
+        DataError
+            the folder cannot be read, or its masks hold a label the model has no class for.
+        """
+        pool = self._folder_pool(folder)
+        if self.ctx.data.source == "folder":
+            self._folder_classes()  # the scenario's folders fit the model
+        if max(pool.labels) >= self.num_classes:
+            raise DataError(f"{folder}: masks hold label {max(pool.labels)}, but the model has {self.num_classes} "
+                            f"classes (0..{self.num_classes - 1})")
         return _dataset(pool.images, pool.masks)
+
+    def predict_files(self, model: nn.Module, input_path: str | Path, output_path: str | Path) -> list[Path]:
+        """Segment new images into ``<case>_mask.nii.gz`` files (:mod:`medtasks.segmentation.predict`)."""
+        from medtasks.segmentation.predict import predict_masks
+
+        return predict_masks(model, input_path, output_path, image_size=self.params.image_size,
+                             num_classes=self.num_classes)
 
     def _folder_pool(self, folder: str) -> _FolderPool:
         """All samples of ``folder``, resampled and normalised, with their cases and the labels found."""
