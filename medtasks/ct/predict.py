@@ -64,18 +64,9 @@ def _read_sinograms(path: Path, params: CTParams) -> np.ndarray:
 
 def predict_reconstructions(model: nn.Module, input_path: str | Path, output_path: str | Path,
                             params: CTParams) -> list[Path]:
-    """Reconstruct every sinogram file of ``input_path`` (a folder, or one file) into ``output_path``.
-
-    Returns
-    -------
-    list[Path]
-        the ``<case>_recon.nii.gz`` files written, one per input file.
-
-    Raises
-    ------
-    DataError
-        no input file, one that cannot be read, or a sinogram of another geometry.
-    """
+    """Reconstruct every sinogram file of ``input_path`` (a folder, or one file) into ``output_path``; returns
+    the ``<case>_recon.nii.gz`` files written, one per input file. An input that cannot be read, or a sinogram
+    of another geometry, raises :class:`~medtasks.base.DataError`."""
     spacing_mm = 10.0 * pixel_size_cm(params.image_size)
     written = []
     for path in input_files(input_path):
