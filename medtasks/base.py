@@ -158,7 +158,10 @@ class Task(Protocol):
     ``data.test_path`` (``pooled_test_set = True`` when its ``data.server_samples`` draws
     the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`. An optional
     method ``server_stats() -> dict | None`` describes the central test set for
-    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``).
+    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``). Two more
+    serve ``medfed evaluate`` and ``medfed predict`` (:mod:`medtasks.prediction`):
+    ``folder_dataset(folder) -> Dataset`` reads a folder whole as an evaluation set, and
+    ``predict_files(model, input_path, output_path)`` writes the model's outputs for new inputs.
     """
 
     name: ClassVar[str]
