@@ -158,7 +158,9 @@ class Task(Protocol):
     ``data.test_path`` (``pooled_test_set = True`` when its ``data.server_samples`` draws
     the test set from a pooled ``data.path``): :func:`medtasks.sites.check_data`. An optional
     method ``server_stats() -> dict | None`` describes the central test set for
-    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``).
+    ``partitions.json`` (``"server"``: at least its size ``n``, and its ``cases``). And
+    ``metric_units: dict[str, str]`` names the unit of a metric for the plots' axes (``{"psnr": "dB"}``;
+    :func:`server.plots.metric_units`).
     """
 
     name: ClassVar[str]
@@ -186,7 +188,11 @@ class Task(Protocol):
         """Metrics of ``model`` on ``dataset`` (must include ``primary_metric`` and ``loss``)."""
 
     def plot_examples(self, model: torch.nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG picture of the model's output on a few samples of ``dataset``."""
+        """Save a PNG picture of the model's output on a few samples of ``dataset``.
+
+        An implementation may take a keyword ``title: str = ""``, the picture's heading (which model, round and
+        data set); :class:`server.example_plots.ExamplePlots` passes it to those that do.
+        """
 
 
 class PooledSites(ConcatDataset):

@@ -109,6 +109,7 @@ from medtasks.partition import (
     neutral_values,
     order_by_group,
 )
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import numpy_rng
 
 EVAL_BATCH_SIZE = 16
@@ -601,8 +602,8 @@ class MILTask:
             ),
         }
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG: one row per positive bag (up to 3): tiles | attention | tile truth.
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG: one row per positive bag (up to 3): tiles | attention | tile truth, under ``title``.
 
         Falls back to the first bags when ``dataset`` holds no positive bag.
         """
@@ -614,11 +615,6 @@ class MILTask:
         subset = [dataset[i] for i in rows]
         logits, scores, _, tile_labels, padding = self._predict(model, subset)  # type: ignore[arg-type]
         bags = torch.stack([s[0] for s in subset])
-        plot_bags(
-            bags.numpy(),
-            scores.numpy(),
-            tile_labels.numpy(),
-            torch.sigmoid(logits).numpy(),
-            Path(path),
-            padding.numpy(),
-        )
+        figure = plot_bags(bags.numpy(), scores.numpy(), tile_labels.numpy(), torch.sigmoid(logits).numpy(),
+                           padding.numpy(), normalised=self._scores_normalised())
+        save_example_figure(figure, Path(path), title=title)
