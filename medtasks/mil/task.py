@@ -535,7 +535,8 @@ class MILTask:
         """Slide scores (``scores.csv``) and attention maps of new slides (:mod:`medtasks.mil.predict`)."""
         from medtasks.mil.predict import predict_slides
 
-        return predict_slides(model, input_path, output_path, tile_size=self.params.tile_size)
+        return predict_slides(model, input_path, output_path, tile_size=self.params.tile_size,
+                              normalised=self._scores_normalised())
 
     # ------------------------------------------------------------------ evaluation
 
