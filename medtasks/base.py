@@ -162,6 +162,8 @@ class Task(Protocol):
     serve ``medfed evaluate`` and ``medfed predict`` (:mod:`medtasks.prediction`):
     ``folder_dataset(folder) -> Dataset`` reads a folder whole as an evaluation set, and
     ``predict_files(model, input_path, output_path)`` writes the model's outputs for new inputs.
+    And ``metric_units: dict[str, str]`` names the unit of a metric for the plots' axes
+    (``{"psnr": "dB"}``; :func:`server.plots.metric_units`).
     """
 
     name: ClassVar[str]
@@ -189,7 +191,11 @@ class Task(Protocol):
         """Metrics of ``model`` on ``dataset`` (must include ``primary_metric`` and ``loss``)."""
 
     def plot_examples(self, model: torch.nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG picture of the model's output on a few samples of ``dataset``."""
+        """Save a PNG picture of the model's output on a few samples of ``dataset``.
+
+        An implementation may take a keyword ``title: str = ""``, the picture's heading (which model, round and
+        data set); :class:`server.example_plots.ExamplePlots` passes it to those that do.
+        """
 
 
 class PooledSites(ConcatDataset):

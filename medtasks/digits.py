@@ -47,6 +47,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from medtasks.base import ClientData, DataError, TaskContext, TaskParams, checked_params
 from medtasks.classification import classification_metrics, predict_logits
 from medtasks.partition import ParamRange, draw_site_profiles, label_histogram, neutral_values, split_indices
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import derive_seed, drawing_from, numpy_rng
 from medtasks.tabular import ANNOTATOR_SPACE
 
@@ -315,8 +316,9 @@ class DigitsTask:
         """``loss`` (mean cross-entropy), ``accuracy`` and ``balanced_accuracy`` on ``dataset``."""
         return classification_metrics(*self.predict(model, dataset), NUM_CLASSES)
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG of the first 16 images of ``dataset`` titled true / predicted label (wrong ones in red)."""
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG of the first 16 images of ``dataset`` titled true / predicted label (wrong ones in red),
+        under ``title``."""
         from matplotlib.figure import Figure
 
         count = min(PLOT_GRID * PLOT_GRID, len(cast(Sized, dataset)))  # the task's datasets have a len
@@ -331,10 +333,8 @@ class DigitsTask:
                 truth, predicted = int(y[i]), int(logits[i].argmax())
                 ax.imshow(x[i, 0].numpy(), cmap="gray_r", vmin=0.0, vmax=1.0)
                 ax.set_title(f"{truth} → {predicted}", fontsize=10, color="black" if truth == predicted else "red")
-        figure.suptitle(f"{self.model_name}: true → predicted")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100, bbox_inches="tight")
+        heading = f"{self.model_name}: true → predicted"
+        save_example_figure(figure, Path(path), title=f"{title}\n{heading}" if title else heading)
 
 
 def shift_samples(

@@ -47,6 +47,7 @@ from medtasks.partition import (
     label_histogram,
     neutral_values,
 )
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import derive_seed, drawing_from, numpy_rng
 
 __all__ = [
@@ -232,8 +233,8 @@ class TabularTask:
         """``loss`` (mean cross-entropy), ``accuracy`` and ``balanced_accuracy`` on ``dataset``."""
         return classification_metrics(*self.predict(model, dataset), self.params.num_classes)
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG of the row-normalised confusion matrix of ``model`` on ``dataset``."""
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG of the row-normalised confusion matrix of ``model`` on ``dataset``, under ``title``."""
         from matplotlib.figure import Figure
 
         logits, y = self.predict(model, dataset)
@@ -246,10 +247,8 @@ class TabularTask:
         axes.set_xlabel("predicted class")
         axes.set_ylabel("true class")
         accuracy = np.trace(matrix) / max(1, matrix.sum())
-        axes.set_title(f"{self.model_name}: accuracy {accuracy:.3f} on {int(matrix.sum())} records")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100, bbox_inches="tight")
+        axes.set_title(f"{self.model_name}: accuracy {accuracy:.3f} on {int(matrix.sum())} records", fontsize=10)
+        save_example_figure(figure, Path(path), title=title)
 
 
 def _dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:

@@ -33,7 +33,7 @@ from medtasks.base import Task
 from medtasks.seeding import seed_everything
 from server.attack_round import AttackRound, attack_plugin
 from server.discovery import DISCOVERY_TIMEOUT, InputError, SiteStats, describes_every_site, discover
-from server.example_plots import ExamplePlots
+from server.example_plots import ExamplePlots, SiteModels
 from server.exchange import (
     Exchange,
     RunInterrupted,
@@ -125,6 +125,7 @@ class Federation:
         self.sites = SiteStats(scenario)  # each site's statistics, from discovery (:mod:`server.discovery`)
         self.attack: AttackRound | None = None
         self.plugins = Plugins([])
+        self._examples: ExamplePlots | None = None  # the model's pictures (:meth:`run` builds it)
         self._started = time.perf_counter()
         self._earlier_seconds = 0.0  # the run's time before this part (a resumed run's earlier parts)
 
@@ -158,9 +159,11 @@ class Federation:
         self.attack = attack_plugin(scenario, self.task, rule, template, self.run_dir, self._model_with,
                                     complete=self._global_model_complete)
         plugins: list[RoundPlugin] = [*([self.attack] if self.attack else []), checks, node_states, self.privacy]
+        self._examples = ExamplePlots(self.task, self._model_with, self.run_dir.plots,
+                                      every=scenario.output.examples_every, complete=self._global_model_complete,
+                                      sites=SiteModels(strategy, rule, node_states.copies, template), title=scenario.name)
         if scenario.output.plots and scenario.output.examples_every:
-            plugins.append(ExamplePlots(self.task, self._model_with, self.run_dir.plots,
-                                        every=scenario.output.examples_every, complete=self._global_model_complete))
+            plugins.append(self._examples)
         self.plugins = Plugins(plugins)
         arrays, checkpoint = ArrayRecord(template.state_dict()), None
         first_round = 1
@@ -407,11 +410,13 @@ class Federation:
         return summary
 
     def _plots(self, records: list[dict], arrays: ArrayRecord) -> None:
-        from server.plots import plot_metric_curves
+        from server.plots import metric_units, plot_metric_curves
 
-        plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name)
-        ExamplePlots(self.task, self._model_with, self.run_dir.plots, every=None,
-                     complete=self._global_model_complete).draw(arrays, self.run_dir.plots / "examples.png")
+        plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name,
+                           units=metric_units(self.task), target_epsilon=self.scenario.privacy.params.get("target_epsilon"))
+        if self._examples is not None:
+            last_round = max((rec["round"] for rec in records if isinstance(rec.get("round"), int)), default=0)
+            self._examples.draw(arrays, self.run_dir.plots / "examples.png", last_round)
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:

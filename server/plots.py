@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_metric_curves"]
+__all__ = ["DATASETS", "METRIC_UNITS", "axis_label", "metric_figures", "metric_units", "phase_title",
+           "plot_metric_curves"]
 
+METRIC_UNITS: dict[str, str] = {"psnr": "dB", "rmse_hu": "HU", "hd95": "px", "loss": "", "epsilon": ""}
+"""Units of common metrics, for metrics whose task does not name them (a task's ``metric_units`` wins)."""
+DATASETS: dict[str, str] = {
+    "train": "sites' training splits",
+    "evaluate": "sites' validation splits",
+    "central": "server test set",
+}
+"""The data each phase's metrics are measured on, for titles."""
+_BASELINES = {"fbp": "FBP"}  # an aggregate "<metric>_<key>" is a reference method's value, drawn dashed
 _PHASES = ("train", "evaluate", "central")
 _SKIPPED_METRICS = frozenset({"num-examples", "seconds", "steps", "participations"})  # bookkeeping, not quality
 _MAX_LEGEND_CLIENTS = 10
@@ -38,18 +49,35 @@ class _PhaseSeries:
     def aggregate_of(self, metric: str) -> dict[int, float]:
         return self.aggregate.get(metric, {})
 
+    def baselines_of(self, metric: str) -> list[tuple[str, dict[int, float]]]:
+        """``(name, values)`` of each reference method recorded beside ``metric`` (e.g. ``psnr_fbp``)."""
+        return [(name, values) for key, name in _BASELINES.items()
+                if _has_values(values := self.aggregate_of(f"{metric}_{key}"))]
 
-def plot_metric_curves(
-    records: list[dict], out_dir: Path, *, primary_metric: str, title: str = ""
-) -> list[Path]:
-    """Writes one PNG per phase and aggregate metric, plus ``overview.png``.
 
-    ``<phase>_<metric>.png`` shows thin per-client lines ("client k", with a
-    legend when there are at most 10 clients) and a thick aggregate line over
-    rounds. ``overview.png`` shows the training loss and the primary metric
-    (evaluate aggregate, and central if present) side by side. Metrics that
-    are all None/NaN and bookkeeping counters (``num-examples``, ``seconds``, ``steps``,
-    ``participations``) are skipped.
+def metric_units(task: object) -> dict[str, str]:
+    """Metric → unit: :data:`METRIC_UNITS`, overridden by the task's optional ``metric_units`` class attribute."""
+    return {**METRIC_UNITS, **getattr(task, "metric_units", {})}
+
+
+def axis_label(metric: str, units: Mapping[str, str]) -> str:
+    """``metric (unit)``, or the bare name of a unitless metric.
+
+    A metric without an entry takes the unit of its first ``_``-separated part (``psnr_fbp`` → ``psnr``'s dB).
+    """
+    unit = units.get(metric, units.get(metric.split("_", 1)[0], ""))
+    return f"{metric} ({unit})" if unit else metric
+
+
+def phase_title(title: str, phase: str, metric: str) -> str:
+    """``title — phase metric (the data it is measured on)``, e.g. ``quickstart — central dice (server test set)``."""
+    data = DATASETS.get(phase)
+    return _join(title, f"{phase} {metric}" + (f" ({data})" if data else ""))
+
+
+def plot_metric_curves(records: list[dict], out_dir: Path, *, primary_metric: str, title: str = "",
+                       units: Mapping[str, str] | None = None, target_epsilon: float | None = None) -> list[Path]:
+    """Writes one PNG per phase and aggregate metric, plus ``overview.png`` (:func:`metric_figures`).
 
     Parameters
     ----------
@@ -61,16 +89,39 @@ def plot_metric_curves(
         The task's primary metric, for the overview.
     title : str
         Prefix of every figure title (e.g. the scenario name).
+    units : mapping, optional
+        Metric → unit (:func:`metric_units`); default :data:`METRIC_UNITS`.
+    target_epsilon : float, optional
+        The privacy mechanism's ``target_epsilon``, drawn on the ε panel.
 
     Returns
     -------
     list[Path]
         The paths written.
     """
-    phases = _collect(records)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    figures = metric_figures(records, primary_metric=primary_metric, title=title, units=units,
+                             target_epsilon=target_epsilon)
+    return [_save(fig, out_dir / name) for name, fig in figures]
+
+
+def metric_figures(records: list[dict], *, primary_metric: str, title: str = "",
+                   units: Mapping[str, str] | None = None,
+                   target_epsilon: float | None = None) -> Iterator[tuple[str, Any]]:
+    """``(file name, matplotlib Figure)`` of every curve :func:`plot_metric_curves` writes, one at a time.
+
+    ``<phase>_<metric>.png`` shows thin per-client lines ("client k", with a legend when there are at most
+    10 clients), a thick aggregate line and, dashed, any reference method recorded beside the metric (a CT
+    task's ``psnr_fbp``: "FBP baseline"). ``overview.png`` shows the training loss and the primary metric
+    (evaluate aggregate, and central if present) side by side, plus the run's ε over rounds when the records
+    hold one (a differentially private run), with ``target_epsilon`` dashed. Axes name their unit
+    (``units``), rounds are integer ticks, and titles name the data each phase is measured on
+    (:data:`DATASETS`). Metrics that are all None/NaN and bookkeeping counters (``num-examples``,
+    ``seconds``, ``steps``, ``participations``) are skipped.
+    """
+    units = METRIC_UNITS if units is None else units
+    phases = _collect(records)
     for phase in _ordered(phases):
         series = phases[phase]
         for metric in series.aggregate:
@@ -78,12 +129,11 @@ def plot_metric_curves(
                 continue
             fig, (ax,) = _figure(1)
             _plot_phase_metric(ax, series, metric, phase)
-            _label(ax, _join(title, f"{phase} {metric}"), metric)
-            written.append(_save(fig, out_dir / f"{_safe(phase)}_{_safe(metric)}.png"))
-    overview = _overview(phases, primary_metric, title)
+            _label(ax, phase_title(title, phase, metric), axis_label(metric, units))
+            yield f"{_safe(phase)}_{_safe(metric)}.png", fig
+    overview = _overview(phases, _epsilon_series(records), primary_metric, title, units, target_epsilon)
     if overview is not None:
-        written.append(_save(overview, out_dir / "overview.png"))
-    return written
+        yield "overview.png", overview
 
 
 def _collect(records: list[dict]) -> dict[str, _PhaseSeries]:
@@ -117,19 +167,32 @@ def _plot_phase_metric(ax: Any, series: _PhaseSeries, metric: str, phase: str) -
         linewidth=2.5,
         markersize=4,
     )
+    for name, values in series.baselines_of(metric):
+        _baseline(ax, values, label=f"{name} baseline", color="dimgray")
     if len(clients) <= _MAX_LEGEND_CLIENTS:
         ax.legend(fontsize="small")
 
 
-def _overview(phases: dict[str, _PhaseSeries], primary: str, title: str) -> Any | None:
-    """The 1x2 overview figure (training loss | primary metric), or None if both are empty."""
+def _epsilon_series(records: list[dict]) -> dict[int, float]:
+    """Round → the run's ε (the round's last record that holds a number; empty for a run without DP)."""
+    epsilon: dict[int, float] = {}
+    for rec in records:
+        value, rnd = rec.get("epsilon"), rec.get("round")
+        if isinstance(rnd, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            epsilon[rnd] = float(value)
+    return epsilon if _has_values(epsilon) else {}
+
+
+def _overview(phases: dict[str, _PhaseSeries], epsilon: dict[int, float], primary: str, title: str,
+              units: Mapping[str, str], target_epsilon: float | None) -> Any | None:
+    """The overview figure (training loss | primary metric [| ε]), or None if the first two are empty."""
     panels = [
         ("training loss", "loss", [("train", "train")]),
         (primary, primary, [("evaluate", "federated evaluate"), ("central", "central")]),
     ]
     curves = [
         [
-            (label, phases[phase].aggregate_of(metric))
+            (phase, label, phases[phase])
             for phase, label in sources
             if phase in phases and _has_values(phases[phase].aggregate_of(metric))
         ]
@@ -137,30 +200,55 @@ def _overview(phases: dict[str, _PhaseSeries], primary: str, title: str) -> Any 
     ]
     if not any(curves):
         return None
-    fig, axes = _figure(2, suptitle=True)
+    fig, axes = _figure(len(panels) + bool(epsilon), suptitle=True)
     for ax, (name, metric, _), panel in zip(axes, panels, curves):
-        for label, values in panel:
-            _line(ax, values, label=label, linewidth=2, markersize=3)
+        for phase, label, series in panel:
+            line = _line(ax, series.aggregate_of(metric), label=f"{label} ({DATASETS[phase]})", linewidth=2,
+                         markersize=3)
+            for baseline, values in series.baselines_of(metric):
+                _baseline(ax, values, label=f"{label}: {baseline} baseline", color=line.get_color())
         if panel:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        _label(ax, name, metric)
+        _label(ax, name, axis_label(metric, units))
+    if epsilon:
+        _epsilon_panel(axes[-1], epsilon, target_epsilon)
     fig.suptitle(_join(title, "overview"))
     return fig
 
 
-def _line(ax: Any, values: dict[int, float], *, label: str, **style: Any) -> None:
+def _epsilon_panel(ax: Any, epsilon: dict[int, float], target: float | None) -> None:
+    """The run's ε over rounds, and the mechanism's ``target_epsilon`` as a dashed line."""
+    _line(ax, epsilon, label="ε spent", color="tab:purple", linewidth=2, markersize=3)
+    if target is not None:
+        ax.axhline(target, color="tab:red", linestyle="--", linewidth=1.5, label=f"target ε = {target:g}")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small")
+    _label(ax, "privacy spent", "ε")
+
+
+def _line(ax: Any, values: dict[int, float], *, label: str, **style: Any) -> Any:
+    """The curve of ``values`` over rounds (its ``Line2D``)."""
     rounds = sorted(values)
-    ax.plot(rounds, [values[r] for r in rounds], marker="o", label=label, **style)
+    (line,) = ax.plot(rounds, [values[r] for r in rounds], marker="o", label=label, **style)
+    return line
+
+
+def _baseline(ax: Any, values: dict[int, float], *, label: str, **style: Any) -> None:
+    """A reference method's values: dashed, without markers."""
+    rounds = sorted(values)
+    ax.plot(rounds, [values[r] for r in rounds], linestyle="--", linewidth=1.5, label=label, **style)
 
 
 def _label(ax: Any, title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _figure(columns: int, *, suptitle: bool = False) -> tuple[Any, list[Any]]:

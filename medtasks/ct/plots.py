@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -17,8 +17,8 @@ PLOT_WINDOW = (0.25, 0.75)
 """Display window of the pictures on the normalised scale (HU ``[−500, 500]``)."""
 
 
-def plot_reconstructions(target: Tensor, fbp: Tensor, prediction: Tensor, path: Path) -> None:
-    """Write rows of ground truth | FBP | network | |network − truth| to ``path``.
+def plot_reconstructions(target: Tensor, fbp: Tensor, prediction: Tensor) -> Any:
+    """Rows of ground truth | FBP | network | |network − truth| (HU, with a colour bar).
 
     Parameters
     ----------
@@ -28,8 +28,11 @@ def plot_reconstructions(target: Tensor, fbp: Tensor, prediction: Tensor, path: 
         ``[R, N, N]`` normalised FBPs.
     prediction : Tensor
         ``[R, N, N]`` normalised network outputs.
-    path : Path
-        PNG file to write (parent folders are created).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The picture (not yet saved).
     """
     from matplotlib.figure import Figure
 
@@ -44,12 +47,11 @@ def plot_reconstructions(target: Tensor, fbp: Tensor, prediction: Tensor, path: 
             (target[row], "ground truth", {"cmap": "gray", "vmin": vmin, "vmax": vmax}),
             (fbp[row], f"FBP ({float(psnr_fbp[row]):.1f} dB)", {"cmap": "gray", "vmin": vmin, "vmax": vmax}),
             (prediction[row], f"network ({float(psnr_net[row]):.1f} dB)", {"cmap": "gray", "vmin": vmin, "vmax": vmax}),
-            (error_hu[row], "|error| (HU, 0–200)", {"cmap": "magma", "vmin": 0.0, "vmax": 200.0}),
+            (error_hu[row], "|error| (HU)", {"cmap": "magma", "vmin": 0.0, "vmax": 200.0}),
         )
         for ax, (image, title, style) in zip(axes[row], panels):
-            ax.imshow(image.numpy(), **style)
+            shown = ax.imshow(image.numpy(), **style)
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+        figure.colorbar(shown, ax=axes[row, -1], fraction=0.046, label="HU")
+    return figure

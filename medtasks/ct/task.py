@@ -88,6 +88,7 @@ from medtasks.partition import (
     neutral_values,
     order_by_group,
 )
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import numpy_rng
 
 __all__ = ["EVAL_BATCH_SIZE", "CTReconstructionTask"]
@@ -128,6 +129,7 @@ class CTReconstructionTask:
     models: ClassVar[tuple[str, ...]] = ("fbpconvnet", "unrolled")
     primary_metric: ClassVar[str] = "psnr"
     higher_is_better: ClassVar[bool] = True
+    metric_units: ClassVar[dict[str, str]] = {"psnr": "dB", "psnr_fbp": "dB", "rmse_hu": "HU"}
     reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
 
     def __init__(self, ctx: TaskContext) -> None:
@@ -351,8 +353,8 @@ class CTReconstructionTask:
             raise DataError("cannot evaluate the CT task on an empty dataset")
         return {name: total / count for name, total in sums.items()}
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG: one row per slice (up to 4): ground truth | FBP | network | |error| (HU)."""
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG: one row per slice (up to 4): ground truth | FBP | network | |error| (HU), under ``title``."""
         rows = min(PLOT_ROWS, len(cast(Sized, dataset)))  # the task's datasets are map-style, with a len
         if rows == 0:
             raise DataError("cannot plot examples of an empty dataset")
@@ -364,5 +366,5 @@ class CTReconstructionTask:
                 prediction, fbp, target = (t.cpu() for t in self._reconstruct(model, batch))
         finally:
             model.train(was_training)
-        plot_reconstructions(target[:, 0], fbp[:, 0], prediction[:, 0], Path(path))
+        save_example_figure(plot_reconstructions(target[:, 0], fbp[:, 0], prediction[:, 0]), Path(path), title=title)
 

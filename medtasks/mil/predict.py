@@ -27,6 +27,7 @@ from medtasks.mil import folder as folder_io
 from medtasks.mil.models import MILModel
 from medtasks.mil.plots import plot_bags
 from medtasks.mil.synthetic import UNKNOWN_TILE
+from medtasks.plotting import save_example_figure
 
 __all__ = ["ATTENTION_FILE", "SCORES_FILE", "predict_slides", "slide_folders"]
 
@@ -73,8 +74,11 @@ def _score(model: MILModel, tiles: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def predict_slides(model: torch.nn.Module, input_path: str | Path, output_path: str | Path, *,
-                   tile_size: int) -> list[Path]:
+                   tile_size: int, normalised: bool = True) -> list[Path]:
     """Score every slide of ``input_path`` and write the files of the module docstring into ``output_path``.
+
+    ``normalised``: the model's tile scores are attention weights summing to 1 per slide (their colour scale:
+    :func:`medtasks.mil.plots.attention_scale`), not tile probabilities.
 
     Returns
     -------
@@ -90,8 +94,9 @@ def predict_slides(model: torch.nn.Module, input_path: str | Path, output_path: 
         scores_rows.append([slide.name, f"{probability:.6f}", int(probability >= 0.5), len(names)])
         attention_rows += [[slide.name, name, f"{float(a):.6f}"] for name, a in zip(names, attention)]
         picture = out / f"{slide.name}_attention.png"
-        plot_bags(tiles[None], attention[None], np.full((1, len(names)), UNKNOWN_TILE), np.array([probability]),
-                  picture)
+        figure = plot_bags(tiles[None], attention[None], np.full((1, len(names)), UNKNOWN_TILE),
+                           np.array([probability]), normalised=normalised)
+        save_example_figure(figure, picture, title=slide.name)
         written.append(picture)
     for name, header, rows in ((SCORES_FILE, ["slide", "probability", "positive", "tiles"], scores_rows),
                                (ATTENTION_FILE, ["slide", "tile", "attention"], attention_rows)):

@@ -109,6 +109,7 @@ from medtasks.partition import (
     neutral_values,
     order_by_group,
 )
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import numpy_rng
 
 EVAL_BATCH_SIZE = 16
@@ -534,7 +535,8 @@ class MILTask:
         """Slide scores (``scores.csv``) and attention maps of new slides (:mod:`medtasks.mil.predict`)."""
         from medtasks.mil.predict import predict_slides
 
-        return predict_slides(model, input_path, output_path, tile_size=self.params.tile_size)
+        return predict_slides(model, input_path, output_path, tile_size=self.params.tile_size,
+                              normalised=self._scores_normalised())
 
     # ------------------------------------------------------------------ evaluation
 
@@ -601,8 +603,8 @@ class MILTask:
             ),
         }
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG: one row per positive bag (up to 3): tiles | attention | tile truth.
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG: one row per positive bag (up to 3): tiles | attention | tile truth, under ``title``.
 
         Falls back to the first bags when ``dataset`` holds no positive bag.
         """
@@ -614,11 +616,6 @@ class MILTask:
         subset = [dataset[i] for i in rows]
         logits, scores, _, tile_labels, padding = self._predict(model, subset)  # type: ignore[arg-type]
         bags = torch.stack([s[0] for s in subset])
-        plot_bags(
-            bags.numpy(),
-            scores.numpy(),
-            tile_labels.numpy(),
-            torch.sigmoid(logits).numpy(),
-            Path(path),
-            padding.numpy(),
-        )
+        figure = plot_bags(bags.numpy(), scores.numpy(), tile_labels.numpy(), torch.sigmoid(logits).numpy(),
+                           padding.numpy(), normalised=self._scores_normalised())
+        save_example_figure(figure, Path(path), title=title)

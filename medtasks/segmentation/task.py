@@ -69,6 +69,7 @@ from medtasks.partition import (
     neutral_values,
     order_by_group,
 )
+from medtasks.plotting import save_example_figure
 from medtasks.seeding import numpy_rng
 from medtasks.segmentation import synthetic
 from medtasks.segmentation.losses import LossFn, LossName, build_loss
@@ -234,6 +235,7 @@ class SegmentationTask:
     models: ClassVar[tuple[str, ...]] = ("unet",)
     primary_metric: ClassVar[str] = "dice"
     higher_is_better: ClassVar[bool] = True
+    metric_units: ClassVar[dict[str, str]] = {"hd95": "px"}  # the data carry no pixel spacing: never mm
     reads_hospital_folders: ClassVar[bool] = True  # data.sites and data.test_path (medtasks.sites)
     SYNTHETIC_NUM_CLASSES: ClassVar[int] = synthetic.NUM_CLASSES
 
@@ -299,6 +301,14 @@ class SegmentationTask:
         if self.ctx.data.source == "synthetic":
             return synthetic.CLASS_NAMES[1:]
         return tuple(f"class{c}" for c in range(1, self.num_classes))
+
+    @property
+    def class_labels(self) -> tuple[str, ...]:
+        """Legend entries of the classes ``0..C-1`` in example pictures: ``k: name`` (synthetic data), else
+        ``class k`` (a folder's labels have no names)."""
+        if self.ctx.data.source == "synthetic":
+            return tuple(f"{k}: {name}" for k, name in enumerate(synthetic.CLASS_NAMES))
+        return ("0: background", *(f"class {k}" for k in range(1, self.num_classes)))
 
     # ------------------------------------------------------------------ model, loss
 
@@ -569,8 +579,9 @@ class SegmentationTask:
             "hd95": float(result["hd95"]),
         }
 
-    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path) -> None:
-        """Save a PNG: one row per sample (up to 4): image | ground truth | prediction."""
+    def plot_examples(self, model: nn.Module, dataset: Dataset, path: Path, *, title: str = "") -> None:
+        """Save a PNG: one row per sample (up to 4): image | ground truth | prediction, under ``title``,
+        with a legend of the classes' colours."""
         n = len(cast(Sized, dataset))  # the task's datasets are map-style, with a len
         samples = [dataset[i] for i in range(min(PLOT_ROWS, n))]
         if not samples:
@@ -584,13 +595,21 @@ class SegmentationTask:
                 pred = model(images.to(next(model.parameters()).device)).argmax(dim=1).cpu()
         finally:
             model.train(was_training)
-        _plot_overlays(images[:, 0].numpy(), masks.numpy(), pred.numpy(), self.num_classes, Path(path))
+        figure = plot_overlays(images[:, 0].numpy(), masks.numpy(), pred.numpy(), self.class_labels)
+        save_example_figure(figure, Path(path), title=title)
 
 
-def _plot_overlays(
-    images: np.ndarray, truth: np.ndarray, pred: np.ndarray, num_classes: int, path: Path
-) -> None:
-    """Write rows of image | truth overlay | prediction overlay to ``path``.
+OVERLAY_PALETTE = ("tab:red", "tab:green", "gold", "tab:cyan", "tab:purple", "tab:orange", "tab:pink")
+"""Colours of the foreground classes ``1, 2, ...`` (repeating), the same in ground truth and prediction."""
+
+
+def class_colours(num_classes: int) -> list[str]:
+    """The overlay colour of each class ``0..C-1``: ``"none"`` for the background, then :data:`OVERLAY_PALETTE`."""
+    return ["none", *(OVERLAY_PALETTE[(c - 1) % len(OVERLAY_PALETTE)] for c in range(1, num_classes))]
+
+
+def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_labels: Sequence[str]) -> Any:
+    """Rows of image | truth overlay | prediction overlay, and a legend of the classes' colours.
 
     Parameters
     ----------
@@ -600,19 +619,23 @@ def _plot_overlays(
         ``[N, S, S]`` integer labels.
     pred : np.ndarray
         ``[N, S, S]`` integer labels.
-    num_classes : int
-        ``C``.
-    path : Path
-        PNG file to write (parent folders are created).
+    class_labels : sequence of str
+        The legend entry of each class ``0..C-1`` (``C`` classes).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The picture (not yet saved).
     """
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     from medtasks.segmentation.metrics import dice_per_class
 
-    palette = ["tab:red", "tab:green", "gold", "tab:cyan", "tab:purple", "tab:orange", "tab:pink"]
-    cmap = ListedColormap(["none"] + [palette[(c - 1) % len(palette)] for c in range(1, num_classes)])
-    overlay_style = {"cmap": cmap, "vmin": 0, "vmax": num_classes - 1, "alpha": 0.5}
+    num_classes = len(class_labels)
+    colours = class_colours(num_classes)
+    overlay_style = {"cmap": ListedColormap(colours), "vmin": 0, "vmax": num_classes - 1, "alpha": 0.5}
     dice = dice_per_class(torch.from_numpy(pred), torch.from_numpy(truth), num_classes).nanmean(dim=1)
     figure = Figure(figsize=(7.5, 2.5 * len(images)))
     axes = figure.subplots(len(images), 3, squeeze=False)
@@ -624,6 +647,8 @@ def _plot_overlays(
                 ax.imshow(np.ma.masked_equal(overlay, 0), interpolation="nearest", **overlay_style)
             ax.set_title(title, fontsize=9)
             ax.set_axis_off()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    handles = [Patch(facecolor=colour, alpha=1.0 if colour == "none" else 0.5, edgecolor="gray", label=label)
+               for colour, label in zip(colours, class_labels)]
+    figure.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(num_classes, 4),
+                  fontsize="small", title="classes (no overlay: background)", title_fontsize="small")
+    return figure
