@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medtasks.base import Task
+from server.example_plots import accepts_title
 from server.results import MODEL_BEST_FILE, MODEL_LAST_FILE, SCENARIO_FILE, RunDirectory
 from server.scenario import Scenario
 
@@ -232,8 +233,13 @@ def evaluate_run(path: str | Path, *, data: str | Path | None = None, which: Mod
     folder.mkdir(parents=True, exist_ok=True)
     results = {label: {key: float(value) for key, value in run.task.evaluate(model, dataset).items()}
                for label, dataset in sets.items()}
+    whose = "global model" if site is None else f"site {site}'s own model"
     for label, dataset in sets.items():
-        run.task.plot_examples(model, dataset, folder / f"{_file_name(label)}.png")
+        heading = f"{run.scenario.name} — {which} {whose} on {label}"
+        if accepts_title(run.task.plot_examples):
+            run.task.plot_examples(model, dataset, folder / f"{_file_name(label)}.png", title=heading)  # type: ignore[call-arg]
+        else:
+            run.task.plot_examples(model, dataset, folder / f"{_file_name(label)}.png")
     evaluation = Evaluation(which, site, results, folder)
     (folder / METRICS_FILE).write_text(json.dumps(evaluation.to_json(), indent=2) + "\n", encoding="utf-8")
     return evaluation
