@@ -30,6 +30,9 @@ MechanismName = Literal["none", "dpsgd", "nbafl", "central"]
 AggregationName = Literal["mean", "median", "trimmed_mean", "krum", "multikrum", "bulyan"]
 """Allowed values of ``defense.aggregation`` (the rules of :mod:`strategies.aggregation`)."""
 
+TrackerName = Literal["mlflow", "tensorboard"]
+"""Allowed values of ``output.trackers`` (each one's class is in :mod:`server.tracking`)."""
+
 AttackName = Literal["dlg", "idlg", "inverting_gradients", "loss_threshold", "lira", "backdoor", "label_flip", "gan"]
 """Allowed values of ``attack.kind`` (each one's module is registered in :mod:`privacy.attacks`)."""
 
@@ -278,6 +281,36 @@ class OutputSection(_Section):
     examples_every: int | None = Field(
         None, ge=1, description="also draw the model's output on a few test images every k rounds (plots/examples/)"
     )
+    trackers: tuple[TrackerName, ...] = Field(
+        (), description="experiment trackers that also get the run's params, metrics and files (server/tracking.py)"
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (None: sqlite:///<output.dir>/mlflow.db, artifacts in <output.dir>/mlruns)"
+    )
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _a_list_of_names(cls, trackers: Any) -> Any:
+        if isinstance(trackers, str):
+            return [trackers]
+        if not isinstance(trackers, (list, tuple)):
+            raise ValueError(f"{trackers!r} is not a list of tracker names (allowed: mlflow, tensorboard)")
+        return trackers
+
+    @field_validator("trackers")
+    @classmethod
+    def _each_tracker_once(cls, trackers: tuple[TrackerName, ...]) -> tuple[TrackerName, ...]:
+        repeated = sorted({name for name in trackers if trackers.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} named more than once (list each tracker at most once)")
+        return trackers
+
+    @model_validator(mode="after")
+    def _mlflow_uri_needs_mlflow(self) -> OutputSection:
+        if self.mlflow_uri is not None and "mlflow" not in self.trackers:
+            raise ValueError("mlflow_uri is set but trackers does not name mlflow (add mlflow to output.trackers, "
+                             "or drop output.mlflow_uri)")
+        return self
 
 
 class Scenario(_Section):
@@ -359,7 +392,7 @@ class Scenario(_Section):
 
 LATER_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("defense", None), ("strategy", "example_counts"), ("engine", "device"), ("engine", "gpus_per_client"),
-    ("data", "sites"), ("data", "test_path"), ("engine", "address"),
+    ("data", "sites"), ("data", "test_path"), ("engine", "address"), ("output", "trackers"), ("output", "mlflow_uri"),
 )
 """(section, key) of the settings :meth:`Scenario.to_json` leaves out at their default (``None``: the whole
 section)."""

@@ -6,7 +6,8 @@ validate`` and ``medfed run`` refuse the same scenarios with the same one line (
 * :func:`check_device`: ``engine.device: cuda`` for an engine that runs the clients here (simulation,
   inprocess) on a machine without CUDA, or in simulation without a GPU share (``engine.gpus_per_client``).
   Deployed nodes resolve the device on their own machines, so a deployment is not checked here.
-* :func:`check_dependencies`: the optional modules a task's data needs. A task class declares them with
+* :func:`check_dependencies`: the optional modules a task's data needs, and those of the experiment trackers
+  ``output.trackers`` names (:func:`server.tracking.requirements`). A task class declares its modules with
   an optional classmethod ``requirements(ctx: TaskContext) -> list[(key, module, install hint)]`` (e.g.
   :meth:`medtasks.mil.task.MILTask.requirements`); a module that cannot be found is refused naming the
   scenario key that asked for it.
@@ -21,10 +22,12 @@ Each raises ``ValueError`` with a message that starts with the key it names.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from client.device import resolve_device
 from medtasks.registry import get_task_class
+from server import tracking
 
 if TYPE_CHECKING:  # pragma: no cover
     from medtasks.scenario import LocalSection, Scenario
@@ -71,20 +74,25 @@ def module_available(name: str) -> bool:
 
 
 def check_dependencies(scenario: Scenario) -> None:
-    """Refuse a scenario whose task declares a module this machine lacks.
+    """Refuse a scenario whose task or trackers need a module this machine lacks.
 
     Raises
     ------
     ValueError
         ``<key>: ... needs the module <module>, which is not installed (<install hint>)``.
     """
-    requirements = getattr(get_task_class(scenario.task.name), "requirements", None)
-    if requirements is None:
-        return
-    for key, module, hint in requirements(scenario.task_context()):
+    for key, module, hint in _requirements(scenario):
         if not module_available(module):
             raise ValueError(f"{key}: this setting needs the Python module '{module}', which is not installed "
                              f"({hint})")
+
+
+def _requirements(scenario: Scenario) -> Iterator[tuple[str, str, str]]:
+    """(scenario key, module, install hint) of every optional module the scenario needs."""
+    task_requirements = getattr(get_task_class(scenario.task.name), "requirements", None)
+    if task_requirements is not None:
+        yield from task_requirements(scenario.task_context())
+    yield from tracking.requirements(scenario.output.trackers)
 
 
 def check_privacy_budget(scenario: Scenario) -> None:

@@ -47,6 +47,7 @@ from server.progress import Progress
 from server.replies import ReplyCheck
 from server.results import Checkpoint, RunDirectory, build_summary
 from server.scenario import Scenario
+from server.tracking import Tracking
 from strategies import get_algorithm
 from strategies.base import (
     METRICS_KEY,
@@ -131,7 +132,24 @@ class Federation:
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, grid: Grid) -> dict[str, Any]:
-        """Run all rounds; returns the summary written to ``summary.json``."""
+        """Run all rounds; returns the summary written to ``summary.json``.
+
+        The plug-ins see every record as it is written (``recorded``) and the run's end (``run_ended``: the
+        summary, or ``None`` when the run stops early).
+        """
+        summary: dict[str, Any] | None = None
+        self.run_dir.observers.append(self._recorded)
+        try:
+            summary = self._run(grid)
+            return summary
+        finally:
+            self.run_dir.observers.remove(self._recorded)
+            self.plugins.run_ended(summary)
+
+    def _recorded(self, record: dict[str, Any]) -> None:
+        self.plugins.recorded(record)
+
+    def _run(self, grid: Grid) -> dict[str, Any]:
         scenario = self.scenario
         self._started = time.perf_counter()
         seed_everything(scenario.seed, "server")
@@ -162,6 +180,8 @@ class Federation:
         self._examples = ExamplePlots(self.task, self._model_with, self.run_dir.plots,
                                       every=scenario.output.examples_every, complete=self._global_model_complete,
                                       sites=SiteModels(strategy, rule, node_states.copies, template), title=scenario.name)
+        if scenario.output.trackers:  # first: its trackers open at the round's start, whatever ends it
+            plugins.insert(0, Tracking(scenario, self.run_dir))
         if scenario.output.plots and scenario.output.examples_every:
             plugins.append(self._examples)
         self.plugins = Plugins(plugins)

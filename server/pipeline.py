@@ -11,8 +11,11 @@ One federated round (McMahan et al. 2017, Algorithm 1, seen from the server) run
     aggregate       the strategy's aggregate_train → w_{t+1}  (privacy: the server's clip before it)
     after-aggregate the global arrays to keep and broadcast  (privacy: noise on the aggregate)
     evaluate        federated evaluation, then the server's own test set
-    record          metrics.jsonl, progress, example plots
+    record          metrics.jsonl, progress, example plots    (each record to the plug-ins: experiment trackers)
     checkpoint      the state --resume needs                 (node states)
+
+Two points frame the rounds: ``recorded`` sees every ``metrics.jsonl`` record once it is written (the round's
+and an attack's), ``run_ended`` the run's end (its summary, or ``None`` when it stopped early).
 
 A plug-in is a :class:`RoundPlugin` that overrides the points it needs; every other point is a no-op.
 :class:`Plugins` calls them in registration order. A plug-in sees and may change the :class:`Round`
@@ -23,7 +26,8 @@ and :meth:`RoundPlugin.checkpoint`.
 Plug-ins today: :class:`server.replies.ReplyCheck` (malformed and implausible updates),
 :class:`server.node_states.NodeStates` (lost sites, node-state copies), :class:`server.privacy_round.PrivacyRound`
 (the server half of a privacy mechanism and the run's ε), :class:`server.example_plots.ExamplePlots` (the
-global model's output every k rounds). See ``docs/architecture.md`` for how to add one.
+global model's output every k rounds), :class:`server.tracking.Tracking` (MLflow, TensorBoard). See
+``docs/architecture.md`` for how to add one.
 """
 
 from __future__ import annotations
@@ -128,6 +132,13 @@ class RoundPlugin:
     def round_done(self, round_: Round) -> None:
         """The round is evaluated and recorded."""
 
+    def recorded(self, record: dict[str, Any]) -> None:
+        """``record`` was just written to ``metrics.jsonl`` (read it; the file holds what it holds)."""
+
+    def run_ended(self, summary: dict[str, Any] | None) -> None:
+        """The run is over: ``summary`` is what ``summary.json`` holds, ``None`` when the run stopped early (an
+        error, Ctrl-C; a ``--resume`` may continue it)."""
+
     def checkpoint(self) -> dict[str, Any]:
         """Entries to add to the checkpoint's ``extra`` (what a resumed run gives back to :meth:`resume`)."""
         return {}
@@ -169,6 +180,14 @@ class Plugins(RoundPlugin):
     def round_done(self, round_: Round) -> None:
         for plugin in self.plugins:
             plugin.round_done(round_)
+
+    def recorded(self, record: dict[str, Any]) -> None:
+        for plugin in self.plugins:
+            plugin.recorded(record)
+
+    def run_ended(self, summary: dict[str, Any] | None) -> None:
+        for plugin in self.plugins:
+            plugin.run_ended(summary)
 
     def checkpoint(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}

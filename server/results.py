@@ -6,6 +6,7 @@ Layout::
       scenario.yaml     resolved scenario
       partitions.json   per-client statistics
       metrics.jsonl     one JSON object per round and phase
+      metrics.csv       the same as a table: one row per round, phase and client (:class:`MetricsTable`)
       summary.json      final and best metrics, total time, versions, seed
       checkpoints/      model_last.pt, model_best.pt, state.pt (for --resume)
       plots/            PNGs
@@ -26,7 +27,9 @@ arrays too), so the checkpoint a resume reads is always consistent;
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -43,11 +46,13 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["Checkpoint", "RunDirectory", "RunDirectoryBusy", "RunDirectoryError", "build_summary"]
+__all__ = ["Checkpoint", "MetricsTable", "RunDirectory", "RunDirectoryBusy", "RunDirectoryError", "build_summary",
+           "csv_rows"]
 
 SCENARIO_FILE = "scenario.yaml"
 PARTITIONS_FILE = "partitions.json"
 METRICS_FILE = "metrics.jsonl"
+METRICS_TABLE_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 PLOTS_DIR = "plots"
@@ -117,6 +122,9 @@ class RunDirectory:
         self._metrics_tail_checked = False
         self._lock_fd: int | None = None
         self._lock_depth = 0
+        self._table = MetricsTable(path / METRICS_TABLE_FILE)
+        self.observers: list[Callable[[dict], None]] = []
+        """Called with every record :meth:`append_metrics` writes, once it is written (e.g. experiment trackers)."""
 
     def __repr__(self) -> str:
         return f"RunDirectory({str(self._path)!r})"
@@ -312,7 +320,8 @@ class RunDirectory:
     # -- metrics.jsonl ------------------------------------------------------------
 
     def append_metrics(self, record: dict) -> None:
-        """Appends one record as a line of strict JSON, flushed and fsync'ed.
+        """Appends one record as a line of strict JSON, flushed and fsync'ed, and its rows to ``metrics.csv``;
+        then hands it to each of :attr:`observers`.
 
         NaN and ±inf become ``null``; NumPy/tensor scalars become numbers. If an
         earlier process was killed mid-line, the torn line is cut off first.
@@ -325,6 +334,9 @@ class RunDirectory:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        self._table.append(_jsonable(record), self.read_metrics)
+        for observer in self.observers:
+            observer(record)
 
     def read_metrics(self) -> list[dict]:
         """Returns all records; a truncated last line (interrupted write) is skipped.
@@ -364,6 +376,7 @@ class RunDirectory:
         payload = "".join(_dumps(r) + "\n" for r in kept).encode("utf-8")
         _atomic_write(self.metrics_path, lambda f: f.write(payload))
         self._metrics_tail_checked = True
+        self._table.rebuild(kept)
 
     # -- checkpoints --------------------------------------------------------------
 
@@ -457,6 +470,79 @@ class RunDirectory:
 
     def _torch_save(self, name: str, obj: Any, *, durable: bool = True) -> None:
         _atomic_write(self.checkpoints / name, lambda f: torch.save(obj, f), durable=durable)
+
+
+class MetricsTable:
+    """``metrics.csv``: ``metrics.jsonl`` as one table, for pandas and spreadsheets.
+
+    One row per (round, phase, client), in the records' order: first the phase's aggregate, client ``all``,
+    then each site by partition id. Columns: ``round``, ``phase``, ``client``, every metric name any row has
+    (sorted), then ``bytes_up``, ``bytes_down``, ``seconds``, ``epsilon``. Each row's values are its own: a
+    site's row has the site's metrics (its ``seconds`` and ``epsilon`` when it reports them, ``error`` when it
+    failed), the ``all`` row the aggregate and the phase's bytes, wall-clock seconds and the run's ε. An attack's
+    scored attempt (:class:`privacy.attacks.base.Outcome`) is a row of phase ``attack``: client is the victim
+    (a partition id, or ``global``), ``attacker`` who attacked, and its metrics are prefixed ``attack_``
+    (``attack_psnr``, ``attack_auc``), so they never mix with the task's. Empty cells: not reported.
+
+    The file is derived: rows are appended as records are written, and it is rewritten from ``metrics.jsonl``
+    when a record brings a new column, when a process first appends to it, and when a resume drops records,
+    so it always holds exactly the records of ``metrics.jsonl``.
+
+    Parameters
+    ----------
+    path : Path
+        The run directory's ``metrics.csv``.
+    """
+
+    LEADING = ("round", "phase", "client")
+    TRAILING = ("bytes_up", "bytes_down", "seconds", "epsilon")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.columns: list[str] | None = None  # unknown until this process writes the file
+
+    def append(self, record: dict, records: Callable[[], list[dict]]) -> None:
+        """Add ``record``'s rows; rewrite the file from ``records()`` (every record, ``record`` last) when the
+        columns are not known yet or ``record`` brings a new one."""
+        rows = csv_rows(record)
+        if self.columns is None or not _metric_names(rows) <= set(self.columns):
+            self.rebuild(records())
+            return
+        with open(self.path, "a", encoding="utf-8", newline="") as f:
+            self._writer(f, self.columns).writerows(rows)
+
+    def rebuild(self, records: list[dict]) -> None:
+        """Rewrite the file (atomically) with the rows of ``records``."""
+        rows = [row for record in records for row in csv_rows(record)]
+        columns = [*self.LEADING, *sorted(_metric_names(rows) - {*self.LEADING, *self.TRAILING}), *self.TRAILING]
+        text = io.StringIO(newline="")
+        writer = self._writer(text, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        payload = text.getvalue().encode("utf-8")
+        _atomic_write(self.path, lambda f: f.write(payload), durable=False)  # metrics.jsonl is the durable copy
+        self.columns = columns
+
+    @staticmethod
+    def _writer(f: IO[str], columns: list[str]) -> csv.DictWriter:
+        return csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+
+
+def csv_rows(record: dict) -> list[dict[str, Any]]:
+    """The :class:`MetricsTable` rows of one ``metrics.jsonl`` record."""
+    where = {"round": record.get("round"), "phase": record.get("phase")}
+    if record.get("phase") == "attack":
+        metrics = {f"attack_{name}": value for name, value in (record.get("metrics") or {}).items()}
+        return [{**metrics, "attacker": record.get("attacker"), "seconds": record.get("seconds"), **where,
+                 "client": record.get("victim")}]
+    phase_totals = {key: record.get(key) for key in MetricsTable.TRAILING}
+    rows = [{**(record.get("aggregate") or {}), **phase_totals, **where, "client": "all"}]
+    rows += [{**metrics, **where, "client": pid} for pid, metrics in (record.get("clients") or {}).items()]
+    return rows
+
+
+def _metric_names(rows: Iterable[dict[str, Any]]) -> set[str]:
+    return {name for row in rows for name in row}
 
 
 def build_summary(
