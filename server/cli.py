@@ -5,6 +5,7 @@
     medfed run --resume RUN_DIR [--set strategy.rounds=N] [--engine deployment --federation NAME]
     medfed validate|list|show|init ...   (scenario files, not run; see server/scenario_commands.py)
     medfed compare RUN_DIR ... [--target VALUE] [--out FILE|DIR] [--markdown]
+    medfed report RUN_DIR [RUN_DIR ...] [--out FILE]   (one HTML page; see server/report.py)
     medfed sweep SCENARIO.yaml [--set K=V ...] --grid KEY=V1,V2 [--grid ...] [--seeds 0,1,2] [--engine E]
                  [--out DIR] [--dry-run]   (see server/sweep.py and server/sweep_report.py)
     medfed evaluate RUN_DIR [--data FOLDER] [--model best|last] [--site K] [--json]
@@ -131,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
                               "default: compare.png in the deepest folder that holds every run)")
     compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     compare.set_defaults(handler=_compare)
+
+    report = commands.add_parser("report", help="one self-contained HTML page of one run, or of several side by side")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("--out", metavar="FILE", help="the page (default: RUN_DIR/report.html; for several runs, "
+                                                       "report.html in the deepest folder that holds them all)")
+    report.set_defaults(handler=_report)
 
     _add_sweep_parser(commands)
     _add_model_parsers(commands)
@@ -652,6 +659,16 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"curves: {plot_comparison(runs, figure)}")
     except OSError as error:
         return _fail(f"cannot write the figure {figure} ({error.strerror or error}); choose --out FILE|DIR", EXIT_INVALID)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from server.report import ReportError, write_report
+
+    try:
+        print(f"report: {write_report(args.runs, args.out)}")
+    except ReportError as error:
+        return _fail(str(error), EXIT_INVALID)
     return EXIT_OK
 
 

@@ -431,12 +431,14 @@ class Federation:
 
     def _plots(self, records: list[dict], arrays: ArrayRecord) -> None:
         from server.plots import metric_units, plot_metric_curves
+        from server.report import write_run_report
 
         plot_metric_curves(records, self.run_dir.plots, primary_metric=self.task.primary_metric, title=self.scenario.name,
                            units=metric_units(self.task), target_epsilon=self.scenario.privacy.params.get("target_epsilon"))
         if self._examples is not None:
             last_round = max((rec["round"] for rec in records if isinstance(rec.get("round"), int)), default=0)
             self._examples.draw(arrays, self.run_dir.plots / "examples.png", last_round)
+        write_run_report(self.run_dir.path)  # a failure is one warning: the run's results are on disk already
 
 
 def _metric(metrics: MetricRecord | None, key: str) -> float | None:
