@@ -81,12 +81,7 @@ class SiteStats:
         InputError
             A site answered that it cannot prepare its data.
         """
-        config = ConfigRecord({SCENARIO_KEY: self.scenario_json})
-        messages = [Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
-                    for node in nodes]
-        if not messages:
-            return {}
-        replies = exchange(grid, messages, self.timeout, stop=self.stop).replies
+        replies = _query(grid, nodes, ConfigRecord({SCENARIO_KEY: self.scenario_json}), self.timeout, self.stop)
         failed = [reply for reply in replies if reply.has_error() and not (lost_ok and is_lost(reply))]
         if failed:
             raise InputError(f"a client could not prepare its data: {first_line(failed[0].error.reason)}")
@@ -152,15 +147,20 @@ def partition_ids(grid: Grid, nodes: list[int], timeout: float = DISCOVERY_TIMEO
     """
     if isinstance(grid, LocalGrid):
         return {node: grid.partitions[node] for node in nodes}
-    config = ConfigRecord({WANT_KEY: WANT_PARTITION_ID})
-    messages = [Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in nodes]
-    replies = exchange(grid, messages, timeout, stop=stop).replies
+    replies = _query(grid, nodes, ConfigRecord({WANT_KEY: WANT_PARTITION_ID}), timeout, stop)
     failed = [reply for reply in replies if reply.has_error()]
     if failed:
         raise InputError(f"a client could not say its partition id: {first_line(failed[0].error.reason)}")
     return {reply.metadata.src_node_id: int(str(reply.content.config_records[INFO_KEY][PARTITION_ID_KEY]))
             for reply in replies}
+
+
+def _query(grid: Grid, nodes: Iterable[int], config: ConfigRecord, timeout: float,
+           stop: threading.Event | None) -> list[Message]:
+    """One query message holding ``config`` to each of ``nodes``; their replies (none for no nodes)."""
+    messages = [Message(RecordDict({CONFIG_KEY: config}), dst_node_id=node, message_type=MessageType.QUERY)
+                for node in nodes]
+    return exchange(grid, messages, timeout, stop=stop).replies if messages else []
 
 
 def _ids(pids: list[int], shown: int = 10) -> str:
