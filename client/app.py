@@ -1,4 +1,4 @@
-"""ClientApp: the Message-API handlers every hospital runs (README "Architecture").
+"""ClientApp: the Message-API handlers every hospital runs (docs/architecture.md).
 
 * ``query``: tell the server which partition this node holds and describe its data
   (written to ``partitions.json``).

@@ -1,4 +1,4 @@
-"""The contract every medical task fulfils (README, "Adding a task").
+"""The contract every medical task fulfils (docs/architecture.md, "Adding a task").
 
 A task owns its data (synthetic generator or real-data loader), its model, its
 loss and its metrics. The federated machinery (server, client, strategies) only

@@ -28,7 +28,7 @@ Analysis")
 :func:`verdict` gives one mechanism's decision for a scenario, :func:`check` raises the refusal (one line,
 ``strategy NAME with privacy.mechanism MECH: reason``, or ``privacy.mechanism MECH ...`` for what the model or
 the task rather than the strategy rules out), :func:`protected_upload` names the record a mechanism clips, and
-:func:`markdown_table` renders the README's "Privacy mechanism × strategy" table (``python -m
+:func:`markdown_table` renders docs/privacy.md's "Privacy mechanism × strategy" table (``python -m
 privacy.compatibility`` prints it).
 """
 
@@ -190,7 +190,7 @@ class Verdict:
     reason : str or None
         The one-line refusal (``None``: the mechanism protects the scenario).
     short : str or None
-        The refusal in a few words, for the README's table.
+        The refusal in a few words, for the table of docs/privacy.md.
     """
 
     mechanism: str
@@ -203,7 +203,7 @@ class Verdict:
         return self.reason is None
 
     def cell(self) -> str:
-        """The README table's cell: ``yes`` or ``no: <short reason>``."""
+        """The privacy table's cell: ``yes`` or ``no: <short reason>``."""
         return "yes" if self.allowed else f"no: {self.short}"
 
     def check(self) -> None:
@@ -412,7 +412,7 @@ def _central(decl: Declaration) -> Refusal | None:
     return _stray(decl, decl.uploads[main[0]].names, "central")
 
 
-# --- the README's table ----------------------------------------------------------------------------------
+# --- docs/privacy.md's table -------------------------------------------------------------------------------
 TABLE_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fedavg", "fedavg", {}),
     ("fedprox", "fedavg", {"proximal_mu": 0.1}),
@@ -430,8 +430,8 @@ TABLE_ROWS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("local", "local", {}),
     ("centralized", "centralized", {}),
 )
-"""The README table's rows: its label, ``strategy.name`` and ``strategy.params``. Presentation only (which
-settings the README shows); no decision reads it."""
+"""The privacy page's table rows: its label, ``strategy.name`` and ``strategy.params``. Presentation only (which
+settings the page shows); no decision reads it."""
 
 
 def table_scenario(strategy: str, params: Mapping[str, Any]) -> Scenario:
@@ -469,7 +469,7 @@ def table_scenario(strategy: str, params: Mapping[str, Any]) -> Scenario:
 
 
 def markdown_table(rows: Iterable[tuple[str, str, Mapping[str, Any]]] = TABLE_ROWS) -> str:
-    """The README's "Privacy mechanism × strategy" table, decided by :func:`verdict` row by row.
+    """docs/privacy.md's "Privacy mechanism × strategy" table, decided by :func:`verdict` row by row.
 
     Parameters
     ----------
@@ -490,5 +490,5 @@ def markdown_table(rows: Iterable[tuple[str, str, Mapping[str, Any]]] = TABLE_RO
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # python -m privacy.compatibility: print the README's table
+if __name__ == "__main__":  # python -m privacy.compatibility: print docs/privacy.md's table
     print(markdown_table(), end="")

@@ -1,4 +1,4 @@
-"""Engines: what runs the ClientApps of a scenario (README, "Engines").
+"""Engines: what runs the ClientApps of a scenario (docs/engines.md).
 
 * ``simulation`` — Flower's Simulation Engine (Ray): each client is a Ray actor;
   ``engine.workers`` of them train in parallel with ``engine.cpus_per_client``
@@ -11,7 +11,7 @@
 * ``processes`` — :class:`~server.process_engine.ProcessGrid`: ``engine.workers`` persistent worker
   processes on this machine, no Ray (:mod:`server.process_engine`).
 * ``flwr run .`` — the same ServerApp/ClientApp through a SuperLink
-  (:mod:`server.app`); see the README.
+  (:mod:`server.app`); see docs/engines.md.
 
 The engines here run the same :class:`~server.federation.Federation` loop, so a
 scenario and seed give the same metrics on each (all randomness is keyed by

@@ -1,4 +1,4 @@
-"""Setting up a deployed federation, in the order of the README's Deployment section.
+"""Setting up a deployed federation, in the order of docs/deployment.md.
 
 :func:`init_federation` writes the federation folder (:mod:`server.federation_folder`) and the Flower CLI
 connection (:mod:`server.flower_cli`); :func:`commands_text` is the step-by-step guide with every machine's exact

@@ -1,4 +1,4 @@
-"""The run directory: everything one run leaves behind (README, "Run directory").
+"""The run directory: everything one run leaves behind (docs/outputs.md).
 
 Layout::
 

@@ -2,7 +2,7 @@
 ε, the others are refused at load time with one line that says why.
 
 Which cells are allowed is decided in one place, :mod:`privacy.compatibility`, from what each algorithm declares;
-these tests run what it allows, check the refusals it gives, hold the README's table to the one it generates, and
+these tests run what it allows, check the refusals it gives, hold the table of docs/privacy.md to the one it generates, and
 pin a few cells by hand so the check is not circular.
 
 Runs use the blobs toy task without BatchNorm (with it for FedBN), 3 sites of 64 examples, one round.
@@ -23,10 +23,10 @@ from strategies import BUILTIN_ALGORITHMS
 from tests.helpers import blobs_scenario, run
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "privacy.md"
 
 STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
-    # the README's row label → (strategy.name, strategy.params) of the blobs runs
+    # the table's row label → (strategy.name, strategy.params) of the blobs runs
     "fedavg": ("fedavg", {}),
     "fedprox": ("fedavg", {"proximal_mu": 0.1}),
     "fedsgd": ("fedsgd", {}),
@@ -133,10 +133,10 @@ def test_the_refusals_keep_their_reasons() -> None:
         assert reason.startswith(("strategy ", "privacy.mechanism ")) and f"privacy.mechanism {mechanism}" in reason
 
 
-def readme_table() -> str:
-    """The README's "Privacy mechanism × strategy" table, as it stands."""
-    text = README.read_text()
-    lines = text[text.index("### Privacy mechanism × strategy"):].splitlines()
+def page_table() -> str:
+    """The "Privacy mechanism × strategy" table of ``docs/privacy.md``, as it stands."""
+    text = PAGE.read_text()
+    lines = text[text.index("## Privacy mechanism × strategy"):].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     return "\n".join(lines[start:end]) + "\n"
@@ -147,9 +147,9 @@ def generated() -> str:
     return compatibility.markdown_table()
 
 
-def test_the_readme_holds_the_generated_table(generated: str) -> None:
-    assert readme_table() == generated, "regenerate it with: python -m privacy.compatibility"
-    assert "python -m privacy.compatibility" in README.read_text()
+def test_the_privacy_page_holds_the_generated_table(generated: str) -> None:
+    assert page_table() == generated, "regenerate it with: python -m privacy.compatibility"
+    assert "python -m privacy.compatibility" in PAGE.read_text()
 
 
 def test_the_generated_table_agrees_with_the_cells_run_here(generated: str) -> None:
@@ -166,10 +166,10 @@ def test_the_generated_table_agrees_with_the_cells_run_here(generated: str) -> N
 
 def test_no_strategy_name_is_written_into_the_privacy_package() -> None:
     source = (ROOT / "privacy" / "compatibility.py").read_text()
-    rows = source[source.index("TABLE_ROWS:"):source.index('"""The README table\'s rows')]
+    rows = source[source.index("TABLE_ROWS:"):source.index('"""The privacy page\'s table rows')]
     for path in sorted((ROOT / "privacy").glob("*.py")):
         text = path.read_text()
         if path.name == "compatibility.py":
-            text = text.replace(rows, "")  # the README's row labels: presentation, no decision reads them
+            text = text.replace(rows, "")  # the table's row labels: presentation, no decision reads them
         for name in BUILTIN_ALGORITHMS:
             assert not re.search(rf"[\"']{name}[\"'](?!\s*:)", text), (path.name, name)  # a key is no name
