@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import BaseModel, Field
 
-from server import scenario_reference
+from server import scaffold, scenario_reference
 from server.scenario_reference import reference_markdown
 
 ROW = re.compile(r"^\| `(?P<key>[^`]+)` \|")
@@ -75,3 +76,8 @@ def test_types_and_defaults_are_spelled_as_a_scenario_file_writes_them(shapes_pa
 def test_no_python_typing_spelling_reaches_the_page(spelling: str) -> None:
     assert spelling not in reference_markdown()
 
+
+def test_a_starter_scenario_points_to_the_reference(tmp_path: Path) -> None:
+    text = scaffold.starter_scenario(tmp_path / "mine.yaml", "tabular")
+    page = scenario_reference.REFERENCE.relative_to(scaffold.ROOT).as_posix()
+    assert f"# Reference: {page} (every key);" in text and scenario_reference.REFERENCE.is_file()
