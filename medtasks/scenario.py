@@ -62,7 +62,9 @@ class DataSection(_Section):
     test set (:mod:`medtasks.sites`). Relative paths are relative to the scenario file.
     """
 
-    source: Literal["synthetic", "folder"] = "synthetic"
+    source: Literal["synthetic", "folder"] = Field(
+        "synthetic", description="synthetic: the task's generated sites (digits: its bundled images); "
+                                 "folder: your data at path or in sites")
     path: str | None = Field(None, description="data folder, required for source: folder (unless sites lists them)")
     sites: Literal["split", "subfolders"] | list[str] = Field(
         "split",
@@ -70,10 +72,16 @@ class DataSection(_Section):
                     "data.path is one hospital (one site, sorted by name); or the list of hospital folders",
     )
     test_path: str | None = Field(None, description="folder read whole as the server's central test set (folder data)")
-    samples_per_client: int = Field(64, ge=2, le=1_000_000)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    samples_per_client: int = Field(
+        64, ge=2, le=1_000_000,
+        description="mean samples per site, train + validation, of synthetic data (digits: the most a site keeps; "
+                    "folder data: unused)",
+    )
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="each site's held-out share for federated "
+                                "evaluation, in (0, 1): its last max(1, round(f·n_k)) samples")
     server_samples: int = Field(0, ge=0, le=1_000_000, description="central test set size (0 = none)")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="source-specific settings; no built-in task takes any (leave it {})")
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -104,18 +112,36 @@ class DataSection(_Section):
 class PartitionSection(_Section):
     """``partition``: how many sites and which non-IID kind (:mod:`medtasks.partition`)."""
 
-    clients: int = Field(ge=1, le=100_000)
-    kind: Literal[KINDS] = "iid"  # type: ignore[valid-type]
-    params: dict[str, Any] = Field(default_factory=dict)
+    clients: int = Field(
+        ge=1, le=100_000,
+        description="number of sites K, partition ids 0..K−1 (hospital folders: their number); above 1,000 a site "
+                    "is described when first sampled",
+    )
+    kind: Literal[KINDS] = Field(  # type: ignore[valid-type]
+        "iid", description="what differs between sites: nothing (iid), P(y) (label_skew), P(x) (feature_skew), "
+                           "P(y|x) (concept_shift) or their sizes (quantity_skew)",
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the kind's Params schema")
 
 
 class StrategySection(_Section):
     """``strategy``: the federated algorithm and its round schedule."""
 
-    name: str = "fedavg"
-    rounds: int = Field(ge=1, le=100_000)
-    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
-    fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
+    name: str = Field(
+        "fedavg", description="federated algorithm: fedavg, fedsgd, scaffold, fedbn, fedper, pfedhn, a robust alias "
+                              "of fedavg, or the local and centralized baselines",
+    )
+    rounds: int = Field(ge=1, le=100_000, description="federated rounds T, each one broadcast, local training and "
+                                                      "aggregation (1..100,000)")
+    fraction_train: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="share of the K sites trained per round, in (0, 1]: max(min_clients, ⌊fraction·K⌋) of them, at "
+                    "most K",
+    )
+    fraction_evaluate: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="share of the sites in each federated evaluation, at least one (0 = no federated evaluation)",
+    )
     min_clients: int = Field(1, ge=1, description="fewest successful clients a round needs")
     evaluate_every: int = Field(1, ge=1, description="federated/central evaluation every k rounds (and the last)")
     round_timeout: float = Field(3600.0, gt=0.0, description="seconds to wait for a round's replies")
@@ -124,25 +150,35 @@ class StrategySection(_Section):
         description="bounded: a reply's num-examples may not exceed the site's size learned at discovery; "
                     "reported: trust each reply's count",
     )
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="validated by the strategy's Params schema")
 
 
 class LocalSection(_Section):
     """``local``: each client's local training between two communications."""
 
-    epochs: int = Field(1, ge=1, le=10_000)
+    epochs: int = Field(1, ge=1, le=10_000, description="local epochs E: passes over the site's training data per "
+                                                         "round (1..10,000)")
     max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per round")
-    batch_size: int = Field(16, ge=1, le=65_536)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(16, ge=1, le=65_536, description="examples per optimiser step (DP-SGD with Poisson "
+                                                             "sampling: the expected batch size)")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "adam", description="the site's optimiser (PyTorch's SGD, Adam or AdamW), created afresh every round"
+    )
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="learning rate η_l of the local optimiser, in (0, 10]")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="SGD momentum, in [0, 1) (optimizer sgd only)")
+    weight_decay: float = Field(
+        0.0, ge=0.0, description="weight decay: an L2 term in the gradient (sgd, adam) or decoupled (adamw; "
+                                 "Loshchilov & Hutter 2019)"
+    )
 
 
 class PrivacySection(_Section):
     """``privacy``: the differential-privacy mechanism and its settings (:mod:`privacy`)."""
 
-    mechanism: MechanismName = "none"
+    mechanism: MechanismName = Field(
+        "none", description="none; dpsgd (each site trains with DP-SGD); nbafl (each site noises its upload); "
+                            "central (the server noises the mean update)",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="validated by the mechanism's Params schema")
 
 
@@ -155,7 +191,9 @@ class DefenseSection(_Section):
     FedPer's shared tensors). The rules and their ``params`` are in :mod:`strategies.aggregation`.
     """
 
-    aggregation: AggregationName = "mean"
+    aggregation: AggregationName = Field(
+        "mean", description="how the server combines the uploads: the weighted mean, or a Byzantine-robust rule"
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="validated by the rule's Params schema")
     norm_bound: float | None = Field(None, gt=0.0, allow_inf_nan=False,
                                      description="clip each site's update to this L2 norm (null = no bound)")
@@ -175,7 +213,10 @@ class AttackSection(_Section):
     hold, is the attack's own schema (checked when a scenario is loaded).
     """
 
-    kind: AttackName
+    kind: AttackName = Field(
+        description="inversion (dlg, idlg, inverting_gradients), membership inference (loss_threshold, lira) or "
+                    "malicious sites (backdoor, label_flip, gan)"
+    )
     victims: list[int] = Field(default_factory=list, description="partition ids whose uploads are attacked")
     attackers: list[int] = Field(default_factory=list, description="partition ids of malicious sites")
     rounds: list[int] | None = Field(None, description="rounds the attack acts in (null = every round)")
@@ -272,12 +313,17 @@ class EngineSection(_Section):
 class OutputSection(_Section):
     """``output``: where the run directory goes and what it keeps."""
 
-    dir: str = "runs"
-    checkpoint_every: int = Field(1, ge=1)
+    dir: str = Field("runs", description="folder of the run directories, <dir>/<name>/<timestamp>/ (a relative one "
+                                          "is below the working directory)")
+    checkpoint_every: int = Field(
+        1, ge=1, description="save a checkpoint (state.pt, model_last.pt, model_best.pt) every k rounds and after the "
+                             "last; --resume starts from the latest"
+    )
     checkpoint_node_state: bool = Field(
         True, description="copy each node's persistent state into checkpoints so --resume restores it"
     )
-    plots: bool = True
+    plots: bool = Field(True, description="draw the curves in plots/ and write report.html at the end of the run "
+                                          "(false: neither, and no examples)")
     examples_every: int | None = Field(
         None, ge=1, description="also draw the model's output on a few test images every k rounds (plots/examples/)"
     )
@@ -316,9 +362,15 @@ class OutputSection(_Section):
 class Scenario(_Section):
     """One experiment: every key of a scenario file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
-    description: str = ""
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
+        description="the run's name: runs go to <output.dir>/<name>/<timestamp>/ (letters, digits, . _ -; at most 100)",
+    )
+    description: str = Field("", description="free text, shown by medfed list")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1,
+        description="every random stream derives from it and its purpose, round and partition id; 0..2³¹−1",
+    )
     task: TaskSection
     data: DataSection = Field(default_factory=DataSection)
     partition: PartitionSection

@@ -112,11 +112,23 @@ class CentralDPParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    clip: float = Field(gt=0.0, allow_inf_nan=False)
-    noise_multiplier: float | None = Field(None, ge=0.0, le=1e6)
-    target_epsilon: float | None = Field(None, gt=0.0, allow_inf_nan=False)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    accountant: Accountant = "rdp"
+    clip: float = Field(gt=0.0, allow_inf_nan=False,
+                        description="S, the bound on the L2 norm of a site's update Δ_k (clipped by the site and the server)")
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, le=1e6,
+        description="z: the sum of updates gets noise of std z·S (McMahan et al. 2018; 0 = clipping only; "
+                    "null = calibrated to target_epsilon)",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False,
+        description="the run's ε budget at delta: z is calibrated to it when noise_multiplier is null; the run stops "
+                    "before passing it",
+    )
+    delta: float = Field(1e-5, gt=0.0, lt=1.0,
+                         description="δ of the (ε, δ) guarantee, in (0, 1); should be well below 1/N (N the sites)")
+    accountant: Accountant = Field(
+        "rdp", description="how ε is computed: rdp (Rényi DP, Mironov 2017) or prv (Gopi et al. 2021: tighter, slower)"
+    )
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> CentralDPParams:

@@ -109,14 +109,36 @@ class DPSGDParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    noise_multiplier: float | None = Field(None, ge=0.0, le=1e6)
-    target_epsilon: float | None = Field(None, gt=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    poisson_sampling: bool = True
-    secure_mode: Literal[False] = False
-    on_exhausted: Literal["stop-client", "stop-run"] = "stop-client"
+    noise_multiplier: float | None = Field(
+        None, ge=0.0, le=1e6,
+        description="σ: noise std relative to max_grad_norm (0 = clipping only, ε = ∞; null = calibrated to "
+                    "target_epsilon)",
+    )
+    target_epsilon: float | None = Field(
+        None, gt=0.0,
+        description="each site's ε budget at delta: σ is calibrated to it when noise_multiplier is null; a round past "
+                    "it is refused",
+    )
+    max_grad_norm: float = Field(
+        1.0, gt=0.0,
+        description="C, the per-example clipping bound: L2 norm over all trainable parameters (Abadi et al. 2016)",
+    )
+    delta: float = Field(1e-5, gt=0.0, lt=1.0,
+                         description="δ of the (ε, δ) guarantee, in (0, 1); should be well below 1/n_k")
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="how ε is computed: rdp (Rényi DP, Mironov 2017) or prv (Gopi et al. 2021: tighter, slower)"
+    )
+    poisson_sampling: bool = Field(
+        True, description="Poisson-sampled batches, as the accountants assume (false: shuffled fixed-size batches, "
+                          "ε only approximate)",
+    )
+    secure_mode: Literal[False] = Field(
+        False, description="always false: Opacus's secure noise needs torchcsprng and makes runs unrepeatable; "
+                           "the noise is seeded",
+    )
+    on_exhausted: Literal["stop-client", "stop-run"] = Field(
+        "stop-client", description="what a spent budget stops: the site (the run goes on without it) or the whole run"
+    )
 
     @model_validator(mode="after")
     def _noise_or_budget(self) -> DPSGDParams:

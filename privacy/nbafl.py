@@ -344,11 +344,21 @@ class NbAFLParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    clip: float = Field(gt=0.0, allow_inf_nan=False)
-    epsilon: float = Field(gt=0.0, allow_inf_nan=False)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
-    exposures: int | None = Field(None, ge=1)
-    on_exhausted: Literal["stop-client", "stop-run"] = "stop-client"
+    clip: float = Field(gt=0.0, allow_inf_nan=False,
+                        description="C, the bound on the L2 norm of a site's upload (its floating-point tensors together)")
+    epsilon: float = Field(
+        gt=0.0, allow_inf_nan=False,
+        description="ε the noise σ_U and σ_D are calibrated for (Wei et al. 2020); guaranteed at the end of the run",
+    )
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="δ of the (ε, δ) guarantee, in (0, 1)")
+    exposures: int | None = Field(
+        None, ge=1, description="L, the uploads per site the noise is calibrated for; a site refuses more "
+                                "(null = strategy.rounds)",
+    )
+    on_exhausted: Literal["stop-client", "stop-run"] = Field(
+        "stop-client", description="what a site at its L exposures stops: itself (the run goes on without it) or the "
+                                   "whole run"
+    )
 
     def exposures_for(self, rounds: int) -> int:
         """L: ``exposures``, or ``rounds`` when unset."""

@@ -32,7 +32,7 @@ HEADER = """\
 # {name}: a starter scenario for the {task} task (from scenarios/{starter}), every key with its value.
 # Check it:  medfed validate {file}
 # Run it:    medfed run {file}   (try first: --set strategy.rounds=2)
-# Reference: the README's "Scenario reference"; `medfed show {file}` prints it as a run resolves it.
+# Reference: docs/scenario-reference.md (every key); `medfed show {file}` prints it as a run resolves it.
 """
 
 

@@ -6,7 +6,9 @@
 Every key of a scenario file comes from a pydantic model: the sections in :mod:`medtasks.scenario`, and the
 ``params`` of each task, strategy, partition kind, privacy mechanism, aggregation rule and attack from the
 schema its registry names (the same schemas :mod:`server.scenario` validates a file against). The page lists
-each key with its type, default and description; ``tests/test_docs.py`` checks the file is up to date.
+each key with its type, default and description, types and values spelled as a scenario file writes them
+(``split | subfolders | list[str]``, ``false``, ``[16, 32, 64]``); ``tests/test_docs.py`` checks the file is up
+to date.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
@@ -93,18 +96,31 @@ def _table(model: type[BaseModel], skip: Iterable[str] = ()) -> str:
     for name, field in model.model_fields.items():
         if name in set(skip):
             continue
-        rows.append(f"| `{name}` | {_cell(_type(field))} | {_cell(_default(field))} | {_cell(field.description or '')} |")
+        cells = (f"`{name}`", _type(field), _default(field), _prose(field.description or ""))
+        rows.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(rows)
 
 
 def _type(field: FieldInfo) -> str:
-    """The field's annotation as a reader would write it (``int``, ``Literal['a', 'b']`` as ``a | b``)."""
-    text = str(field.annotation).replace("typing.", "").replace("NoneType", "None")
-    if text.startswith("<class '"):
-        text = text.removeprefix("<class '").removesuffix("'>")
-    if text.startswith("Literal["):
-        text = " \\| ".join(part.strip().strip("'\"") for part in text.removeprefix("Literal[").removesuffix("]").split(","))
-    return f"`{text}`" if "\\|" not in text else text
+    """The field's annotation as code a reader of YAML follows (``int``, ``split | subfolders | list[str]``)."""
+    return f"`{_type_name(field.annotation)}`"
+
+
+def _type_name(annotation: Any) -> str:
+    """``annotation`` without ``typing``'s spelling: a ``Literal`` as its values, a union as ``a | b``, a
+    constrained type as its base type, a tuple of any length as ``list[...]`` (what YAML writes it as)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(_yaml(value) for value in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is tuple and args[1:] == (Ellipsis,):
+        return f"list[{_type_name(args[0])}]"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    return "None" if annotation is NoneType else getattr(annotation, "__name__", str(annotation))
 
 
 def _default(field: FieldInfo) -> str:
@@ -114,18 +130,32 @@ def _default(field: FieldInfo) -> str:
     value: Any = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
     if isinstance(value, BaseModel):
         return "(section defaults)"
+    return f"`{_yaml(value)}`"
+
+
+def _yaml(value: Any) -> str:
+    """``value`` as YAML's flow style writes it: ``null``, ``false``, ``""``, ``[16, 32]``, ``{}``, a bare word."""
     if value is None:
-        return "`null`"
-    if value == "":
-        return '`""`'
+        return "null"
     if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    return f"`{value}`"
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or '""'
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(_yaml(item) for item in value)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {_yaml(item)}" for key, item in value.items()) + "}"
+    return str(value)
 
 
 def _cell(text: str) -> str:
     """``text`` safe inside a Markdown table cell (pipes escaped, one line)."""
-    return " ".join(text.replace("|", "\\|").replace("\\\\|", "\\|").split())
+    return " ".join(text.replace("|", "\\|").split())
+
+
+def _prose(text: str) -> str:
+    """A description as Markdown text: a placeholder such as ``<name>`` is shown, not read as an HTML tag."""
+    return text.replace("<", "\\<")
 
 
 def main(argv: list[str] | None = None) -> int:
