@@ -86,7 +86,7 @@ class SegmentationParams(TaskParams):
     """``task.params`` of the segmentation task."""
 
     image_size: int = Field(
-        64, ge=32, description="Image side in pixels; a multiple of 8 and of 2**(len(channels)-1)."
+        64, ge=32, description="Image side in pixels; a multiple of 8 and of 2^(len(channels) − 1)."
     )
     num_classes: int = Field(
         synthetic.NUM_CLASSES,
