@@ -64,6 +64,7 @@ def starter_scenario(path: Path, task: str, strategy: str | None = None) -> str:
     raw["name"] = scenario_name(path, task)
     if strategy is not None:
         raw["strategy"] = {**raw["strategy"], "name": strategy, "params": {}}
+        raw["description"] = f"{raw.get('description', '')} [strategy {strategy} set by medfed init]".lstrip()
     scenario = validate(raw, source=str(path), base_dir=starter.parent)
     return HEADER.format(name=scenario.name, task=task, starter=starter.name, file=path) + scenario.to_yaml()
 

@@ -129,7 +129,8 @@ def test_init_refuses_to_overwrite_without_force(tmp_path: Path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     assert main(["init", "--task", "tabular", "--strategy", "fedmedian"]) == 0
     written = (tmp_path / "scenario.yaml").read_text()
-    assert load(tmp_path / "scenario.yaml").strategy.name == "fedmedian"
+    starter = load(tmp_path / "scenario.yaml")
+    assert starter.strategy.name == "fedmedian" and starter.description.endswith("[strategy fedmedian set by medfed init]")
     assert main(["init", "--task", "digits"]) == EXIT_INVALID
     assert "scenario.yaml exists; add --force" in capsys.readouterr().err
     assert (tmp_path / "scenario.yaml").read_text() == written
