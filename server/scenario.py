@@ -178,22 +178,27 @@ def _resolve_named_params(scenario: Scenario, source: str) -> None:
         raise ScenarioError(f"{source}: strategy.name: {error}") from None
 
     Named = TaskSection | StrategySection | PartitionSection | PrivacySection | DefenseSection | AttackSection
-    checks: list[tuple[str, type[BaseModel] | None, Named]] = [
-        ("task.params", task_class.Params, scenario.task),
-        ("strategy.params", algorithm.Params, scenario.strategy),
-        ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition),
-        ("privacy.params", _privacy_params_schema(scenario.privacy, source), scenario.privacy),
-        ("defense.params", _defense_params_schema(scenario.defense, source), scenario.defense),
+    # (params key, its schema, its section, the key that chose the schema and its value)
+    checks: list[tuple[str, type[BaseModel] | None, Named, str]] = [
+        ("task.params", task_class.Params, scenario.task, f"task.name {scenario.task.name}"),
+        ("strategy.params", algorithm.Params, scenario.strategy, f"strategy.name {scenario.strategy.name}"),
+        ("partition.params", PARTITION_PARAMS[scenario.partition.kind], scenario.partition,
+         f"partition.kind {scenario.partition.kind}"),
+        ("privacy.params", _privacy_params_schema(scenario.privacy, source), scenario.privacy,
+         f"privacy.mechanism {scenario.privacy.mechanism}"),
+        ("defense.params", _defense_params_schema(scenario.defense, source), scenario.defense,
+         f"defense.aggregation {scenario.defense.aggregation}"),
     ]
     if scenario.attack is not None:
-        checks.append(("attack.params", attacks.get_attack(scenario.attack.kind).Params, scenario.attack))
-    for prefix, params_model, section in checks:
+        checks.append(("attack.params", attacks.get_attack(scenario.attack.kind).Params, scenario.attack,
+                       f"attack.kind {scenario.attack.kind}"))
+    for prefix, params_model, section, chosen_by in checks:
         if params_model is None:
             continue
         try:
             resolved = params_model.model_validate(section.params)
         except ValidationError as error:
-            raise ScenarioError(f"{source}: {_describe(error, params_model, prefix)}") from None
+            raise ScenarioError(f"{source}: {_describe(error, params_model, prefix, chosen_by)}") from None
         section.params = json.loads(resolved.model_dump_json())
 
     def check_defense(scenario: Scenario) -> None:
@@ -269,15 +274,20 @@ def _existing_folder(path: str, base_dir: Path, missing: str) -> str:
     return str(folder)
 
 
-def _describe(error: ValidationError, model: type | None, prefix: str = "") -> str:
-    """Turn the first pydantic error into ``key.path: message (allowed: ...)``."""
+def _describe(error: ValidationError, model: type | None, prefix: str = "", chosen_by: str = "") -> str:
+    """Turn the first pydantic error into ``key.path: message (allowed: ...)``; an unknown key of a ``params``
+    mapping also names ``chosen_by``, the key whose value chose its schema (``partition.kind iid``), since a
+    ``--set`` that changes that key leaves the old choice's params behind."""
     first = error.errors()[0]
     location = [str(part) for part in first["loc"]]
     key = ".".join([prefix, *location] if prefix else location) or "<root>"
     kind, message = first["type"], first["msg"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(location[:-1], model)
-        message = f"unknown key '{location[-1]}'" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        message = f"unknown key '{location[-1]}'"
+        if chosen_by and len(location) == 1:  # a key of the params mapping itself
+            message += f" for {chosen_by}" if allowed else f": {chosen_by} takes no params (set {prefix}={{}})"
+        message += f" (allowed: {', '.join(allowed)})" if allowed else ""
     elif kind == "missing":
         message = "required key is missing"
     elif kind == "value_error":

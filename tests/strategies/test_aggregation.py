@@ -327,7 +327,7 @@ def test_fedsgd_with_median_steps_with_the_median_gradient() -> None:
     ("fedavg", {"aggregation": "trimmed_mean", "params": {"beta": 0.2}}, 4,
      "defense.params.beta: 0.2 trims floor(0.2·4) = 0 of 4 updates"),
     ("fedavg", {"aggregation": "krum", "params": {"beta": 0.2}}, 5,
-     "defense.params.beta: unknown key 'beta' (allowed: num_malicious_nodes)"),
+     "defense.params.beta: unknown key 'beta' for defense.aggregation krum (allowed: num_malicious_nodes)"),
     ("fedavg", {"aggregation": "median", "params": {"beta": 0.2}}, 5,
      "defense.params: aggregation 'median' takes no params (got beta)"),
     ("krum", {"aggregation": "median"}, 5, "defense.aggregation: strategy 'krum' already aggregates with krum"),

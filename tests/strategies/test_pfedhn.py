@@ -178,5 +178,5 @@ def test_bad_params_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match=r"strategy\.params\.hidden_dim: Input should be greater than or equal to 1"):
         validate(raw)
     raw["strategy"]["params"] = {"optimiser": "sgd"}
-    with pytest.raises(ScenarioError, match=r"strategy\.params\.optimiser: unknown key 'optimiser' \(allowed: .*"):
+    with pytest.raises(ScenarioError, match=r"strategy\.params\.optimiser: unknown key 'optimiser' for strategy\.name pfedhn \(allowed: .*"):
         validate(raw)
