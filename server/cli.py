@@ -483,10 +483,11 @@ def _run_engine(scenario: Scenario, run_dir: RunDirectory, *, resume: bool) -> i
     log.info("run directory: %s", run_dir.path)
     try:
         summary = run_scenario(scenario, run_dir, make_progress(console=_CONSOLE), resume=resume)
-    except DataError as error:  # the input: neither a resume nor the same run again can help until it is fixed
-        return _fail(f"data: {error}", EXIT_INVALID)
-    except InputError as error:
-        return _fail(str(error), EXIT_INVALID)
+    except (DataError, InputError) as error:  # the input: neither a resume nor the same run again can help
+        reason = f"data: {error}" if isinstance(error, DataError) else str(error)
+        if not resume and run_dir.remove_if_unstarted():
+            reason += " (no run directory is kept: it held no results)"
+        return _fail(reason, EXIT_INVALID)
     except (FederationError, RunDirectoryError) as error:
         return _fail(f"{error} (results so far are in {run_dir.path}; {_next_step(run_dir)})", EXIT_RUN_FAILED)
     _print_summary(summary, run_dir.path)

@@ -35,6 +35,7 @@ import math
 import os
 import platform
 import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -377,6 +378,18 @@ class RunDirectory:
         _atomic_write(self.metrics_path, lambda f: f.write(payload))
         self._metrics_tail_checked = True
         self._table.rebuild(kept)
+
+    def remove_if_unstarted(self) -> bool:
+        """Delete this run directory if no round has left anything in it (no checkpoint, no metrics record).
+
+        For a new run refused by its input only once the sites read their data: the directory was made for
+        it and holds nothing but its ``scenario.yaml``, so the refusal leaves no run directory behind, as
+        one found before the run does. Returns whether it was deleted.
+        """
+        if self.has_checkpoint() or self.read_metrics():
+            return False
+        shutil.rmtree(self._path, ignore_errors=True)
+        return not self._path.exists()
 
     # -- checkpoints --------------------------------------------------------------
 

@@ -131,3 +131,5 @@ def test_a_broken_data_folder_stops_with_one_line_and_exit_2(tmp_path: Path, cap
     assert len(errors) == 1 and "Traceback" not in err, err
     assert "a client could not prepare its data: DataError" in errors[0] and "masks" in errors[0], errors
     assert "resume" not in errors[0]  # resuming cannot fix the data
+    assert errors[0].endswith("(no run directory is kept: it held no results)")
+    assert not list((tmp_path / "runs").glob("*/*")), "the run directory made for the refused run is left"

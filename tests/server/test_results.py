@@ -125,6 +125,18 @@ def test_checkpoint_round_trip(run: RunDirectory) -> None:
     assert torch.equal(last["conv.weight"], arrays["conv.weight"])
 
 
+def test_only_a_run_directory_without_results_is_removed(run: RunDirectory, tmp_path: Path) -> None:
+    with run.lock():
+        assert run.remove_if_unstarted() and not run.path.exists()  # scenario.yaml and the lock only
+    recorded = RunDirectory.create(tmp_path / "runs", "quickstart", now=NOW)
+    recorded.append_metrics(_record(1, "train", 0.5, 0.4))
+    checkpointed = RunDirectory.create(tmp_path / "runs", "quickstart", now=NOW)
+    checkpointed.save_checkpoint(Checkpoint(round=1, arrays={"w": torch.ones(1)}, strategy_state={}),
+                                 primary_value=None, higher_is_better=True)
+    for kept in (recorded, checkpointed):
+        assert not kept.remove_if_unstarted() and kept.path.is_dir()
+
+
 def test_load_checkpoint_without_one_raises(run: RunDirectory) -> None:
     with pytest.raises(RunDirectoryError, match="no checkpoint"):
         run.load_checkpoint()
