@@ -12,6 +12,7 @@ imports them from here.
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -31,6 +32,7 @@ SCENARIO_JSON_KEY = "scenario-json"  # run-config key of the resolved scenario (
 RESUME_KEY = "resume-dir"  # run-config key: the run directory a resumed run continues ([tool.flwr.app.config])
 RUN_DIRECTORY_PREFIX = "run directory: "  # the ServerApp's log line naming the run directory
 FINAL_STATUS_TIMEOUT = 30.0  # seconds to wait for a run's status to turn finished after its log stream ends
+INTERRUPT_GRACE = 10.0  # seconds flwr run gets to end after Ctrl-C before it is killed
 
 
 def app_directory() -> Path:
@@ -162,7 +164,7 @@ def _stream(command: list[str], echo: Callable[[str], None],
                 run_directory = Path(line.split(RUN_DIRECTORY_PREFIX, 1)[1].strip())
         process.wait()
     except KeyboardInterrupt:
-        process.wait()
+        _interrupt(process)
         if run_id is not None:
             subprocess.run(["flwr", "stop", str(run_id), federation.name], env=flower_environment(),
                            capture_output=True, timeout=CLI_TIMEOUT, check=False)
@@ -171,6 +173,19 @@ def _stream(command: list[str], echo: Callable[[str], None],
         raise SuperLinkError(f"federation {federation.name}: flwr run did not start a run: "
                              f"{last or f'exit status {process.returncode}'}")
     return run_id, run_directory
+
+
+def _interrupt(process: subprocess.Popen[str]) -> None:
+    """End ``flwr run`` after Ctrl-C. In a terminal it got the SIGINT too; a ``kill -INT`` of medfed's pid alone
+    (a script, a service manager) did not reach it, so it is sent one, and killed if it has not ended within
+    :data:`INTERRUPT_GRACE` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=INTERRUPT_GRACE)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _run_id_in(line: str) -> int | None:

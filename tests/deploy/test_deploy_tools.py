@@ -186,3 +186,33 @@ def test_a_deployed_run_with_the_simulation_round_timeout_is_warned_about(capsys
     assert code == 1  # nothing listens at the federation's address
     assert "strategy.round_timeout is 3600 s" in err and "--set strategy.round_timeout=600" in err
     assert "Connection to the SuperLink is unavailable" in err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_that_reached_medfed_alone_ends_flwr_run_and_stops_the_run(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``kill -INT`` of medfed's pid (not of its process group) leaves ``flwr run`` running: it is interrupted
+    too, within the grace period, and the run is stopped at the SuperLink."""
+    import subprocess
+    import sys
+    import time
+
+    from server import launch
+
+    child = [sys.executable, "-c",
+             "import time; print('Successfully started run 7\\nround 1', flush=True); time.sleep(60)"]
+    stopped: list[list[str]] = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda command, **_: stopped.append(command))
+    federation = init_federation("net", ["127.0.0.1:9"], ["a"], folder=tmp_path / "net", flwr_home=tmp_path / "flwr")
+
+    def interrupt(line: str) -> None:  # SIGINT arrives in medfed while flwr run streams the run's log
+        if line == "round 1":
+            raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        launch._stream(child, interrupt, federation)
+    assert time.monotonic() - started < 5.0  # the child got the signal; no wait for its 60 s
+    assert stopped == [["flwr", "stop", "7", "net"]]
+    monkeypatch.undo()  # subprocess.run as it was, to list the processes
+    assert not [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                                                check=True).stdout.splitlines() if "Successfully started run 7" in line]
