@@ -45,6 +45,7 @@ from client.cache import scenario_from_json, task_for
 from client.device import client_device
 from client.state import EXPORT_ACTION, IMPORT_ACTION, replace_state
 from client.trainer import dataset_size, fit
+from medtasks.base import DataError
 from medtasks.scenario import Scenario
 from medtasks.seeding import seed_everything, torch_generator
 from privacy.accounting import BUDGET_EXHAUSTED_CODE, BudgetExhausted
@@ -77,11 +78,17 @@ app = ClientApp()
 
 
 def partition_id(context: Context) -> int:
-    """This node's partition id from its ``node_config``."""
+    """This node's partition id from its ``node_config``.
+
+    Raises
+    ------
+    DataError
+        The node was started without one (its configuration, so the run stops as for bad input).
+    """
     try:
         return int(context.node_config[PARTITION_ID_KEY])
     except KeyError:
-        raise KeyError(
+        raise DataError(
             "node_config has no 'partition-id' (start the SuperNode with --node-config 'partition-id=K')"
         ) from None
 
