@@ -406,7 +406,9 @@ class Federation:
             extra=self.plugins.checkpoint(),
             seconds=self._seconds(),
         )
-        return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better)
+        own_site_models = isinstance(strategy, Personalized) or not self._global_model_complete
+        return self.run_dir.save_checkpoint(checkpoint, primary_value=primary, higher_is_better=self.task.higher_is_better,
+                                            keep_best_state=own_site_models)
 
     def _finish(self, arrays: ArrayRecord, checkpoint: Checkpoint | None, seconds: float,
                 completed: int) -> dict[str, Any]:

@@ -60,6 +60,7 @@ PLOTS_DIR = "plots"
 MODEL_LAST_FILE = "model_last.pt"
 MODEL_BEST_FILE = "model_best.pt"
 STATE_FILE = "state.pt"
+STATE_BEST_FILE = "state_best.pt"  # state.pt of the best round, for strategies with a model per site
 LOCK_FILE = ".lock"
 
 _STATE_FORMAT = 1
@@ -398,7 +399,8 @@ class RunDirectory:
         return (self.checkpoints / STATE_FILE).is_file()
 
     def save_checkpoint(
-        self, checkpoint: Checkpoint, *, primary_value: float | None, higher_is_better: bool
+        self, checkpoint: Checkpoint, *, primary_value: float | None, higher_is_better: bool,
+        keep_best_state: bool = False,
     ) -> Checkpoint:
         """Saves the checkpoint of a completed round; keeps the best model.
 
@@ -418,6 +420,10 @@ class RunDirectory:
             This round's primary metric, or ``None``.
         higher_is_better : bool
             Direction of the primary metric.
+        keep_best_state : bool
+            Also keep the best round's whole state as ``state_best.pt``: for a strategy whose sites keep
+            their own models (in its state or in the nodes' states), ``model_best.pt`` alone is not the best
+            round's model of each site.
 
         Returns
         -------
@@ -433,36 +439,42 @@ class RunDirectory:
         _check_loadable(checkpoint.arrays, "arrays")
         _check_loadable(checkpoint.strategy_state, "strategy_state")
         _check_loadable(checkpoint.extra, "extra")
-        if primary_value is not None and _improves(primary_value, checkpoint.best_value, higher_is_better):
+        improved = primary_value is not None and _improves(primary_value, checkpoint.best_value, higher_is_better)
+        if primary_value is not None and improved:
             checkpoint = replace(
                 checkpoint, best_value=float(primary_value), best_round=checkpoint.round
             )
+        state = {
+            "format": _STATE_FORMAT,
+            "round": int(checkpoint.round),
+            "arrays": checkpoint.arrays,
+            "strategy_state": checkpoint.strategy_state,
+            "best_value": checkpoint.best_value,
+            "best_round": checkpoint.best_round,
+            "extra": checkpoint.extra,
+            "seconds": float(checkpoint.seconds),
+        }
+        if improved:
             self._torch_save(MODEL_BEST_FILE, checkpoint.arrays, durable=False)
+            if keep_best_state:
+                self._torch_save(STATE_BEST_FILE, state, durable=False)
         self._torch_save(MODEL_LAST_FILE, checkpoint.arrays, durable=False)
-        self._torch_save(
-            STATE_FILE,
-            {
-                "format": _STATE_FORMAT,
-                "round": int(checkpoint.round),
-                "arrays": checkpoint.arrays,
-                "strategy_state": checkpoint.strategy_state,
-                "best_value": checkpoint.best_value,
-                "best_round": checkpoint.best_round,
-                "extra": checkpoint.extra,
-                "seconds": float(checkpoint.seconds),
-            },
-        )
+        self._torch_save(STATE_FILE, state)
         return checkpoint
 
-    def load_checkpoint(self) -> Checkpoint:
-        """Loads the last checkpoint (tensors on CPU).
+    def has_best_state(self) -> bool:
+        """Whether the best round's whole state was kept (``save_checkpoint(..., keep_best_state=True)``)."""
+        return (self.checkpoints / STATE_BEST_FILE).is_file()
+
+    def load_checkpoint(self, *, best: bool = False) -> Checkpoint:
+        """Loads the last checkpoint, or with ``best`` the best round's kept state (tensors on CPU).
 
         Raises
         ------
         RunDirectoryError
             If there is none or it cannot be read.
         """
-        path = self.checkpoints / STATE_FILE
+        path = self.checkpoints / (STATE_BEST_FILE if best else STATE_FILE)
         if not path.is_file():
             raise RunDirectoryError(f"{self._path} has no checkpoint to resume from ({path})")
         try:

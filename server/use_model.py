@@ -12,8 +12,8 @@ Both rebuild the run's task and model from its ``scenario.yaml`` and load a chec
   strategy (local-only, pFedHN) keeps every site's model in its server state (``state.pt``); a strategy whose
   global model lacks the sites' own layers (FedBN, FedPer: ``central_evaluation=False``) gives site ``K`` the
   global tensors plus the layers its node state holds (``state.pt`` extra ``node_states``, kept when
-  ``output.checkpoint_node_state`` is on). Both are saved for the last checkpoint only, so ``--model best``
-  works for them only when the best round is the last checkpoint's.
+  ``output.checkpoint_node_state`` is on). The run keeps its best round's whole state for them
+  (``state_best.pt``), so ``--model best`` gives each site's model of that round.
 
 ``evaluate`` scores the model on the run's central test set (the task's ``server_data()``, rebuilt from the
 scenario: synthetic data regenerated from the seed, folder data read from ``data.test_path``), else on each
@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from medtasks.base import Task
 from server.example_plots import accepts_title
-from server.results import MODEL_BEST_FILE, MODEL_LAST_FILE, SCENARIO_FILE, RunDirectory
+from server.results import MODEL_BEST_FILE, MODEL_LAST_FILE, SCENARIO_FILE, Checkpoint, RunDirectory
 from server.scenario import Scenario
 
 __all__ = ["Evaluation", "ModelChoice", "TrainedRun", "UseError", "evaluate_run", "open_run", "predict_run"]
@@ -77,7 +77,7 @@ class TrainedRun:
         """
         from strategies.base import load_into
 
-        sites = _SiteModels(self)
+        sites = _SiteModels(self, which)
         if site is None and sites.kind is not None:
             raise UseError(f"strategy {self.scenario.strategy.name} keeps a model per site: choose one with "
                            f"--site K (sites: {sites.listing()})")
@@ -102,7 +102,7 @@ class _SiteModels:
     """Where each site's own model lives for the run's strategy (module docstring); ``kind`` is ``None`` for a
     strategy with one global model."""
 
-    def __init__(self, run: TrainedRun) -> None:
+    def __init__(self, run: TrainedRun, which: ModelChoice) -> None:
         from server.node_states import NODE_STATES_KEY
         from strategies import get_algorithm
         from strategies.base import Cohort, Personalized, Stateful, StrategyContext
@@ -114,7 +114,7 @@ class _SiteModels:
         cohort = Cohort({pid: pid for pid in range(scenario.partition.clients)}, scenario.seed)
         strategy = algorithm.build_strategy(StrategyContext(scenario, params, cohort, run.task.build_model()))
         self.state_key: str | None = getattr(algorithm.client_rule(params), "state_key", None)
-        self.checkpoint = run.run_dir.load_checkpoint() if run.run_dir.has_checkpoint() else None
+        self.checkpoint = _checkpoint(run.run_dir, which)
         extra = self.checkpoint.extra if self.checkpoint is not None else {}
         self.node_states: Mapping[str, Any] = extra.get(NODE_STATES_KEY) or {}
         self.personal: Personalized | None = strategy if isinstance(strategy, Personalized) else None
@@ -147,14 +147,22 @@ class _SiteModels:
             raise UseError(f"--site {site}: no model of site {site} in {self.run.run_dir.path} "
                            f"(sites: {self.listing()})")
         assert self.checkpoint is not None
-        if which == "best" and self.checkpoint.best_round != self.checkpoint.round:
-            raise UseError(f"--model best: the sites' own models are saved for the last checkpoint (round "
+        if which == "best" and self.checkpoint.best_round != self.checkpoint.round:  # a run without state_best.pt
+            raise UseError(f"--model best: this run kept the sites' own models for its last checkpoint (round "
                            f"{self.checkpoint.round}) only, and the best round is {self.checkpoint.best_round}; "
                            "use --model last")
         if self.personal is not None:
             return dict(self.personal.personal_arrays()[site].to_torch_state_dict())
         assert self.state_key is not None
         return {**self.run.global_tensors(which), **self.node_states[str(site)]["arrays"][self.state_key]}
+
+
+def _checkpoint(run_dir: RunDirectory, which: ModelChoice) -> Checkpoint | None:
+    """The checkpoint whose state holds the sites' models of ``which``: the best round's kept state
+    (``state_best.pt``) for ``best`` where the run wrote one, else the last checkpoint (``None``: none yet)."""
+    if which == "best" and run_dir.has_best_state():
+        return run_dir.load_checkpoint(best=True)
+    return run_dir.load_checkpoint() if run_dir.has_checkpoint() else None
 
 
 def open_run(path: str | Path) -> TrainedRun:

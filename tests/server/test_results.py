@@ -137,6 +137,21 @@ def test_only_a_run_directory_without_results_is_removed(run: RunDirectory, tmp_
         assert not kept.remove_if_unstarted() and kept.path.is_dir()
 
 
+def test_the_best_rounds_state_is_kept_on_request(run: RunDirectory) -> None:
+    for rnd, value in ((1, 0.9), (2, 0.5)):
+        run.save_checkpoint(Checkpoint(round=rnd, arrays={"w": torch.full((1,), float(rnd))},
+                                       strategy_state={"site": torch.full((1,), float(rnd))},
+                                       best_value=0.9 if rnd == 2 else None, best_round=1 if rnd == 2 else None),
+                            primary_value=value, higher_is_better=True, keep_best_state=True)
+    best, last = run.load_checkpoint(best=True), run.load_checkpoint()
+    assert (best.round, best.best_round, float(best.strategy_state["site"])) == (1, 1, 1.0)
+    assert (last.round, last.best_round, float(last.strategy_state["site"])) == (2, 1, 2.0)
+    plain = RunDirectory.create(run.path.parent.parent, "plain", now=NOW)
+    plain.save_checkpoint(Checkpoint(round=1, arrays={"w": torch.ones(1)}, strategy_state={}),
+                          primary_value=0.9, higher_is_better=True)
+    assert run.has_best_state() and not plain.has_best_state()
+
+
 def test_load_checkpoint_without_one_raises(run: RunDirectory) -> None:
     with pytest.raises(RunDirectoryError, match="no checkpoint"):
         run.load_checkpoint()

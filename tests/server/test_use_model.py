@@ -236,5 +236,15 @@ def test_local_only_site_model_equals_its_central_record(tmp_path, capsys):
     assert _same(metrics, central)
 
 
+def test_best_gives_each_sites_model_of_the_best_round(tmp_path, capsys):
+    run_dir = _per_site_run(tmp_path, "strategy.name=local", "strategy.rounds=4", "local.lr=0.01")
+    best_round = json.loads((run_dir / "summary.json").read_text())["best"]["round"]
+    assert best_round == 3  # not the last checkpoint's round, 4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    central = next(r for r in records if r["phase"] == "central" and r["round"] == best_round)["clients"]["1"]
+    metrics = _evaluate(capsys, str(run_dir), "--model", "best", "--site", "1")["results"]["central"]
+    assert _same(metrics, central)
+
+
 def test_a_global_model_refuses_a_site(segmentation_run, capsys):
     assert "leave out --site" in _refusal(capsys, ["evaluate", str(segmentation_run), "--site", "0"])
