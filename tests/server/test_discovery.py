@@ -136,7 +136,7 @@ def test_a_site_that_cannot_say_its_partition_id_is_one_line(tmp_path: Path, mon
     monkeypatch.setattr(discovery, "DESCRIBE_ALL_UP_TO", 10)
     inner = InProcessGrid(client_app, 40)
     del inner.contexts[inner.node_ids[3]].node_config["partition-id"]
-    with pytest.raises(discovery.InputError, match="could not say its partition id: KeyError"):
+    with pytest.raises(discovery.InputError, match="could not say its partition id: DataError: node_config has no"):
         discovery.discover(Relay(inner), tabular(tmp_path, 40, 4))
 
 
