@@ -225,8 +225,9 @@ def noise_multiplier(m: Measured) -> str:
 
 # --- the tables --------------------------------------------------------------------------------------------
 def medfed(scenario: str, *arguments: str) -> str:
-    """``medfed run scenarios/SCENARIO.yaml ARGUMENTS``."""
-    return shlex.join(["medfed", "run", f"scenarios/{scenario}.yaml", *arguments])
+    """``medfed run scenarios/SCENARIO.yaml ARGUMENTS``, an argument the shell would split in double quotes."""
+    words = ["medfed", "run", f"scenarios/{scenario}.yaml", *arguments]
+    return " ".join(word if shlex.quote(word) == word else f'"{word}"' for word in words)
 
 
 def inprocess(scenario: str, *arguments: str) -> str:
@@ -344,9 +345,10 @@ TABLES = (
 
 # --- running -----------------------------------------------------------------------------------------------
 def folder_name(command: str) -> str:
-    """The folder of ``command``'s runs under ``--out``: its arguments after ``scenarios/``, as a file name."""
-    text = command.removeprefix("medfed run ").removeprefix("scenarios/").replace(".yaml", "")
-    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text).strip("-")
+    """The folder of ``command``'s runs under ``--out``: its arguments after ``scenarios/``, as a file name
+    (``seg-iid-engine-inprocess``)."""
+    text = command.removeprefix("medfed run ").removeprefix("scenarios/").replace(".yaml", "").replace("--", "")
+    return re.sub(r"[^A-Za-z0-9._=]+", "-", text).strip("-")
 
 
 def finished_run(folder: Path) -> Path | None:
