@@ -23,7 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -353,8 +353,7 @@ def folder_name(command: str) -> str:
 
 def finished_run(folder: Path) -> Path | None:
     """The newest run directory under ``folder`` that finished (has ``summary.json``) by a command that exited 0."""
-    receipt = folder / RECEIPT
-    if not receipt.is_file() or json.loads(receipt.read_text()).get("returncode") != 0:
+    if receipt(folder).get("returncode") != 0:
         return None
     runs = sorted(folder.glob("*/*/summary.json"), key=lambda path: path.stat().st_mtime)
     return runs[-1].parent if runs else None
@@ -412,10 +411,15 @@ def measure(table: Table, runs: dict[str, Path]) -> dict[Row, Measured]:
     return measured
 
 
+def receipt(folder: Path) -> dict[str, Any]:
+    """What :func:`run_command` noted in ``folder`` (a row's folder, two above its run directories); ``{}``: nothing."""
+    path = folder / RECEIPT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def wall_seconds(run: Path) -> float | None:
-    """The wall time of the command that made ``run`` (its receipt, two folders up)."""
-    receipt = run.parent.parent / RECEIPT
-    return json.loads(receipt.read_text()).get("wall_seconds") if receipt.is_file() else None
+    """The wall time of the command that made the run directory ``run``."""
+    return receipt(run.parent.parent).get("wall_seconds")
 
 
 def markdown(table: Table, measured: dict[Row, Measured]) -> str:
@@ -432,11 +436,14 @@ def markdown(table: Table, measured: dict[Row, Measured]) -> str:
     return "\n".join(lines)
 
 
-def versions() -> str:
-    """The line of library versions, commit and machine the tables were measured with."""
+def versions(runs: Iterable[Path]) -> str:
+    """The line of library versions, commit and machine the tables were measured with; the commits the ``runs``
+    were made at where they are not (all) this one."""
     env = environment()
     libraries = ", ".join(f"{name} {_version(name)}" for name in VERSIONED)
-    return (f"Python {platform.python_version()}, {libraries}; commit {env['commit']}; "
+    made = list(dict.fromkeys(str(receipt(run.parent.parent).get("commit")) for run in runs))
+    runs_at = f" (runs made at {', '.join(made)})" if made and made != [env["commit"]] else ""
+    return (f"Python {platform.python_version()}, {libraries}; commit {env['commit']}{runs_at}; "
             f"{env['processor']}, {env['usable_cpus']} CPUs")
 
 
@@ -450,7 +457,7 @@ def _version(distribution: str) -> str:
 def report(tables: Sequence[Table], runs: dict[str, Path]) -> str:
     """Every table as Markdown, then the versions line."""
     parts = [markdown(table, measure(table, runs)) for table in tables]
-    parts.append(f"Measured with {versions()}.")
+    parts.append(f"Measured with {versions(runs.values())}.")
     return "\n\n".join(parts) + "\n"
 
 
