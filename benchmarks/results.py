@@ -236,6 +236,7 @@ def inprocess(scenario: str, *arguments: str) -> str:
 
 
 NO_PRIVACY = ("--set", "privacy.mechanism=none", "--set", "privacy.params={}")
+SMALL_SITES = ("--set", "data.samples_per_client=64")  # 48 training slices per site, as in the DP-SGD runs
 SGD_AS_FOR_SCAFFOLD = ("--set", "local.optimizer=sgd", "--set", "local.lr=0.02")
 
 
@@ -316,7 +317,9 @@ TABLES = (
         Row("seg-nbafl (NbAFL, ε = 50, C = 15, FedProx μ = 0.01, 400 slices per site, 5 rounds)",
             inprocess("seg-nbafl")),
         Row("seg-nbafl at ε = 30", inprocess("seg-nbafl", "--set", "privacy.params.epsilon=30")),
-        Row("the same without privacy", inprocess("seg-nbafl", *NO_PRIVACY)))),
+        Row("the same without privacy", inprocess("seg-nbafl", *NO_PRIVACY)),
+        Row("seg-nbafl with 48 training slices per site", inprocess("seg-nbafl", *SMALL_SITES)),
+        Row("the same at ε = 1000", inprocess("seg-nbafl", *SMALL_SITES, "--set", "privacy.params.epsilon=1000")))),
     Table("protection-segmentation", "Protection levels on segmentation", "run", (
         ("final Dice (evaluate / central)", final_pair("dice")), ("final train loss", train_loss), RUN_TIME), (
         Row("no privacy", medfed("seg-dp-none")),
