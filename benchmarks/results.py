@@ -1,6 +1,6 @@
 """``python -m benchmarks.results``: run the commands of every result table in ``docs/results.md``, print the tables.
 
-    python -m benchmarks.results                          # every table: about 50 runs, about an hour on 2 cores
+    python -m benchmarks.results                          # every table: about 50 runs, about 25 minutes on 2 cores
     python -m benchmarks.results --only ct,central-dp     # some tables
     python -m benchmarks.results --out runs/results       # where the runs go (default: benchmarks/results/runs)
 
