@@ -404,8 +404,8 @@ class RunDirectory:
     ) -> Checkpoint:
         """Saves the checkpoint of a completed round; keeps the best model.
 
-        Writes ``model_best.pt`` first when ``primary_value`` improves on
-        ``checkpoint.best_value`` (NaN/None never improve), then
+        Writes ``model_best.pt`` (and with ``keep_best_state`` ``state_best.pt``) first
+        when ``primary_value`` improves on ``checkpoint.best_value`` (NaN/None never improve), then
         ``model_last.pt``, then ``state.pt``, each atomically (temporary file and
         rename). One fsync of ``state.pt``, what ``--resume`` reads, and one of the
         folder make the round durable; the two model files, which only repeat
@@ -439,11 +439,10 @@ class RunDirectory:
         _check_loadable(checkpoint.arrays, "arrays")
         _check_loadable(checkpoint.strategy_state, "strategy_state")
         _check_loadable(checkpoint.extra, "extra")
-        improved = primary_value is not None and _improves(primary_value, checkpoint.best_value, higher_is_better)
-        if primary_value is not None and improved:
-            checkpoint = replace(
-                checkpoint, best_value=float(primary_value), best_round=checkpoint.round
-            )
+        new_best = primary_value if primary_value is not None and _improves(
+            primary_value, checkpoint.best_value, higher_is_better) else None
+        if new_best is not None:
+            checkpoint = replace(checkpoint, best_value=float(new_best), best_round=checkpoint.round)
         state = {
             "format": _STATE_FORMAT,
             "round": int(checkpoint.round),
@@ -454,7 +453,7 @@ class RunDirectory:
             "extra": checkpoint.extra,
             "seconds": float(checkpoint.seconds),
         }
-        if improved:
+        if new_best is not None:
             self._torch_save(MODEL_BEST_FILE, checkpoint.arrays, durable=False)
             if keep_best_state:
                 self._torch_save(STATE_BEST_FILE, state, durable=False)
