@@ -84,7 +84,7 @@ class TrainedRun:
         if site is not None and sites.kind is None:
             raise UseError(f"--site: strategy {self.scenario.strategy.name} trains one global model for every "
                            "site; leave out --site")
-        tensors = sites.tensors(which, site) if site is not None else self.global_tensors(which)
+        tensors = sites.tensors(site) if site is not None else self.global_tensors(which)
         model = self.task.build_model()
         load_into(model, tensors)
         return model
@@ -114,6 +114,7 @@ class _SiteModels:
         cohort = Cohort({pid: pid for pid in range(scenario.partition.clients)}, scenario.seed)
         strategy = algorithm.build_strategy(StrategyContext(scenario, params, cohort, run.task.build_model()))
         self.state_key: str | None = getattr(algorithm.client_rule(params), "state_key", None)
+        self.which = which
         self.checkpoint = _checkpoint(run.run_dir, which)
         extra = self.checkpoint.extra if self.checkpoint is not None else {}
         self.node_states: Mapping[str, Any] = extra.get(NODE_STATES_KEY) or {}
@@ -141,20 +142,20 @@ class _SiteModels:
             return "none saved: output.checkpoint_node_state was off"
         return "none saved yet"
 
-    def tensors(self, which: ModelChoice, site: int) -> dict[str, torch.Tensor]:
-        """Site ``site``'s full state dict."""
+    def tensors(self, site: int) -> dict[str, torch.Tensor]:
+        """Site ``site``'s full state dict, of the checkpoint these models were read for."""
         if site not in self.available():
             raise UseError(f"--site {site}: no model of site {site} in {self.run.run_dir.path} "
                            f"(sites: {self.listing()})")
         assert self.checkpoint is not None
-        if which == "best" and self.checkpoint.best_round != self.checkpoint.round:  # a run without state_best.pt
+        if self.which == "best" and self.checkpoint.best_round != self.checkpoint.round:  # no state_best.pt
             raise UseError(f"--model best: this run kept the sites' own models for its last checkpoint (round "
                            f"{self.checkpoint.round}) only, and the best round is {self.checkpoint.best_round}; "
                            "use --model last")
         if self.personal is not None:
             return dict(self.personal.personal_arrays()[site].to_torch_state_dict())
         assert self.state_key is not None
-        return {**self.run.global_tensors(which), **self.node_states[str(site)]["arrays"][self.state_key]}
+        return {**self.run.global_tensors(self.which), **self.node_states[str(site)]["arrays"][self.state_key]}
 
 
 def _checkpoint(run_dir: RunDirectory, which: ModelChoice) -> Checkpoint | None:
